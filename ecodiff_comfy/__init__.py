@@ -1,0 +1,1 @@
+"""ComfyUI host side of the pack: the bridge (ComfyUI internals) and shipped data files."""

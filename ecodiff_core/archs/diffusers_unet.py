@@ -1,0 +1,33 @@
+"""diffusers ``UNet2DConditionModel`` (SD1.x, SD2.x, SDXL): attention heads and FFN neurons."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..units import UnitGroup
+from .diffusers_common import attention_group, block_label, feedforward_group, has_class
+
+ARCH_ID = "diffusers_unet"
+DESCRIPTION = "diffusers UNet2DConditionModel (SD1.x, SD2.x, SDXL)"
+
+
+def matches(model: nn.Module) -> bool:
+    return has_class(model, "UNet2DConditionModel") and all(
+        hasattr(model, a) for a in ("down_blocks", "up_blocks", "conv_in"))
+
+
+def _block(path: str) -> str:
+    return block_label(path, 2 if path.startswith(("down_blocks.", "up_blocks.")) else 1)
+
+
+def unit_groups(model: nn.Module) -> list[UnitGroup]:
+    groups: list[UnitGroup] = []
+    for path, module in model.named_modules():
+        if has_class(module, "Attention"):
+            group = attention_group(module, path, _block(path))
+        elif has_class(module, "FeedForward"):
+            group = feedforward_group(module, path, _block(path))
+        else:
+            continue
+        if group is not None:
+            groups.append(group)
+    return groups

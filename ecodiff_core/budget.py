@@ -1,0 +1,211 @@
+"""Binarise learned logits into keep masks that hit a parameter or FLOP budget.
+
+One global ranking of all units by logit (lowest = least important = removed first), across
+heads, neurons and channels alike; units are removed in that order until the removed cost reaches
+the budget, so the result overshoots the target by less than the cost of one unit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import EcoDiffError
+from .flops import FlopCosts
+from .prune import emptied_groups
+from .units import UNIT_KINDS, Layout, parameter_costs
+
+MAX_FRACTION = 0.95
+MIN_KEEP_RATIO = 0.05
+
+
+class _Default(float):
+    """The default ``params`` target; dropped silently when ``flops`` or ``keep_ratios`` is given."""
+
+
+def _check_fraction(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise EcoDiffError(f"PruneTarget.{name} must be a number, got {value!r}")
+    if not 0.0 <= value <= MAX_FRACTION:
+        hint = f" (fractions, not percent: did you mean {value / 100:g}?)" if 1 < value <= 95 else ""
+        raise EcoDiffError(f"PruneTarget.{name} is the fraction to remove and must lie in "
+                           f"[0, {MAX_FRACTION}], got {value:g}{hint}")
+    return float(value)
+
+
+@dataclass
+class PruneTarget:
+    """What to remove: a fraction of all parameters, a fraction of all FLOPs, or a keep ratio per
+    unit kind (e.g. ``{"head": 0.7, "neuron": 0.9}``).  Exactly one is set."""
+
+    params: float | None = _Default(0.2)
+    flops: float | None = None
+    keep_ratios: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.params, _Default) and (self.flops is not None or self.keep_ratios is not None):
+            self.params = None
+        chosen = [n for n in ("params", "flops", "keep_ratios") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise EcoDiffError("PruneTarget needs exactly one of params, flops or keep_ratios; got "
+                               f"{chosen or 'none'}")
+        if self.params is not None:
+            self.params = _check_fraction("params", self.params)
+        if self.flops is not None:
+            self.flops = _check_fraction("flops", self.flops)
+        if self.keep_ratios is not None:
+            self.keep_ratios = _check_ratios(self.keep_ratios)
+
+    @property
+    def mode(self) -> str:
+        return "params" if self.params is not None else "flops" if self.flops is not None else "keep_ratios"
+
+
+def _check_ratios(ratios: object) -> dict[str, float]:
+    if not isinstance(ratios, dict) or not ratios:
+        raise EcoDiffError(f"PruneTarget.keep_ratios must be a non-empty dict kind → ratio, got {ratios!r}")
+    out = {}
+    for kind, r in ratios.items():
+        if kind not in UNIT_KINDS:
+            raise EcoDiffError(f"PruneTarget.keep_ratios has unknown unit kind '{kind}'; use {list(UNIT_KINDS)}")
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not MIN_KEEP_RATIO <= r <= 1.0:
+            raise EcoDiffError(f"PruneTarget.keep_ratios['{kind}'] is the fraction of {kind}s to KEEP and "
+                               f"must lie in [{MIN_KEEP_RATIO}, 1], got {r!r}")
+        out[kind] = float(r)
+    return out
+
+
+@dataclass
+class PrunePlan:
+    """Keep masks plus what they cost; ``emptied_owners`` lists modules left with zero units."""
+
+    keep: dict[str, torch.Tensor]
+    removed_params: int
+    budget: float | None
+    mode: str
+    total_params: int
+    removed_flops: float | None = None
+    total_flops: float | None = None
+    emptied_owners: list[str] = field(default_factory=list)
+
+    @property
+    def removed_fraction(self) -> float:
+        if self.mode == "flops" and self.total_flops:
+            return (self.removed_flops or 0.0) / self.total_flops
+        return self.removed_params / self.total_params if self.total_params else 0.0
+
+
+def check_logits(layout: Layout, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Validate one logit vector per group; returns them as float64 on CPU."""
+    groups = layout.by_name()
+    missing, unknown = sorted(set(groups) - set(logits)), sorted(set(logits) - set(groups))
+    if missing or unknown:
+        raise EcoDiffError(f"logits do not match the layout '{layout.arch}': missing {missing[:5]}, "
+                           f"unknown {unknown[:5]}; was the mask learned on another model?")
+    out = {}
+    for name, g in groups.items():
+        t = torch.as_tensor(logits[name]).detach()
+        if t.shape != (g.count,):
+            raise EcoDiffError(f"logits['{name}'] has shape {tuple(t.shape)}, expected ({g.count},)")
+        t = t.to("cpu", torch.float64)
+        if not torch.isfinite(t).all():
+            raise EcoDiffError(f"logits['{name}'] contains NaN or infinite values")
+        out[name] = t
+    return out
+
+
+def _flatten(layout: Layout, logits: dict[str, torch.Tensor], kind: str | None = None):
+    groups = [g for g in layout.groups if kind is None or g.kind == kind]
+    values = torch.cat([logits[g.name] for g in groups]) if groups else torch.zeros(0, dtype=torch.float64)
+    return groups, values
+
+
+def _split(groups, removed_flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-group keep masks from one flat 'removed' vector over ``groups`` in order."""
+    keep, start = {}, 0
+    for g in groups:
+        keep[g.name] = ~removed_flat[start:start + g.count]
+        start += g.count
+    return keep
+
+
+def select_units(layout: Layout, logits: dict[str, torch.Tensor], costs: dict[str, float],
+                 budget: float) -> dict[str, torch.Tensor]:
+    """Remove the lowest-logit units (one global ranking, stable) until removed cost ≥ ``budget``."""
+    logits = check_logits(layout, logits)
+    groups, values = _flatten(layout, logits)
+    unit_cost = torch.cat([torch.full((g.count,), float(costs[g.name]), dtype=torch.float64) for g in groups])
+    if (unit_cost < 0).any():
+        raise EcoDiffError("unit costs must be non-negative")
+    available = float(unit_cost.sum())
+    if budget > available * (1 + 1e-12):
+        raise EcoDiffError(f"budget {budget:,.0f} exceeds the {available:,.0f} held by all prunable units")
+    order = torch.sort(values, stable=True).indices
+    removed = torch.zeros(values.numel(), dtype=torch.bool)
+    if budget > 0:
+        cum = torch.cumsum(unit_cost[order], 0)
+        n = int(torch.searchsorted(cum, torch.tensor([budget], dtype=torch.float64) * (1 - 1e-12))) + 1
+        removed[order[:min(n, values.numel())]] = True
+    return _split(groups, removed)
+
+
+def select_by_ratios(layout: Layout, logits: dict[str, torch.Tensor],
+                     keep_ratios: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Keep the top ``round(ratio × N)`` units of each kind, ranked globally within the kind."""
+    logits = check_logits(layout, logits)
+    keep_ratios = _check_ratios(keep_ratios)
+    absent = sorted(set(keep_ratios) - set(layout.kinds()))
+    if absent:
+        raise EcoDiffError(f"keep_ratios names {absent}, but '{layout.arch}' has only {layout.kinds()} units")
+    keep = {g.name: torch.ones(g.count, dtype=torch.bool) for g in layout.groups}
+    for kind, ratio in keep_ratios.items():
+        groups, values = _flatten(layout, logits, kind)
+        n_remove = values.numel() - int(round(ratio * values.numel()))
+        removed = torch.zeros(values.numel(), dtype=torch.bool)
+        removed[torch.sort(values, stable=True).indices[:n_remove]] = True
+        keep.update(_split(groups, removed))
+    return keep
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def plan_pruning(model: nn.Module, layout: Layout, logits: dict[str, torch.Tensor], target: PruneTarget,
+                 flop_costs: FlopCosts | None = None) -> PrunePlan:
+    """Keep masks for ``target``: budget = fraction × the model's total parameters (or FLOPs)."""
+    costs = parameter_costs(model, layout)
+    total = count_parameters(model)
+    budget: float | None = None
+    if target.mode == "keep_ratios":
+        keep = select_by_ratios(layout, logits, target.keep_ratios)
+    elif target.mode == "params":
+        budget = target.params * total
+        prunable = sum(costs[g.name] * g.count for g in layout.groups)
+        _check_reachable("parameters", budget, total, prunable, layout)
+        keep = select_units(layout, logits, costs, budget)
+    else:
+        if flop_costs is None:
+            raise EcoDiffError("a FLOP target needs flop_costs: measure them with "
+                               "ecodiff_core.flops.measure_flops(model, layout, run) first")
+        budget = target.flops * flop_costs.total
+        _check_reachable("FLOPs", budget, flop_costs.total, flop_costs.prunable(layout), layout)
+        keep = select_units(layout, logits, flop_costs.per_unit, budget)
+    removed_params = sum(costs[g.name] * int((~keep[g.name]).sum()) for g in layout.groups)
+    removed_flops = None
+    if flop_costs is not None:
+        removed_flops = sum(flop_costs.per_unit[g.name] * int((~keep[g.name]).sum()) for g in layout.groups)
+    return PrunePlan(keep=keep, removed_params=removed_params, budget=budget, mode=target.mode,
+                     total_params=total, removed_flops=removed_flops,
+                     total_flops=None if flop_costs is None else flop_costs.total,
+                     emptied_owners=[g.owner for g in emptied_groups(layout, keep)])
+
+
+def _check_reachable(what: str, budget: float, total: float, prunable: float, layout: Layout) -> None:
+    if budget > prunable:
+        raise EcoDiffError(
+            f"the target removes {budget:,.0f} {what} ({budget / total:.1%} of {total:,.0f}), but the "
+            f"prunable units of '{layout.arch}' hold only {prunable:,.0f} ({prunable / total:.1%}); "
+            f"lower the target to at most {prunable / total:.3f}")

@@ -1,0 +1,63 @@
+"""Measure the default model (or a pruned transformer of it) with the judge."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .data import NUM_CLASSES, unpack
+from .judge import Judge
+from .model import DefaultModel, initial_noise, run_sampler, sigmas
+from .text import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, caption
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    per_class: int = 50
+    steps: int = 20
+    cfg: float = 1.5
+    seed: int = 0
+    shift: float = 1.0
+    heldout: bool = False
+    batch: int = 500
+
+
+def evaluation_prompts(per_class: int = 50, heldout: bool = False) -> tuple[list[str], list[int]]:
+    """``per_class`` prompts per digit, cycling through the training (or held-out) templates."""
+    templates = HELDOUT_TEMPLATES if heldout else TRAIN_TEMPLATES
+    prompts, labels = [], []
+    for c in range(NUM_CLASSES):
+        for k in range(per_class):
+            prompts.append(caption(templates[k % len(templates)], c))
+            labels.append(c)
+    return prompts, labels
+
+
+@torch.no_grad()
+def generate(
+    model: DefaultModel, prompts: list[str], settings: EvalSettings, transformer: nn.Module | None = None
+) -> torch.Tensor:
+    """Images (N, 1, 8, 8); chunk ``k`` uses noise seed ``settings.seed + k``."""
+    out = []
+    for k, start in enumerate(range(0, len(prompts), settings.batch)):
+        chunk = prompts[start : start + settings.batch]
+        denoise = model.make_denoiser(chunk, settings.cfg, transformer)
+        x = initial_noise(len(chunk), settings.seed + k).to(model.device)
+        out.append(unpack(run_sampler(denoise, x, sigmas(settings.steps, settings.shift))))
+    return torch.cat(out)
+
+
+def evaluate_model(
+    model: DefaultModel,
+    judge: Judge,
+    settings: EvalSettings = EvalSettings(),
+    transformer: nn.Module | None = None,
+) -> dict[str, float]:
+    """Judge accuracy, confidence and FD-judge of ``10 * per_class`` samples, plus sampling seconds."""
+    prompts, labels = evaluation_prompts(settings.per_class, settings.heldout)
+    t0 = time.perf_counter()
+    images = generate(model, prompts, settings, transformer)
+    seconds = time.perf_counter() - t0
+    return {**judge.evaluate(images, labels), "sample_seconds": seconds, **asdict(settings)}

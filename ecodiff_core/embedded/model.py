@@ -1,0 +1,223 @@
+"""The embedded default text-to-image model: a small FLUX transformer + a tiny text encoder.
+
+Rectified flow in sigma-space over the packed latent (B, 16, 4):
+``x_sigma = (1 - sigma) * x0 + sigma * eps``; the transformer predicts ``v = eps - x0`` so that
+``x0 = x - sigma * v``.  Sampling runs from sigma = 1 (pure noise) to sigma = 0.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+from diffusers import FluxTransformer2DModel  # noqa: E402
+
+from .data import LATENT_SHAPE, image_ids, unpack
+from .text import TextEncoderConfig, TinyTextEncoder
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+MODEL_FILE = "default_model.safetensors"
+FORMAT_VERSION = "1"
+
+TRANSFORMER_CONFIG: dict = {
+    "patch_size": 1,
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_layers": 2,
+    "num_single_layers": 4,
+    "attention_head_dim": 32,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 64,
+    "pooled_projection_dim": 64,
+    "guidance_embeds": False,
+    "axes_dims_rope": (8, 12, 12),
+}
+TEXT_CONFIG = TextEncoderConfig(dim=64, layers=2, heads=4, mlp_ratio=2, max_length=10)
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class WeightsMissingError(FileNotFoundError):
+    """Raised when the shipped safetensors weights are not where they should be."""
+
+
+def build_transformer() -> FluxTransformer2DModel:
+    """A randomly initialised transformer with the shipped architecture."""
+    return FluxTransformer2DModel(**TRANSFORMER_CONFIG)
+
+
+def sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """``steps + 1`` noise levels from 1 to 0 (linear in t, then the FLUX/SD3 time shift)."""
+    t = torch.linspace(1.0, 0.0, steps + 1)
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def initial_noise(n: int, seed: int) -> torch.Tensor:
+    """x_T = eps at sigma = 1: (n, 16, 4) standard normal from a seeded CPU generator."""
+    return torch.randn((n, *LATENT_SHAPE), generator=torch.Generator().manual_seed(seed))
+
+
+def euler_step(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """One Euler step of the probability-flow ODE given the x0 prediction at ``sigma`` (> 0)."""
+    return x + (sigma_next - sigma) * (x - x0) / sigma
+
+
+def run_sampler(denoise: Denoiser, x: torch.Tensor, sigma_schedule: torch.Tensor) -> torch.Tensor:
+    """Euler loop over ``sigma_schedule`` (decreasing, ending at 0) starting from ``x``."""
+    sig = sigma_schedule.to(x.device, x.dtype)
+    for i in range(len(sig) - 1):
+        x = euler_step(x, denoise(x, sig[i]), sig[i], sig[i + 1])
+    return x
+
+
+class DefaultModel(nn.Module):
+    """Transformer + text encoder; all sampling goes through :meth:`make_denoiser`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer = build_transformer()
+        self.text_encoder = TinyTextEncoder(TEXT_CONFIG)
+        self.register_buffer("img_ids", image_ids(), persistent=False)
+        self.register_buffer("txt_ids", torch.zeros(TEXT_CONFIG.max_length, 3), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.img_ids.device
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states (B, 10, 64) and pooled vectors (B, 64); differentiable (wrap in no_grad)."""
+        return self.text_encoder(list(prompts))
+
+    def velocity(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        tokens: torch.Tensor,
+        pooled: torch.Tensor,
+        transformer: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """v = eps - x0 predicted at noise level ``sigma`` (scalar or (B,)) for packed ``x`` (B, 16, 4)."""
+        net = self.transformer if transformer is None else transformer
+        timestep = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+        return net(
+            hidden_states=x,
+            encoder_hidden_states=tokens,
+            pooled_projections=pooled,
+            timestep=timestep,
+            img_ids=self.img_ids,
+            txt_ids=self.txt_ids[: tokens.shape[1]],
+            return_dict=False,
+        )[0]
+
+    def make_denoiser(self, prompts: list[str], cfg: float, transformer: nn.Module | None = None) -> Denoiser:
+        """x0-predictor ``(x, sigma) -> x0`` for ``len(prompts)`` latents, with CFG in one batch.
+
+        The text is encoded once, without gradients; gradients flow through ``transformer`` (pass a
+        pruned or gated copy to sample it with the same code).  ``cfg == 1`` skips the uncond branch.
+        """
+        with torch.no_grad():
+            cond = self.encode(list(prompts))
+            uncond = self.encode([""] * len(prompts)) if cfg != 1.0 else None
+        return self.denoiser_from_embeddings(cond, uncond, cfg, transformer)
+
+    def denoiser_from_embeddings(
+        self,
+        cond: tuple[torch.Tensor, torch.Tensor],
+        uncond: tuple[torch.Tensor, torch.Tensor] | None,
+        cfg: float,
+        transformer: nn.Module | None = None,
+    ) -> Denoiser:
+        """Like :meth:`make_denoiser` from precomputed (tokens, pooled) pairs; ``uncond`` may be
+        None only when ``cfg == 1``."""
+        if cfg != 1.0 and uncond is None:
+            raise ValueError("classifier-free guidance needs the unconditional embeddings")
+        tokens, pooled = cond
+        if cfg != 1.0:
+            tokens, pooled = torch.cat([tokens, uncond[0]]), torch.cat([pooled, uncond[1]])
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            if cfg == 1.0:
+                v = self.velocity(x, sigma, tokens, pooled, transformer)
+            else:
+                v_cond, v_uncond = self.velocity(torch.cat([x, x]), sigma, tokens, pooled, transformer).chunk(2)
+                v = v_uncond + cfg * (v_cond - v_uncond)
+            return x - torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1) * v
+
+        return denoise
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        prompts: list[str],
+        steps: int = 20,
+        cfg: float = 1.5,
+        seed: int = 0,
+        transformer: nn.Module | None = None,
+        shift: float = 1.0,
+    ) -> torch.Tensor:
+        """Plain Euler sampling from ``initial_noise(len(prompts), seed)``; returns packed x0 (B, 16, 4)."""
+        denoise = self.make_denoiser(prompts, cfg, transformer)
+        return run_sampler(denoise, initial_noise(len(prompts), seed).to(self.device), sigmas(steps, shift))
+
+    def sample(
+        self,
+        prompts: list[str],
+        steps: int = 20,
+        cfg: float = 1.5,
+        seed: int = 0,
+        transformer: nn.Module | None = None,
+        shift: float = 1.0,
+    ) -> torch.Tensor:
+        """Like :meth:`sample_latents` but returns images (B, 1, 8, 8) in [-1, 1]."""
+        return unpack(self.sample_latents(prompts, steps, cfg, seed, transformer, shift))
+
+
+def _config_metadata() -> dict[str, str]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "transformer_config": json.dumps(TRANSFORMER_CONFIG),
+        "text_encoder_config": json.dumps(asdict(TEXT_CONFIG)),
+    }
+
+
+def save_default_model(
+    model: DefaultModel, path: Path | str, extra_metadata: dict[str, str] | None = None, fp16: bool = True
+) -> None:
+    """Write transformer + text encoder weights (fp16 by default) to one safetensors file."""
+    dtype = torch.float16 if fp16 else torch.float32
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={**_config_metadata(), **(extra_metadata or {})})
+
+
+def read_metadata(path: Path | str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_default_model(path: Path | str | None = None, device: str | torch.device = "cpu") -> DefaultModel:
+    """The shipped default model in float32 and eval mode (weights from ``embedded/weights/``)."""
+    path = Path(path) if path is not None else WEIGHTS_DIR / MODEL_FILE
+    if not path.is_file():
+        raise WeightsMissingError(
+            f"default model weights not found at {path}; regenerate them with "
+            "`python scripts/train_default_model.py`"
+        )
+    meta = read_metadata(path)
+    expected = _config_metadata()
+    for key in ("transformer_config", "text_encoder_config"):
+        if json.loads(meta.get(key, "null")) != json.loads(expected[key]):
+            raise ValueError(f"{path}: {key} in the file does not match the code; retrain the model")
+    model = DefaultModel()
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,73 @@
+"""Hard-concrete gates (Louizos et al. 2018) and the sparsity regularisers."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+REGULARIZERS: tuple[str, ...] = ("l1", "sigmoid", "l0")
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """temperature β, stretch interval (γ, ζ), initial logit λ₀ and the noise offset δ.
+
+    δ (the official ``masking_eps``) narrows the logistic noise to ±log((1+δ)/δ); 0 gives the
+    textbook hard-concrete distribution.
+    """
+
+    temperature: float = 0.83
+    gamma: float = -0.1
+    zeta: float = 1.1
+    init_logit: float = 3.0
+    noise_offset: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"gate temperature must be > 0, got {self.temperature}")
+        if not self.gamma < 0 < 1 < self.zeta:
+            raise ValueError(f"gate stretch needs gamma < 0 and zeta > 1, got ({self.gamma}, {self.zeta})")
+        if self.noise_offset < 0:
+            raise ValueError(f"gate noise_offset must be >= 0, got {self.noise_offset}")
+
+
+def _stretch(s: torch.Tensor, settings: GateSettings) -> torch.Tensor:
+    return torch.clamp(s * (settings.zeta - settings.gamma) + settings.gamma, 0.0, 1.0)
+
+
+def sample_gate(logits: torch.Tensor, uniform: torch.Tensor, settings: GateSettings) -> torch.Tensor:
+    """A hard-concrete sample for the given uniform noise, so a step can be replayed exactly."""
+    d = settings.noise_offset
+    noise = torch.log(uniform + d) - torch.log(1 - uniform + d) if d > 0 else torch.logit(uniform)
+    return _stretch(torch.sigmoid((noise + logits) / settings.temperature), settings)
+
+
+def expected_gate(logits: torch.Tensor, settings: GateSettings) -> torch.Tensor:
+    """The noise-free gate (u = 1/2): what a unit contributes at its median."""
+    return _stretch(torch.sigmoid(logits / settings.temperature), settings)
+
+
+def uniform_noise(count: int, generator: torch.Generator) -> torch.Tensor:
+    """u ~ U(ε, 1−ε) on the CPU so it is reproducible across devices."""
+    eps = 1e-6
+    return torch.rand(count, generator=generator, dtype=torch.float64).clamp_(eps, 1 - eps).float()
+
+
+def regularizer(logits: list[torch.Tensor], kind: str, settings: GateSettings) -> torch.Tensor:
+    """Mean over groups of one unit kind of the per-group penalty.
+
+    l1       mean |λ|                       (official SDXL; pulls λ toward 0)
+    sigmoid  mean sigmoid(0.4 λ + 1)        (official FLUX; pulls λ toward −∞)
+    l0       mean P(gate ≠ 0) = sigmoid(λ − β log(−γ/ζ))   (Louizos' expected L0, as a fraction)
+    """
+    if kind == "l1":
+        per_group = [lam.abs().mean() for lam in logits]
+    elif kind == "sigmoid":
+        per_group = [torch.sigmoid(0.4 * lam + 1.0).mean() for lam in logits]
+    elif kind == "l0":
+        shift = settings.temperature * math.log(-settings.gamma / settings.zeta)
+        per_group = [torch.sigmoid(lam - shift).mean() for lam in logits]
+    else:
+        raise ValueError(f"unknown regularizer '{kind}'; choose one of {', '.join(REGULARIZERS)}")
+    return torch.stack(per_group).mean()

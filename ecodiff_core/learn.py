@@ -1,0 +1,258 @@
+"""End-to-end mask learning: one logit per unit, hard-concrete gates, AdamW, resumable."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Literal, Sequence
+
+import torch
+from torch import nn
+
+from .errors import SettingsError
+from .gates import REGULARIZERS, GateSettings, regularizer, sample_gate, uniform_noise
+from .gating import GateController
+from .maskfile import MaskState
+from .trajectory import Denoiser, check_sigmas, per_step_gradient, sample, teacher_steps, trajectory_gradient
+from .units import UNIT_KINDS, Layout
+
+Objective = Literal["end_to_end", "per_step"]
+
+
+@dataclass
+class LearnSettings:
+    """Defaults follow the official SDXL run (β = 0.5 with mean |λ|, AdamW, 4 epochs, accumulation 4)."""
+
+    epochs: int = 4
+    accumulate: int = 4
+    beta: float = 0.5
+    regularizer: str = "l1"
+    lr: dict[str, float] = field(default_factory=lambda: {"head": 0.1, "neuron": 0.1, "channel": 0.5})
+    weight_decay: float = 0.01
+    gate: GateSettings = field(default_factory=GateSettings)
+    checkpointing: bool = True
+    objective: Objective = "end_to_end"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise SettingsError(f"epochs must be >= 1, got {self.epochs}")
+        if self.accumulate < 1:
+            raise SettingsError(f"accumulate must be >= 1, got {self.accumulate}")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            raise SettingsError(f"beta (sparsity weight) must be a finite number >= 0, got {self.beta}")
+        if self.regularizer not in REGULARIZERS:
+            raise SettingsError(f"regularizer must be one of {', '.join(REGULARIZERS)}, got '{self.regularizer}'")
+        if self.objective not in ("end_to_end", "per_step"):
+            raise SettingsError(f"objective must be 'end_to_end' or 'per_step', got '{self.objective}'")
+        for kind, lr in self.lr.items():
+            if kind not in UNIT_KINDS:
+                raise SettingsError(f"learning rate given for unknown unit kind '{kind}'; kinds: {', '.join(UNIT_KINDS)}")
+            if not (lr > 0 and math.isfinite(lr)):
+                raise SettingsError(f"learning rate for {kind} must be > 0, got {lr}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LearnSettings":
+        data = dict(data)
+        data["gate"] = GateSettings(**data.get("gate", {}))
+        return cls(**data)
+
+
+@dataclass
+class CalibrationSample:
+    """One prompt's problem: its denoiser (conditioning and CFG inside) and its starting latent x_T."""
+
+    denoise: Denoiser
+    noise: torch.Tensor
+    target: torch.Tensor | None = None
+    teacher: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    recon: float
+    reg: float
+    sparsity: dict[str, float]
+    elapsed: float
+
+
+def _seed(*parts: int) -> int:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class MaskLearner:
+    """Learns one logit λ per unit of ``layout`` on ``model`` (whose weights stay frozen)."""
+
+    def __init__(self, model: nn.Module, layout: Layout, settings: LearnSettings,
+                 resume: MaskState | None = None,
+                 grad_context: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
+        settings.validate()
+        self.model, self.layout, self.settings = model, layout, settings
+        self.grad_context = grad_context
+        if resume is not None:
+            resume.check_layout(layout)
+        start = resume or MaskState.fresh(layout, settings.gate.init_logit)
+        self.history = list(start.history)
+        self.progress = dict(start.progress)
+        self.stop_reason = ""
+        device = next(model.parameters()).device
+        self.logits = {g.name: nn.Parameter(start.logits[g.name].detach().float().to(device).clone())
+                       for g in layout.groups}
+        self.optimizer = self._make_optimizer()
+        if resume is not None and resume.optimizer:
+            self._load_optimizer(resume.optimizer)
+        self.controller = GateController(model, layout)
+
+    # -- optimiser -----------------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        groups = []
+        for kind in self.layout.kinds():
+            params = [self.logits[g.name] for g in self.layout.groups if g.kind == kind]
+            if kind not in self.settings.lr:
+                raise SettingsError(f"no learning rate for unit kind '{kind}'; set settings.lr['{kind}']")
+            groups.append({"params": params, "lr": self.settings.lr[kind], "kind": kind})
+        return torch.optim.AdamW(groups, weight_decay=self.settings.weight_decay)
+
+    def _optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, param in self.logits.items():
+            for key, value in self.optimizer.state.get(param, {}).items():
+                out[f"{key}/{name}"] = torch.as_tensor(value).detach().clone()
+        return out
+
+    def _load_optimizer(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, param in self.logits.items():
+            entry = {k.split("/", 1)[0]: v.to(param.device) for k, v in tensors.items() if k.split("/", 1)[1] == name}
+            if entry:
+                self.optimizer.state[param] = entry
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def state(self) -> MaskState:
+        """The latest good state: safe to save at any time, e.g. after an interrupt."""
+        return MaskState(
+            arch=self.layout.arch, fingerprint=self.layout.fingerprint(),
+            logits={n: p.detach().cpu().clone() for n, p in self.logits.items()},
+            kinds={g.name: g.kind for g in self.layout.groups},
+            settings=self.settings.to_dict(), progress=dict(self.progress), history=list(self.history),
+            optimizer=self._optimizer_tensors(), stop_reason=self.stop_reason,
+        )
+
+    def sparsity(self) -> dict[str, float]:
+        """Per kind, the fraction of units whose logit is below 0 (gate closed more often than not)."""
+        out = {}
+        for kind in self.layout.kinds():
+            lams = torch.cat([self.logits[g.name].detach().flatten() for g in self.layout.groups if g.kind == kind])
+            out[kind] = (lams < 0).float().mean().item()
+        return out
+
+    # -- gates ---------------------------------------------------------------------------------
+    def _gate_setter(self, noise_seed: int) -> Callable[[int], None]:
+        total = self.layout.total_units()
+        names = [g.name for g in self.layout.groups]
+        sizes = [g.count for g in self.layout.groups]
+
+        def before_step(step: int) -> None:
+            generator = torch.Generator().manual_seed(_seed(noise_seed, step))
+            uniform = uniform_noise(total, generator)
+            values = {}
+            for name, u in zip(names, torch.split(uniform, sizes)):
+                lam = self.logits[name]
+                values[name] = sample_gate(lam, u.to(lam.device), self.settings.gate)
+            self.controller.set(values)
+
+        return before_step
+
+    def _regularizer(self) -> torch.Tensor:
+        terms = []
+        for kind in self.layout.kinds():
+            lams = [self.logits[g.name] for g in self.layout.groups if g.kind == kind]
+            terms.append(regularizer(lams, self.settings.regularizer, self.settings.gate))
+        return torch.stack(terms).sum()
+
+    # -- learning ------------------------------------------------------------------------------
+    def prepare(self, samples: Sequence[CalibrationSample], sigmas: torch.Tensor) -> None:
+        """Targets: the ungated model's trajectory from the same x_T and prompt."""
+        for s in samples:
+            if self.settings.objective == "end_to_end" and s.target is None:
+                s.target = sample(s.denoise, s.noise, sigmas)
+            if self.settings.objective == "per_step" and s.teacher is None:
+                s.teacher = teacher_steps(s.denoise, s.noise, sigmas)
+
+    def _sample_gradient(self, s: CalibrationSample, sigmas: torch.Tensor, noise_seed: int):
+        params = list(self.logits.values())
+        before_step = self._gate_setter(noise_seed)
+        if self.settings.objective == "per_step":
+            return per_step_gradient(s.denoise, sigmas, s.teacher, params, before_step, self.grad_context)
+        return trajectory_gradient(s.denoise, s.noise, sigmas, s.target, params, before_step,
+                                   self.settings.checkpointing, self.grad_context)
+
+    def learn(self, samples: Sequence[CalibrationSample], sigmas: torch.Tensor,
+              callback: Callable[[StepInfo], bool | None] | None = None) -> MaskState:
+        """Run (or continue) learning; returns the final state.  ``callback`` returning False stops."""
+        if not samples:
+            raise SettingsError("no calibration samples: give at least one prompt")
+        check_sigmas(sigmas)
+        start_time = time.perf_counter()
+        per_epoch = math.ceil(len(samples) / self.settings.accumulate)
+        total_steps = per_epoch * self.settings.epochs
+        with self.controller.installed():
+            self.controller.set(None)
+            self.prepare(samples, sigmas)
+            while self.progress["epoch"] < self.settings.epochs:
+                epoch = self.progress["epoch"]
+                order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(_seed(self.settings.seed, epoch)))
+                while self.progress["position"] < len(samples):
+                    chunk = order[self.progress["position"]: self.progress["position"] + self.settings.accumulate]
+                    info = self._optimizer_step(samples, sigmas, chunk.tolist(), epoch, total_steps, start_time)
+                    if info is None:
+                        return self.state
+                    if callback is not None and callback(info) is False:
+                        self.stop_reason = f"stopped by request after step {info.step}"
+                        return self.state
+                self.progress.update(epoch=epoch + 1, position=0)
+        self.progress["finished"] = True
+        return self.state
+
+    def _optimizer_step(self, samples, sigmas, indices: list[int], epoch: int, total_steps: int,
+                        start_time: float) -> StepInfo | None:
+        params = list(self.logits.values())
+        grads = [torch.zeros_like(p) for p in params]
+        recon = 0.0
+        for index in indices:
+            noise_seed = _seed(self.settings.seed, epoch, index)
+            result = self._sample_gradient(samples[index], sigmas, noise_seed)
+            recon += result.loss / len(indices)
+            for acc, g in zip(grads, result.grads):
+                acc.add_(g, alpha=1.0 / len(indices))
+            self.controller.set(None)
+        with torch.enable_grad():
+            reg = self._regularizer()
+            reg_grads = torch.autograd.grad(self.settings.beta * reg, params)
+        loss = recon + self.settings.beta * reg.item()
+        if not math.isfinite(loss) or not all(torch.isfinite(g).all() for g in grads):
+            self.stop_reason = (f"non-finite loss ({loss}) at step {self.progress['step'] + 1}; stopped with the last "
+                                "good mask kept. Lower the learning rates or check the model's outputs.")
+            return None
+        for p, g, rg in zip(params, grads, reg_grads):
+            p.grad = g + rg
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress["step"] += 1
+        self.progress["position"] += len(indices)
+        sparsity = self.sparsity()
+        self.history.append({"step": self.progress["step"], "loss": loss, "recon": recon, "reg": reg.item()})
+        return StepInfo(self.progress["step"], total_steps, epoch, loss, recon, reg.item(), sparsity,
+                        time.perf_counter() - start_time)
+

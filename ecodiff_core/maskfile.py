@@ -1,0 +1,143 @@
+"""Mask files: λ per unit group in safetensors, with JSON metadata; also the resume checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import MaskFileError
+from .units import Layout
+
+FORMAT = "ecodiff-mask"
+FORMAT_VERSION = 1
+_LOGIT = "logits/"
+_OPTIM = "optim/"
+
+
+@dataclass
+class MaskState:
+    """Learned logits plus everything needed to resume learning exactly where it stopped."""
+
+    arch: str
+    fingerprint: str
+    logits: dict[str, torch.Tensor]
+    kinds: dict[str, str]
+    settings: dict[str, Any] = field(default_factory=dict)
+    progress: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "position": 0, "step": 0, "finished": False})
+    history: list[dict[str, float]] = field(default_factory=list)
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
+    stop_reason: str = ""
+
+    @classmethod
+    def fresh(cls, layout: Layout, init_logit: float) -> "MaskState":
+        return cls(
+            arch=layout.arch,
+            fingerprint=layout.fingerprint(),
+            logits={g.name: torch.full((g.count,), float(init_logit)) for g in layout.groups},
+            kinds={g.name: g.kind for g in layout.groups},
+        )
+
+    def check_layout(self, layout: Layout) -> None:
+        if self.fingerprint == layout.fingerprint():
+            return
+        mine = {n: t.numel() for n, t in self.logits.items()}
+        theirs = {g.name: g.count for g in layout.groups}
+        missing = sorted(set(theirs) - set(mine))
+        extra = sorted(set(mine) - set(theirs))
+        resized = sorted(n for n in set(mine) & set(theirs) if mine[n] != theirs[n])
+        details = []
+        if missing:
+            details.append(f"{len(missing)} groups of the model are not in the mask (e.g. {missing[0]})")
+        if extra:
+            details.append(f"{len(extra)} groups of the mask are not in the model (e.g. {extra[0]})")
+        if resized:
+            details.append(f"{len(resized)} groups differ in size (e.g. {resized[0]}: mask {mine[resized[0]]}, "
+                           f"model {theirs[resized[0]]})")
+        raise MaskFileError(
+            f"this mask was learned on a different model layout ({self.arch}, fingerprint {self.fingerprint}) "
+            f"than the one given ({layout.arch}, fingerprint {layout.fingerprint()}): "
+            + "; ".join(details or ["group order or widths differ"])
+            + ". Use a mask learned on this model, or learn a new one."
+        )
+
+    def summary(self) -> dict[str, Any]:
+        losses = [h["loss"] for h in self.history if "loss" in h]
+        return {"steps": len(losses), "first_loss": losses[0] if losses else None,
+                "last_loss": losses[-1] if losses else None}
+
+
+def save_mask(path: str | os.PathLike, state: MaskState) -> Path:
+    """Write atomically (temp file + rename) so an interrupt never leaves a half-written mask."""
+    from . import __version__
+
+    tensors = {_LOGIT + n: t.detach().float().cpu().contiguous() for n, t in state.logits.items()}
+    tensors.update({_OPTIM + n: t.detach().cpu().contiguous() for n, t in state.optimizer.items()})
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "arch": state.arch,
+        "fingerprint": state.fingerprint,
+        "kinds": json.dumps(state.kinds),
+        "settings": json.dumps(state.settings),
+        "progress": json.dumps(state.progress),
+        "history": json.dumps(state.history),
+        "loss_summary": json.dumps(state.summary()),
+        "stop_reason": state.stop_reason,
+        "package_version": __version__,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise MaskFileError(f"mask file not found: {path}")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise MaskFileError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+    return tensors, metadata
+
+
+def load_mask(path: str | os.PathLike, layout: Layout | None = None) -> MaskState:
+    """Read a mask; with ``layout``, also check that it belongs to that model."""
+    path = Path(path)
+    tensors, meta = _read(path)
+    if meta.get("format") != FORMAT:
+        raise MaskFileError(f"{path} is not an EcoDiff mask file (metadata 'format' is {meta.get('format')!r})")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise MaskFileError(f"{path} has mask format version {meta.get('format_version')!r}; "
+                            f"this version of EcoDiff reads version {FORMAT_VERSION}")
+    try:
+        kinds = json.loads(meta["kinds"])
+        state = MaskState(
+            arch=meta["arch"],
+            fingerprint=meta["fingerprint"],
+            logits={k[len(_LOGIT):]: v for k, v in tensors.items() if k.startswith(_LOGIT)},
+            kinds=kinds,
+            settings=json.loads(meta.get("settings", "{}")),
+            progress=json.loads(meta.get("progress", "{}")),
+            history=json.loads(meta.get("history", "[]")),
+            optimizer={k[len(_OPTIM):]: v for k, v in tensors.items() if k.startswith(_OPTIM)},
+            stop_reason=meta.get("stop_reason", ""),
+        )
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise MaskFileError(f"{path} has damaged metadata ({type(exc).__name__}: {exc}); "
+                            "re-save the mask or learn a new one") from exc
+    if not isinstance(kinds, dict) or set(kinds) != set(state.logits):
+        raise MaskFileError(f"{path} has damaged metadata: unit kinds do not match the stored logits")
+    if layout is not None:
+        state.check_layout(layout)
+    return state

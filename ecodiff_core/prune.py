@@ -1,0 +1,162 @@
+"""Physical pruning: build a new, smaller model from a layout and per-group keep masks.
+
+The input model is never modified and shares no storage with the result.  Instead of deep-copying
+the whole model and then slicing (twice the peak memory), the deep copy is given a ``memo`` that
+already maps every sliced weight to its sliced copy and every fully pruned owner to its
+replacement, so those tensors are never copied at full size.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import EcoDiffError
+from .units import Layout, UnitGroup, get_linear
+
+
+class ScatterLinear(nn.Module):
+    """A Linear that computes only ``rows`` of its output and scatters them into zeros.
+
+    Used where a gate sits on output rows (AdaLN modulation channels): parameters and FLOPs shrink,
+    the output keeps its full width, so the consumer (chunk into shift/scale/gate) is unchanged.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rows: torch.Tensor,
+                 weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("rows", rows.to(torch.long).clone())
+        self.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=bias.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.linear(x, self.weight.to(x.dtype), bias)
+        out = y.new_zeros((*y.shape[:-1], self.out_features))
+        return out.index_copy(-1, self.rows.to(y.device), y)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"computed_rows={self.rows.numel()}, bias={self.bias is not None}")
+
+
+@dataclass
+class LinearPlan:
+    """Which input columns and output rows of one Linear survive."""
+
+    in_keep: torch.Tensor
+    out_keep: torch.Tensor
+    scatter: bool = False
+
+
+def check_keep(layout: Layout, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Validate ``keep`` (one bool vector of length ``count`` per group) and return it on CPU."""
+    groups = layout.by_name()
+    missing, unknown = sorted(set(groups) - set(keep)), sorted(set(keep) - set(groups))
+    if missing or unknown:
+        raise EcoDiffError(f"keep masks do not match the layout '{layout.arch}': missing groups "
+                           f"{missing[:5]}{'…' if len(missing) > 5 else ''}, unknown groups "
+                           f"{unknown[:5]}{'…' if len(unknown) > 5 else ''}. Use the layout found "
+                           "for this very model (archs.find_layout).")
+    out = {}
+    for name, g in groups.items():
+        k = keep[name]
+        if not isinstance(k, torch.Tensor) or k.dtype != torch.bool:
+            raise EcoDiffError(f"keep['{name}'] must be a torch.bool tensor, got "
+                               f"{getattr(k, 'dtype', type(k).__name__)}; threshold logits first")
+        if k.shape != (g.count,):
+            raise EcoDiffError(f"keep['{name}'] has shape {tuple(k.shape)}, expected ({g.count},)")
+        out[name] = k.detach().cpu()
+    return out
+
+
+def emptied_groups(layout: Layout, keep: dict[str, torch.Tensor]) -> list[UnitGroup]:
+    """Groups left with zero units."""
+    return [g for g in layout.groups if not bool(keep[g.name].any())]
+
+
+def _under(path: str, prefixes: list[str]) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in prefixes)
+
+
+def linear_plans(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor],
+                 skip: list[str] = ()) -> dict[str, LinearPlan]:
+    """Compose the slices of all groups per Linear (several groups may cut one Linear)."""
+    plans: dict[str, LinearPlan] = {}
+    for g in layout.groups:
+        removed = torch.nonzero(~keep[g.name]).reshape(-1)
+        for s in g.slices:
+            if _under(s.module, list(skip)):
+                continue
+            lin = get_linear(model, s.module)
+            plan = plans.setdefault(s.module, LinearPlan(torch.ones(lin.in_features, dtype=torch.bool),
+                                                         torch.ones(lin.out_features, dtype=torch.bool)))
+            mask = plan.in_keep if s.side == "in" else plan.out_keep
+            mask[g.unit_indices(s, removed)] = False
+            if s.side == "out" and s in g.gates:
+                plan.scatter = True
+    return plans
+
+
+def _sliced(lin: nn.Linear, plan: LinearPlan) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    rows = torch.nonzero(plan.out_keep).reshape(-1).to(lin.weight.device)
+    cols = torch.nonzero(plan.in_keep).reshape(-1).to(lin.weight.device)
+    weight = lin.weight.detach().index_select(0, rows).index_select(1, cols)
+    bias = None if lin.bias is None else lin.bias.detach().index_select(0, rows)
+    return weight, bias, rows
+
+
+def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=like.requires_grad)
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor]) -> nn.Module:
+    """A new model with the units where ``keep`` is False physically removed.
+
+    Groups with zero kept units whose ``empty`` factory is set get their owner replaced (e.g. an
+    attention module that returns its out-projection bias).  Unit counters (``heads`` …) and
+    dimensions (``inner_dim`` …) of the copy are updated.
+    """
+    keep = check_keep(layout, keep)
+    replaced = [g for g in emptied_groups(layout, keep) if g.empty is not None]
+    skip = [g.owner for g in replaced]
+    memo: dict[int, object] = {}
+    for g in replaced:
+        memo[id(model.get_submodule(g.owner))] = g.empty(model.get_submodule(g.owner))
+    plans = linear_plans(model, layout, keep, skip)
+    for path, plan in plans.items():
+        lin = get_linear(model, path)
+        weight, bias, rows = _sliced(lin, plan)
+        if plan.scatter:
+            memo[id(lin)] = ScatterLinear(int(plan.in_keep.sum()), lin.out_features, rows,
+                                          _param(weight, lin.weight),
+                                          None if bias is None else _param(bias, lin.bias))
+        else:
+            memo[id(lin.weight)] = _param(weight, lin.weight)
+            if bias is not None:
+                memo[id(lin.bias)] = _param(bias, lin.bias)
+    pruned = copy.deepcopy(model, memo)
+    for path, plan in plans.items():
+        if not plan.scatter:
+            new = pruned.get_submodule(path)
+            new.in_features, new.out_features = new.weight.shape[1], new.weight.shape[0]
+    _set_counts(pruned, layout, keep, skip)
+    return pruned
+
+
+def _set_counts(pruned: nn.Module, layout: Layout, keep: dict[str, torch.Tensor], skip: list[str]) -> None:
+    for g in layout.groups:
+        kept = int(keep[g.name].sum())
+        for path, attr, value in [(p, a, kept) for p, a in g.counters] + \
+                                 [(p, a, kept * g.width) for p, a in g.dims]:
+            if _under(path, skip):
+                continue
+            module = pruned.get_submodule(path)
+            if not hasattr(module, attr):
+                raise EcoDiffError(f"group '{g.name}': '{path}' has no attribute '{attr}' to hold its unit count")
+            setattr(module, attr, value)

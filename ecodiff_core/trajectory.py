@@ -1,0 +1,151 @@
+"""A deterministic Euler trajectory on an x0-predicting denoiser, and its gradient.
+
+Every model family is seen in σ-space: ``denoise(x, sigma)`` returns the x0 prediction (CFG
+included).  The gradient of a loss on the final latent is taken either through the whole graph, or
+with time-step checkpointing: a no-grad rollout keeps each step's input latent, then each step is
+recomputed with grad, one at a time from the last, with one vector-Jacobian product for the
+parameters and the step's input together.  Memory is that of one step, whatever the step count.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Sequence
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepHook = Callable[[int], None]
+
+
+def euler_step(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """x_{σ'} = x + (σ' − σ)·(x − x0)/σ; with σ' = 0 this is exactly x0."""
+    return x + (sigma_next - sigma) * ((x - x0) / sigma)
+
+
+def check_sigmas(sigmas: torch.Tensor) -> None:
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError("sigmas must be a 1-D schedule with at least 2 values (1 step); got shape "
+                         f"{tuple(sigmas.shape)}")
+    if not bool((sigmas[:-1] > 0).all()):
+        raise ValueError("every sigma except the last must be > 0")
+
+
+def sample(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, before_step: StepHook | None = None) -> torch.Tensor:
+    """Run the trajectory without grad; ``before_step(i)`` runs before step i (e.g. to set gates)."""
+    check_sigmas(sigmas)
+    with torch.no_grad():
+        for i in range(len(sigmas) - 1):
+            if before_step is not None:
+                before_step(i)
+            x = euler_step(x, denoise(x, sigmas[i]), sigmas[i], sigmas[i + 1])
+    return x
+
+
+@dataclass
+class TrajectoryGradient:
+    loss: float
+    final: torch.Tensor
+    grads: list[torch.Tensor]
+
+
+def _accumulate(total: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    for acc, g in zip(total, grads):
+        if g is not None:
+            acc.add_(g)
+
+
+def trajectory_gradient(
+    denoise: Denoiser,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    target: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    before_step: StepHook,
+    checkpointing: bool = True,
+    grad_context: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> TrajectoryGradient:
+    """Gradient of MSE(final latent, target) w.r.t. ``params``.
+
+    ``before_step(i)`` must make step ``i`` a deterministic function of ``params`` (e.g. install gates
+    sampled from replayed noise): the checkpointed path calls it twice per step and relies on the
+    recomputed step being the one of the rollout.
+    """
+    check_sigmas(sigmas)
+    if checkpointing:
+        return _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_context)
+    return _through_graph(denoise, noise, sigmas, target, params, before_step, grad_context)
+
+
+def _through_graph(denoise, noise, sigmas, target, params, before_step, grad_context) -> TrajectoryGradient:
+    with torch.enable_grad(), grad_context():
+        x = noise
+        for i in range(len(sigmas) - 1):
+            before_step(i)
+            x = euler_step(x, denoise(x, sigmas[i]), sigmas[i], sigmas[i + 1])
+        loss = torch.nn.functional.mse_loss(x, target)
+        grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    total = [torch.zeros_like(p) for p in params]
+    _accumulate(total, grads)
+    return TrajectoryGradient(loss.item(), x.detach(), total)
+
+
+def _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_context) -> TrajectoryGradient:
+    inputs: list[torch.Tensor] = []
+    x = noise
+    with torch.no_grad():
+        for i in range(len(sigmas) - 1):
+            inputs.append(x)
+            before_step(i)
+            x = euler_step(x, denoise(x, sigmas[i]), sigmas[i], sigmas[i + 1])
+    final = x
+    loss = torch.nn.functional.mse_loss(final, target)
+    upstream = 2.0 * (final - target) / final.numel()
+    total = [torch.zeros_like(p) for p in params]
+    for i in reversed(range(len(sigmas) - 1)):
+        with torch.enable_grad(), grad_context():
+            x = inputs[i].detach().requires_grad_(i > 0)
+            before_step(i)
+            out = euler_step(x, denoise(x, sigmas[i]), sigmas[i], sigmas[i + 1])
+            wrt = ([x] if i > 0 else []) + list(params)
+            grads = torch.autograd.grad(out, wrt, upstream, allow_unused=True)
+        if i > 0:
+            upstream, grads = grads[0], grads[1:]
+        _accumulate(total, grads)
+    return TrajectoryGradient(loss.item(), final, total)
+
+
+def teacher_steps(denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each step's input and x0 prediction along the ungated model's own trajectory."""
+    inputs, x0s = [], []
+    x = noise
+    with torch.no_grad():
+        for i in range(len(sigmas) - 1):
+            x0 = denoise(x, sigmas[i])
+            inputs.append(x)
+            x0s.append(x0)
+            x = euler_step(x, x0, sigmas[i], sigmas[i + 1])
+    return inputs, x0s
+
+
+def per_step_gradient(
+    denoise: Denoiser,
+    sigmas: torch.Tensor,
+    teacher: tuple[list[torch.Tensor], list[torch.Tensor]],
+    params: Sequence[torch.Tensor],
+    before_step: StepHook,
+    grad_context: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> TrajectoryGradient:
+    """The local baseline: mean over steps of MSE(gated x0, ungated x0) on the teacher's own inputs."""
+    inputs, x0s = teacher
+    steps = len(inputs)
+    total = [torch.zeros_like(p) for p in params]
+    loss = 0.0
+    for i in range(steps):
+        with torch.enable_grad(), grad_context():
+            before_step(i)
+            step_loss = torch.nn.functional.mse_loss(denoise(inputs[i], sigmas[i]), x0s[i]) / steps
+            grads = torch.autograd.grad(step_loss, list(params), allow_unused=True)
+        _accumulate(total, grads)
+        loss += step_loss.item()
+    return TrajectoryGradient(loss, x0s[-1], total)

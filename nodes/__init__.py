@@ -1,0 +1,27 @@
+"""The EcoDiff ComfyUI nodes (V3 schema API).  Imported only when ComfyUI is present."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from ..ecodiff_comfy import bridge
+from .apply import ApplyPrunedMask
+from .compare import CompareImages
+from .learn import LearnSparsityMask
+from .mask_files import LoadSparsityMask, SaveSparsityMask
+from .pruned_files import LoadPrunedModel, SavePrunedModel
+from .report import PruningReport
+
+NODES: list[type[io.ComfyNode]] = [
+    LearnSparsityMask, ApplyPrunedMask, SaveSparsityMask, LoadSparsityMask,
+    SavePrunedModel, LoadPrunedModel, CompareImages, PruningReport,
+]
+
+
+class EcoDiffExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> EcoDiffExtension:
+    bridge.register_folders()
+    return EcoDiffExtension()

@@ -1,0 +1,86 @@
+"""Apply Pruned Mask: a physically smaller MODEL (or a soft-gated preview) from a learned mask."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..ecodiff_comfy import bridge
+from ..ecodiff_core.budget import MAX_FRACTION, PruneTarget
+from ..ecodiff_core.errors import EcoDiffError
+from ..ecodiff_core.maskfile import MaskState
+from ..ecodiff_core.report import PruneReport
+from .common import CATEGORY, MaskType, ReportData, ReportType
+
+TARGETS = ("params", "keep_ratios")
+MODES = ("prune", "soft")
+
+
+def parse_keep_ratios(text: str) -> dict[str, float]:
+    """'head=0.8, neuron=0.7' → {'head': 0.8, 'neuron': 0.7}."""
+    out = {}
+    for part in text.replace(";", ",").split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise EcoDiffError(f"keep_ratios entry '{part.strip()}' must look like kind=ratio, e.g. head=0.8")
+        kind, value = (s.strip() for s in part.split("=", 1))
+        try:
+            out[kind] = float(value)
+        except ValueError as exc:
+            raise EcoDiffError(f"keep_ratios: '{value}' is not a number (entry '{part.strip()}')") from exc
+    if not out:
+        raise EcoDiffError("keep_ratios is empty; write e.g. head=0.8, neuron=0.7, channel=0.9")
+    return out
+
+
+class ApplyPrunedMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EcoDiffApplyMask",
+            display_name="Apply Pruned Mask (EcoDiff)",
+            category=CATEGORY,
+            description="Removes the lowest-ranked heads/neurons/channels of the mask until the target is met and "
+                        "returns a NEW, physically smaller MODEL that every sampler accepts. The input MODEL is "
+                        "not modified. 'soft' mode only multiplies removed units by zero (a preview; same size).",
+            inputs=[
+                io.Model.Input("model", tooltip="The original (unpruned) model the mask was learned on."),
+                MaskType.Input("mask", tooltip="A mask from Learn Sparsity Mask or Load Sparsity Mask, learned on this model."),
+                io.Combo.Input("target", options=list(TARGETS), default="params", tooltip="params: remove a fraction of the model's parameters (global ranking of all units); keep_ratios: keep a fraction of each unit kind."),
+                io.Float.Input("sparsity", default=0.2, min=0.0, max=MAX_FRACTION, step=0.01, tooltip=f"Fraction of ALL parameters of the denoiser to remove (0.2 = 20 %), used with target=params; at most {MAX_FRACTION}."),
+                io.String.Input("keep_ratios", default="head=0.8, neuron=0.8, channel=0.8", tooltip="Used with target=keep_ratios: fraction of units to KEEP per kind, e.g. head=0.8, neuron=0.7."),
+                io.Combo.Input("mode", options=list(MODES), default="prune", tooltip="prune: slice the weights (smaller, faster model); soft: zero the removed units through weight wrappers (same size, for previews)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The pruned (or soft-gated) model; connect it to KSampler, SamplerCustomAdvanced, LoRA loaders or Save Pruned Model."),
+                ReportType.Output(display_name="report", tooltip="What was removed where; connect to Pruning Report."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, mask: MaskState, target: str, sparsity: float, keep_ratios: str, mode: str) -> io.NodeOutput:
+        if mode not in MODES:
+            raise EcoDiffError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
+        if target == "params":
+            if not 0.0 <= sparsity <= MAX_FRACTION:
+                raise EcoDiffError(f"sparsity is the fraction of parameters to remove and must lie in [0, {MAX_FRACTION}], "
+                                   f"got {sparsity:g}" + (f" (did you mean {sparsity / 100:g}?)" if 1 < sparsity <= 95 else ""))
+            goal, label = PruneTarget(params=sparsity), f"remove {sparsity:.1%} of parameters"
+        elif target == "keep_ratios":
+            ratios = parse_keep_ratios(keep_ratios)
+            goal, label = PruneTarget(keep_ratios=ratios), f"keep ratios {ratios}"
+        else:
+            raise EcoDiffError(f"target must be one of {', '.join(TARGETS)}, got '{target}'")
+        if bridge.pruning_info(model) is not None:
+            raise EcoDiffError("this MODEL is already pruned; apply the mask to the original model")
+        layout, plan = bridge.plan(model, mask, goal)
+        if mode == "soft":
+            out = bridge.soft_gated_model(model, layout, plan.keep)
+            report = PruneReport.build(bridge.diffusion_module(model), bridge.diffusion_module(model), layout, plan.keep)
+            report.params_after = report.params_before - plan.removed_params
+        else:
+            out, report = bridge.build_pruned_model(model, layout, plan.keep, mask.logits)
+        data = ReportData(report=report, mode=mode, target=label,
+                          keep_counts={g.name: (int(plan.keep[g.name].sum()), g.count) for g in layout.groups},
+                          blocks={g.name: g.block for g in layout.groups},
+                          kinds={g.name: g.kind for g in layout.groups})
+        return io.NodeOutput(out, data)

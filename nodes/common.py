@@ -1,0 +1,46 @@
+"""Types and small helpers shared by the EcoDiff nodes (no math here: see the bridge and the engine)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from comfy_api.latest import io
+
+from ..ecodiff_core.maskfile import MaskState
+
+CATEGORY = "EcoDiff"
+MaskType = io.Custom("ECODIFF_MASK")
+ReportType = io.Custom("ECODIFF_REPORT")
+PROMPTS_FILE = Path(__file__).resolve().parent.parent / "ecodiff_comfy" / "calibration_prompts.txt"
+
+
+def default_prompts() -> str:
+    """The shipped calibration prompts, one per line (comments dropped)."""
+    lines = PROMPTS_FILE.read_text(encoding="utf-8").splitlines()
+    return "\n".join(line for line in lines if line.strip() and not line.lstrip().startswith("#"))
+
+
+def parse_prompts(text: str, limit: int = 0) -> list[str]:
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return prompts[:limit] if limit > 0 else prompts
+
+
+@dataclass
+class ReportData:
+    """What Apply Pruned Mask hands to the Pruning Report node."""
+
+    report: Any  # ecodiff_core.report.PruneReport
+    mode: str
+    target: str
+    keep_counts: dict[str, tuple[int, int]]  # group name → (kept, total)
+    blocks: dict[str, str]  # group name → block label
+    kinds: dict[str, str]  # group name → unit kind
+
+
+def mask_summary(state: MaskState) -> str:
+    s = state.summary()
+    done = "finished" if state.progress.get("finished") else f"stopped ({state.stop_reason or 'unfinished'})"
+    loss = f"loss {s['first_loss']:.5g} → {s['last_loss']:.5g}" if s["steps"] else "no steps yet"
+    return (f"EcoDiff mask for {state.arch} ({len(state.logits)} unit groups, fingerprint {state.fingerprint}): "
+            f"{s['steps']} optimiser steps, {loss}, {done}")

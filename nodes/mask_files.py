@@ -1,0 +1,63 @@
+"""Save / Load Sparsity Mask (models/ecodiff_masks)."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..ecodiff_comfy import bridge
+from ..ecodiff_core.maskfile import MaskState, load_mask, save_mask
+from .common import CATEGORY, MaskType, mask_summary
+
+
+class SaveSparsityMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EcoDiffSaveMask",
+            display_name="Save Sparsity Mask (EcoDiff)",
+            category=CATEGORY,
+            description="Writes the mask as safetensors (logits + metadata: architecture, layout fingerprint, "
+                        "settings, loss history) to models/ecodiff_masks.",
+            inputs=[
+                MaskType.Input("mask", tooltip="The mask to save."),
+                io.String.Input("filename", default="ecodiff_mask", tooltip="File name in models/ecodiff_masks (.safetensors is added); an existing file is replaced."),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the mask was written.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, mask: MaskState, filename: str) -> io.NodeOutput:
+        path = save_mask(bridge.folder(bridge.MASK_FOLDER) / bridge.safe_filename(filename), mask)
+        text = f"saved {path.name} to models/{bridge.MASK_FOLDER}\n{mask_summary(mask)}"
+        return io.NodeOutput(str(path), ui={"text": (text,)})
+
+
+class LoadSparsityMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EcoDiffLoadMask",
+            display_name="Load Sparsity Mask (EcoDiff)",
+            category=CATEGORY,
+            description="Reads a mask from models/ecodiff_masks (shared masks go there too).",
+            inputs=[
+                io.Combo.Input("mask_name", options=bridge.list_files(bridge.MASK_FOLDER), tooltip="A mask file in models/ecodiff_masks."),
+            ],
+            outputs=[
+                MaskType.Output(display_name="mask", tooltip="The loaded mask; Apply Pruned Mask checks that it fits the model."),
+                io.String.Output(display_name="summary", tooltip="Architecture, steps and loss of the mask."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, mask_name: str) -> io.NodeOutput:
+        state = load_mask(bridge.file_path(bridge.MASK_FOLDER, mask_name))
+        return io.NodeOutput(state, mask_summary(state))
+
+    @classmethod
+    def fingerprint_inputs(cls, mask_name: str) -> str:
+        try:
+            path = bridge.file_path(bridge.MASK_FOLDER, mask_name)
+            return f"{path}:{path.stat().st_mtime_ns}"
+        except Exception:  # noqa: BLE001 - an unknown file is reported by execute
+            return mask_name

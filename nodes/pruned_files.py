@@ -1,0 +1,59 @@
+"""Save / Load Pruned Model (models/ecodiff_pruned; ComfyUI's loaders cannot load width-pruned weights)."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..ecodiff_comfy import bridge
+from .common import CATEGORY
+
+
+class SavePrunedModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EcoDiffSavePrunedModel",
+            display_name="Save Pruned Model (EcoDiff)",
+            category=CATEGORY,
+            description="Writes the pruned denoiser as safetensors with the metadata needed to rebuild its "
+                        "shapes (base architecture config + kept units) to models/ecodiff_pruned.",
+            inputs=[
+                io.Model.Input("model", tooltip="A MODEL from Apply Pruned Mask (mode prune) or Load Pruned Model."),
+                io.String.Input("filename", default="ecodiff_pruned", tooltip="File name in models/ecodiff_pruned (.safetensors is added); an existing file is replaced."),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the model was written.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, filename: str) -> io.NodeOutput:
+        path = bridge.save_pruned_model(model, bridge.folder(bridge.PRUNED_FOLDER) / bridge.safe_filename(filename))
+        text = f"saved {path.name} to models/{bridge.PRUNED_FOLDER}"
+        return io.NodeOutput(str(path), ui={"text": (text,)})
+
+
+class LoadPrunedModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EcoDiffLoadPrunedModel",
+            display_name="Load Pruned Model (EcoDiff)",
+            category=CATEGORY,
+            description="Loads a pruned model saved by Save Pruned Model; the slim module is rebuilt without "
+                        "allocating the full-size one. Use your usual CLIP and VAE loaders beside it.",
+            inputs=[
+                io.Combo.Input("model_name", options=bridge.list_files(bridge.PRUNED_FOLDER), tooltip="A pruned model file in models/ecodiff_pruned."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The pruned model, ready for any sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str) -> io.NodeOutput:
+        return io.NodeOutput(bridge.load_pruned_model(bridge.file_path(bridge.PRUNED_FOLDER, model_name)))
+
+    @classmethod
+    def fingerprint_inputs(cls, model_name: str) -> str:
+        try:
+            path = bridge.file_path(bridge.PRUNED_FOLDER, model_name)
+            return f"{path}:{path.stat().st_mtime_ns}"
+        except Exception:  # noqa: BLE001 - an unknown file is reported by execute
+            return model_name

@@ -1,0 +1,29 @@
+"""Shared helpers of the integration tests."""
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def random_keep(layout, seed: int = 1, p: float = 0.4, empty: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Random keep masks with at least one unit per group, except the groups named in ``empty``."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = {}
+    for g in layout.groups:
+        k = torch.rand(g.count, generator=gen) > p
+        if not k.any():
+            k[0] = True
+        keep[g.name] = torch.zeros(g.count, dtype=torch.bool) if g.name in empty else k
+    return keep
+
+
+def weights_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same_weights(module: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
+    now = module.state_dict()
+    return set(now) == set(snapshot) and all(torch.equal(now[k], snapshot[k]) for k in snapshot)

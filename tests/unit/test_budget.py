@@ -1,0 +1,131 @@
+"""Binarisation: budgets land within one unit's cost, keep ratios are exact, bad targets are rejected."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from ecodiff_core.archs import find_layout
+from ecodiff_core.budget import PruneTarget, plan_pruning, select_by_ratios, select_units
+from ecodiff_core.errors import EcoDiffError
+from ecodiff_core.flops import measure_flops, total_flops
+from ecodiff_core.prune import prune_model
+from ecodiff_core.units import Layout, parameter_costs
+from tiny_models import MODEL_NAMES, build
+
+
+@functools.lru_cache(maxsize=None)
+def case(name: str):
+    model, inputs = build(name)
+    return model, inputs, find_layout(model)
+
+
+def random_logits(layout: Layout, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {gr.name: torch.randn(gr.count, generator=g) * 2 + 1 for gr in layout.groups}
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.3])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_param_budget_lands_within_one_unit(name: str, fraction: float) -> None:
+    model, _, layout = case(name)
+    plan = plan_pruning(model, layout, random_logits(layout), PruneTarget(params=fraction))
+    costs = parameter_costs(model, layout)
+    biggest_removed = max(costs[g.name] for g in layout.groups if not plan.keep[g.name].all())
+    assert plan.budget == pytest.approx(fraction * n_params(model))
+    assert plan.budget <= plan.removed_params < plan.budget + biggest_removed
+    pruned = prune_model(model, layout, plan.keep)
+    assert plan.emptied_owners == [g.owner for g in layout.groups if not plan.keep[g.name].any()]
+    # Emptied attention modules also drop their per-head q/k norm weights (FLUX only).
+    extra = sum(p.numel() for g in layout.groups if g.owner in plan.emptied_owners and g.kind == "head"
+                for n, p in model.get_submodule(g.owner).named_parameters() if n.startswith("norm_"))
+    assert n_params(model) - n_params(pruned) == plan.removed_params + extra
+
+
+def test_removal_order_is_global_and_ascending() -> None:
+    model, _, layout = case("flux")
+    logits = random_logits(layout, 1)
+    costs = parameter_costs(model, layout)
+    keep = select_units(layout, logits, costs, 0.25 * n_params(model))
+    removed = torch.cat([logits[g.name][~keep[g.name]] for g in layout.groups])
+    kept = torch.cat([logits[g.name][keep[g.name]] for g in layout.groups])
+    assert removed.max() <= kept.min()
+    assert {g.kind for g in layout.groups if not keep[g.name].all()} == {"head", "neuron", "channel"}
+
+
+def test_ties_break_stably_in_layout_order() -> None:
+    model, _, layout = case("flux")
+    logits = {g.name: torch.zeros(g.count) for g in layout.groups}
+    costs = {g.name: 1.0 for g in layout.groups}
+    keep = select_units(layout, logits, costs, 5)
+    first = layout.groups[0].name
+    assert (~keep[first]).nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+    assert sum(int((~k).sum()) for k in keep.values()) == 5
+
+
+def test_flop_budget_lands_within_one_unit_and_matches_measurement() -> None:
+    model, inputs, layout = case("flux")
+    fc = measure_flops(model, layout, lambda: model(**inputs))
+    plan = plan_pruning(model, layout, random_logits(layout), PruneTarget(flops=0.3), flop_costs=fc)
+    biggest = max(fc.per_unit[g.name] for g in layout.groups if not plan.keep[g.name].all())
+    assert plan.budget == pytest.approx(0.3 * fc.total)
+    assert plan.budget <= plan.removed_flops < plan.budget + biggest
+    pruned = prune_model(model, layout, plan.keep)
+    assert fc.total - total_flops(lambda: pruned(**inputs)) == pytest.approx(plan.removed_flops)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_keep_ratios_per_kind(name: str) -> None:
+    model, _, layout = case(name)
+    ratios = {"head": 0.7, "neuron": 0.88}
+    plan = plan_pruning(model, layout, random_logits(layout), PruneTarget(keep_ratios=ratios))
+    for kind, r in ratios.items():
+        kept = sum(int(plan.keep[g.name].sum()) for g in layout.groups if g.kind == kind)
+        assert kept == round(r * layout.total_units(kind))
+    if "channel" in layout.kinds():
+        assert all(plan.keep[g.name].all() for g in layout.groups if g.kind == "channel")
+    assert plan.budget is None and plan.mode == "keep_ratios"
+
+
+def test_default_target_is_twenty_percent_params() -> None:
+    t = PruneTarget()
+    assert (t.mode, t.params) == ("params", 0.2)
+    assert PruneTarget(flops=0.3).params is None
+    assert PruneTarget(keep_ratios={"head": 0.5}).mode == "keep_ratios"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(params=1.5), r"\[0, 0.95\]"),
+    (dict(params=20), "did you mean 0.2"),
+    (dict(params=-0.1), r"\[0, 0.95\]"),
+    (dict(params="0.2"), "must be a number"),
+    (dict(params=0.2, flops=0.2), "exactly one"),
+    (dict(params=None), "exactly one"),
+    (dict(params=None, keep_ratios={"head": 0.0}), "KEEP"),
+    (dict(params=None, keep_ratios={"layer": 0.5}), "unknown unit kind"),
+])
+def test_bad_targets_are_rejected(kwargs: dict, match: str) -> None:
+    with pytest.raises(EcoDiffError, match=match):
+        PruneTarget(**kwargs)
+
+
+def test_unreachable_or_incomplete_requests_are_rejected() -> None:
+    model, _, layout = case("sd15")  # only ~36 % of this tiny UNet is in prunable units
+    logits = random_logits(layout)
+    with pytest.raises(EcoDiffError, match="lower the target to at most 0.36"):
+        plan_pruning(model, layout, logits, PruneTarget(params=0.5))
+    with pytest.raises(EcoDiffError, match="measure_flops"):
+        plan_pruning(model, layout, logits, PruneTarget(flops=0.2))
+    with pytest.raises(EcoDiffError, match="only"):
+        select_by_ratios(layout, logits, {"channel": 0.5})
+    with pytest.raises(EcoDiffError, match="missing"):
+        plan_pruning(model, layout, dict(list(logits.items())[1:]), PruneTarget())
+    bad = dict(logits)
+    bad[layout.groups[0].name] = torch.full((layout.groups[0].count,), float("nan"))
+    with pytest.raises(EcoDiffError, match="NaN"):
+        plan_pruning(model, layout, bad, PruneTarget())

@@ -1,0 +1,224 @@
+"""Time-step checkpointing, learning, resume and bad settings on tiny diffusers models."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ecodiff_core.archs import find_layout
+from ecodiff_core.denoisers import EpsSchedule, flux_flow_denoiser, unet_eps_denoiser
+from ecodiff_core.errors import SettingsError
+from ecodiff_core.gates import GateSettings, sample_gate, uniform_noise
+from ecodiff_core.gating import GateController
+from ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner
+from ecodiff_core.maskfile import load_mask, save_mask
+from ecodiff_core.trajectory import trajectory_gradient
+
+from tiny_models import MODEL_NAMES, build
+
+
+def make_problem(name: str, steps: int, cfg: bool, dtype=torch.float64, seed: int = 0):
+    """(model, layout, denoiser, noise, sigmas) for one prompt of a tiny model."""
+    model, inputs = build(name, dtype)
+    half = {k: (v[:1], v[1:]) for k, v in inputs.items()
+            if k in ("encoder_hidden_states", "pooled_projections")}
+    cond = {k: v[0] for k, v in half.items()}
+    uncond = {k: v[1] for k, v in half.items()} if cfg else None
+    g = torch.Generator().manual_seed(seed)
+    if name == "flux":
+        for key in ("img_ids", "txt_ids"):
+            cond[key] = inputs[key]
+            if uncond is not None:
+                uncond[key] = inputs[key]
+        denoise = flux_flow_denoiser(model, cond, uncond, cfg=2.5)
+        sigmas = torch.linspace(1, 0, steps + 1, dtype=dtype)
+        noise = torch.randn(1, 16, 4, generator=g, dtype=dtype)
+    else:
+        if "added_cond_kwargs" in inputs:
+            cond["added_cond_kwargs"] = {k: v[:1] for k, v in inputs["added_cond_kwargs"].items()}
+            if uncond is not None:
+                uncond["added_cond_kwargs"] = {k: v[1:] for k, v in inputs["added_cond_kwargs"].items()}
+        schedule = EpsSchedule.scaled_linear()
+        denoise = unet_eps_denoiser(model, schedule, cond, uncond, cfg=2.5)
+        sigmas = schedule.karras(steps).to(dtype)
+        noise = torch.randn(1, 4, 8, 8, generator=g, dtype=dtype) * sigmas[0]
+    return model, find_layout(model), denoise, noise, sigmas
+
+
+def random_logits(layout, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {gr.name: nn.Parameter(torch.randn(gr.count, generator=g, dtype=dtype) + 1.0) for gr in layout.groups}
+
+
+def gate_replayer(controller, layout, logits, settings=GateSettings()):
+    sizes = [g.count for g in layout.groups]
+
+    def before_step(i):
+        u = uniform_noise(sum(sizes), torch.Generator().manual_seed(1000 + i)).double()
+        controller.set({g.name: sample_gate(logits[g.name], part, settings)
+                        for g, part in zip(layout.groups, torch.split(u, sizes))})
+    return before_step
+
+
+def gradients(name, steps, cfg, checkpointing, record=None):
+    model, layout, denoise, noise, sigmas = make_problem(name, steps, cfg)
+    if record is not None:
+        inner = denoise
+
+        def denoise(x, sigma):
+            out = inner(x, sigma)
+            record.append((sigma.item(), out.detach().clone()))
+            return out
+    logits = random_logits(layout, torch.float64)
+    target = torch.randn_like(noise)
+    controller = GateController(model, layout)
+    with controller.installed():
+        result = trajectory_gradient(denoise, noise, sigmas, target, list(logits.values()),
+                                     gate_replayer(controller, layout, logits), checkpointing=checkpointing)
+    return result, list(logits.values())
+
+
+def flat(tensors):
+    return torch.cat([t.flatten() for t in tensors])
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("steps", [1, 3, 8])
+@pytest.mark.parametrize("cfg", [False, True], ids=["nocfg", "cfg"])
+def test_checkpointed_gradient_equals_autograd(name, steps, cfg):
+    ckpt, _ = gradients(name, steps, cfg, checkpointing=True)
+    full, _ = gradients(name, steps, cfg, checkpointing=False)
+    a, b = flat(ckpt.grads), flat(full.grads)
+    assert b.norm() > 0
+    assert ckpt.loss == pytest.approx(full.loss, rel=1e-12)
+    assert ((a - b).norm() / b.norm()).item() <= 1e-4  # float64: observed ~1e-15
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_recomputed_step_equals_rollout_step(name):
+    calls = []
+    gradients(name, 3, True, checkpointing=True, record=calls)
+    rollout, recompute = calls[:3], calls[3:][::-1]
+    for (s1, a), (s2, b) in zip(rollout, recompute):
+        assert s1 == s2 and torch.equal(a, b)
+
+
+def test_plain_gradient_matches_finite_differences():
+    result, params = gradients("sd15", 3, True, checkpointing=True)
+    model, layout, denoise, noise, sigmas = make_problem("sd15", 3, True)
+    logits = random_logits(layout, torch.float64)
+    target = torch.randn_like(noise)
+    controller = GateController(model, layout)
+    name = layout.groups[0].name
+    index = 1
+    eps = 1e-6
+
+    def loss_at(delta):
+        with torch.no_grad():
+            logits[name][index] += delta
+        with controller.installed():
+            out = trajectory_gradient(denoise, noise, sigmas, target, list(logits.values()),
+                                      gate_replayer(controller, layout, logits), checkpointing=True)
+        with torch.no_grad():
+            logits[name][index] -= delta
+        return out
+
+    base = loss_at(0.0)
+    numeric = (loss_at(eps).loss - loss_at(-eps).loss) / (2 * eps)
+    analytic = base.grads[0][index].item()
+    assert analytic == pytest.approx(numeric, rel=1e-4, abs=1e-10)
+    assert result.loss == pytest.approx(base.loss)
+
+
+def samples_for(name, n, steps=2, cfg=True):
+    model, layout, denoise, _, sigmas = make_problem(name, steps, cfg, dtype=torch.float32)
+    noises = [make_problem(name, steps, cfg, dtype=torch.float32, seed=s)[3] for s in range(n)]
+    return model, layout, [CalibrationSample(denoise, x) for x in noises], sigmas
+
+
+FAST = dict(epochs=2, accumulate=2, beta=0.05, lr={"head": 0.5, "neuron": 0.5, "channel": 0.5})
+
+
+def test_learning_reduces_reconstruction_loss_against_the_initial_mask():
+    model, layout, samples, sigmas = samples_for("sd15", 4)
+    settings = LearnSettings(**{**FAST, "epochs": 6, "beta": 0.0},
+                             gate=GateSettings(init_logit=0.0))
+    learner = MaskLearner(model, layout, settings)
+    infos = []
+    learner.learn(samples, sigmas, callback=infos.append)
+    first, last = infos[0].recon, sum(i.recon for i in infos[-2:]) / 2
+    assert len(infos) == 12 and last < first
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_resume_gives_the_same_result(tmp_path, checkpointing):
+    model, layout, samples, sigmas = samples_for("flux", 3)
+    settings = LearnSettings(**FAST, checkpointing=checkpointing)
+    straight = MaskLearner(model, layout, settings).learn(samples, sigmas)
+    first = MaskLearner(model, layout, settings)
+    half = first.learn(samples, sigmas, callback=lambda info: info.step < 2)
+    assert half.progress["step"] == 2 and "stopped" in half.stop_reason
+    path = save_mask(tmp_path / "partial.safetensors", half)
+    resumed = MaskLearner(model, layout, settings, resume=load_mask(path, layout)).learn(samples, sigmas)
+    assert resumed.progress["finished"] and resumed.progress["step"] == straight.progress["step"] == 4
+    for name in straight.logits:
+        torch.testing.assert_close(resumed.logits[name], straight.logits[name], rtol=0, atol=1e-6)
+
+
+def test_non_finite_loss_stops_with_last_good_state():
+    model, layout, samples, sigmas = samples_for("sd15", 4)
+    calls = {"n": 0}
+    inner = samples[0].denoise
+
+    def poisoned(x, sigma):
+        calls["n"] += 1
+        out = inner(x, sigma)
+        return out * float("nan") if calls["n"] > 20 else out
+
+    for s in samples:
+        s.denoise = poisoned
+    learner = MaskLearner(model, layout, LearnSettings(**FAST))
+    snapshots = []
+    state = learner.learn(samples, sigmas, callback=lambda info: snapshots.append(learner.state))
+    assert "non-finite" in state.stop_reason and not state.progress["finished"]
+    assert snapshots, "at least one good step before the poison"
+    for name, lam in state.logits.items():
+        assert torch.equal(lam, snapshots[-1].logits[name]) and torch.isfinite(lam).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(epochs=0), "epochs"), (dict(accumulate=0), "accumulate"), (dict(beta=-1.0), "beta"),
+    (dict(beta=math.inf), "beta"), (dict(regularizer="l7"), "regularizer"),
+    (dict(lr={"head": 0.0}), "learning rate"), (dict(lr={"blob": 0.1}), "unknown unit kind"),
+    (dict(objective="local"), "objective"),
+])
+def test_bad_settings_rejected_before_compute(change, message):
+    model, layout, _, _ = samples_for("sd15", 1)
+    with pytest.raises(SettingsError, match=message):
+        MaskLearner(model, layout, LearnSettings(**change))
+
+
+def test_empty_prompts_and_zero_steps_rejected():
+    model, layout, samples, sigmas = samples_for("sd15", 1)
+    learner = MaskLearner(model, layout, LearnSettings(**FAST))
+    with pytest.raises(SettingsError, match="no calibration samples"):
+        learner.learn([], sigmas)
+    with pytest.raises(ValueError, match="at least 2 values"):
+        learner.learn(samples, sigmas[:1])
+
+
+def test_every_kind_gets_sparsity_pressure():
+    """With no reconstruction signal (identical targets), the regulariser alone lowers every λ."""
+    model, layout, samples, sigmas = samples_for("flux", 1, steps=1)
+    assert set(layout.kinds()) == {"head", "neuron", "channel"}
+    settings = LearnSettings(epochs=3, accumulate=1, beta=1.0, regularizer="sigmoid",
+                             gate=GateSettings(init_logit=20.0))
+    state = MaskLearner(model, layout, settings).learn(samples, sigmas)
+    for name, lam in state.logits.items():
+        assert (lam < 20.0).all(), name
+
+
+def test_per_step_objective_runs_and_learns():
+    model, layout, samples, sigmas = samples_for("sd15", 2)
+    state = MaskLearner(model, layout, LearnSettings(**FAST, objective="per_step")).learn(samples, sigmas)
+    assert state.progress["finished"] and len(state.history) == 2

@@ -1,0 +1,178 @@
+"""Physical pruning == hard 0/1 gating, the input model is untouched, unit costs are exact."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from ecodiff_core.archs import find_layout
+from ecodiff_core.empty import EmptyAttention, EmptyFluxJointAttention, EmptyPreOnlyAttention
+from ecodiff_core.errors import EcoDiffError
+from ecodiff_core.prune import ScatterLinear, prune_model
+from ecodiff_core.units import Layout, parameter_costs
+from tiny_models import MODEL_NAMES, build, run
+
+
+@functools.lru_cache(maxsize=None)
+def case(name: str):
+    model, inputs = build(name)
+    return model, inputs, find_layout(model)
+
+
+def hard_gate_hooks(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor]) -> list:
+    """The test's own gating, independent of ecodiff_core.gating: multiply the features named by
+    each group's gate slices by its 0/1 keep vector (input columns by a pre-hook, output rows by a
+    forward hook)."""
+    handles = []
+    for g in layout.groups:
+        per_feature = keep[g.name].to(torch.float64).repeat_interleave(g.width)
+        for s in g.gates:
+            module = model.get_submodule(s.module)
+
+            def scale(x: torch.Tensor, s=s, m=per_feature) -> torch.Tensor:
+                full = torch.ones(x.shape[-1], dtype=x.dtype)
+                full[s.offset:s.offset + m.numel()] = m.to(x.dtype)
+                return x * full
+
+            if s.side == "in":
+                handles.append(module.register_forward_pre_hook(lambda _m, args, f=scale: (f(args[0]),) + args[1:]))
+            else:
+                handles.append(module.register_forward_hook(lambda _m, _a, out, f=scale: f(out)))
+    return handles
+
+
+def gated_output(model: nn.Module, inputs: dict, layout: Layout, keep: dict[str, torch.Tensor]) -> torch.Tensor:
+    handles = hard_gate_hooks(model, layout, keep)
+    try:
+        return run(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / a.norm().clamp_min(1e-30))
+
+
+def make_keep(layout: Layout, mode: str, seed: int) -> dict[str, torch.Tensor]:
+    """random: each unit kept with p=0.6, and per kind one group emptied and one group full;
+    none: every unit removed (every owner emptied); all: nothing removed."""
+    g = torch.Generator().manual_seed(seed)
+    keep = {gr.name: torch.rand(gr.count, generator=g) < 0.6 for gr in layout.groups}
+    if mode == "none":
+        return {k: torch.zeros_like(v) for k, v in keep.items()}
+    if mode == "all":
+        return {k: torch.ones_like(v) for k, v in keep.items()}
+    for kind in layout.kinds():
+        groups = [gr for gr in layout.groups if gr.kind == kind]
+        first, last = groups[seed % len(groups)], groups[(seed + 1) % len(groups)]
+        keep[first.name] = torch.zeros(first.count, dtype=torch.bool)
+        if last is not first:
+            keep[last.name] = torch.ones(last.count, dtype=torch.bool)
+    return keep
+
+
+@pytest.mark.parametrize("mode,seed", [("random", 0), ("random", 1), ("random", 2), ("none", 0), ("all", 0)])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_pruned_equals_hard_gated(name: str, mode: str, seed: int) -> None:
+    model, inputs, layout = case(name)
+    keep = make_keep(layout, mode, seed)
+    expected = gated_output(model, inputs, layout, keep)
+    pruned = prune_model(model, layout, keep)
+    assert rel_err(expected, run(pruned, inputs)) <= 1e-5
+    if mode != "all":
+        assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_counters_dims_and_replacements(name: str) -> None:
+    model, _, layout = case(name)
+    keep = make_keep(layout, "random", 3)
+    pruned = prune_model(model, layout, keep)
+    for g in layout.groups:
+        kept = int(keep[g.name].sum())
+        if kept == 0 and g.empty is not None:
+            assert isinstance(pruned.get_submodule(g.owner),
+                              (EmptyAttention, EmptyFluxJointAttention, EmptyPreOnlyAttention))
+            continue
+        for path, attr in g.counters:
+            assert getattr(pruned.get_submodule(path), attr) == kept
+        for path, attr in g.dims:
+            assert getattr(pruned.get_submodule(path), attr) == kept * g.width
+        for s in g.producers:
+            lin = pruned.get_submodule(s.module)
+            assert lin.weight.shape[0] == lin.out_features
+        for s in g.gates:
+            lin = pruned.get_submodule(s.module)
+            if s.side == "out":
+                assert isinstance(lin, ScatterLinear) and lin.weight.shape[0] == kept
+            else:
+                assert lin.weight.shape[1] == lin.in_features
+
+
+def _storages(model: nn.Module) -> set[int]:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return {t.untyped_storage().data_ptr() for t in tensors if t.numel() > 0}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_input_model_untouched_and_unshared(name: str) -> None:
+    model, inputs, layout = case(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shapes = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    heads = {n: m.heads for n, m in model.named_modules() if hasattr(m, "heads")}
+    out_before = run(model, inputs)
+    pruned = prune_model(model, layout, make_keep(layout, "random", 4))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert v.dtype == after[k].dtype and torch.equal(v, after[k]), k
+    assert shapes == {n: (m.in_features, m.out_features) for n, m in model.named_modules()
+                      if isinstance(m, nn.Linear)}
+    assert heads == {n: m.heads for n, m in model.named_modules() if hasattr(m, "heads")}
+    assert torch.equal(out_before, run(model, inputs))
+    assert not (_storages(model) & _storages(pruned))
+    with torch.no_grad():  # writing into the copy never reaches the original
+        for p in pruned.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_parameter_cost_is_exact_per_unit(name: str) -> None:
+    model, _, layout = case(name)
+    costs = parameter_costs(model, layout)
+    total = sum(p.numel() for p in model.parameters())
+    for g in layout.groups:
+        keep = {gr.name: torch.ones(gr.count, dtype=torch.bool) for gr in layout.groups}
+        keep[g.name][g.count // 2] = False
+        pruned = prune_model(model, layout, keep)
+        assert total - sum(p.numel() for p in pruned.parameters()) == costs[g.name], g.name
+
+
+def test_scatter_linear_equals_masked_rows() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 7).double()
+    rows = torch.tensor([0, 3, 6])
+    scatter = ScatterLinear(5, 7, rows, lin.weight.detach()[rows].clone(), lin.bias.detach()[rows].clone())
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    mask = torch.zeros(7, dtype=torch.float64)
+    mask[rows] = 1
+    assert torch.allclose(scatter(x), lin(x) * mask)
+    assert scatter(x).shape == (2, 4, 7)
+
+
+def test_bad_keep_masks_are_rejected() -> None:
+    model, _, layout = case("flux")
+    good = make_keep(layout, "all", 0)
+    name = layout.groups[0].name
+    with pytest.raises(EcoDiffError, match="missing groups"):
+        prune_model(model, layout, {k: v for k, v in good.items() if k != name})
+    with pytest.raises(EcoDiffError, match="unknown groups"):
+        prune_model(model, layout, {**good, "nope:heads": torch.ones(1, dtype=torch.bool)})
+    with pytest.raises(EcoDiffError, match="torch.bool"):
+        prune_model(model, layout, {**good, name: good[name].float()})
+    with pytest.raises(EcoDiffError, match="shape"):
+        prune_model(model, layout, {**good, name: good[name][1:]})

@@ -1,0 +1,135 @@
+"""Tiny random-weight diffusers models (SD1.5-like, SDXL-like, FLUX-like) and example inputs.
+
+Reusable by any unit test: ``build(name, dtype)`` returns ``(model, inputs)`` where
+``model(**inputs)`` runs one forward pass.  Weights are seeded, so two builds are identical.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+MODEL_NAMES: tuple[str, ...] = ("sd15", "sdxl", "flux")
+
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
+# contend so badly that one 8×8 UNet forward takes seconds instead of ~15 ms.
+torch.set_num_threads(1)
+
+
+def _declare_torchvision_ops() -> None:
+    """PyPI torchvision beside CPU torch cannot load its C ops, which breaks ``import diffusers``
+    (through transformers/peft); declaring the two schemas its meta registrations need fixes it."""
+    try:
+        import torchvision  # noqa: F401
+        return
+    except ImportError:
+        return
+    except RuntimeError:
+        for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _declare_torchvision_ops.lib = lib  # keep the library alive
+    import torchvision  # noqa: F401
+
+
+def diffusers_module():
+    _declare_torchvision_ops()
+    import diffusers
+    diffusers.utils.logging.set_verbosity_error()  # silences the float32-modules notice of .to()
+    return diffusers
+
+
+def _randomise(model: nn.Module, seed: int) -> None:
+    """Replace the init with seeded noise of a moderate scale (zero-init layers made non-zero too,
+    so that every unit really contributes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            fan_in = p.shape[-1] if p.ndim > 1 else 1
+            scale = 0.1 if p.ndim == 1 else fan_in ** -0.5
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
+
+
+def tiny_sd15() -> nn.Module:
+    d = diffusers_module()
+    return d.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=2,  # diffusers' misnomer: number of heads
+    )
+
+
+def tiny_sdxl() -> nn.Module:
+    d = diffusers_module()
+    return d.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        cross_attention_dim=24, addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12 + 6 * 4,
+    )
+
+
+def tiny_flux() -> nn.Module:
+    d = diffusers_module()
+    return d.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=3, joint_attention_dim=12, pooled_projection_dim=10,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
+def _unet_inputs(model: nn.Module, dtype: torch.dtype, g: torch.Generator, sdxl: bool) -> dict[str, Any]:
+    inputs = {
+        "sample": torch.randn(2, 4, 8, 8, generator=g, dtype=dtype),
+        "timestep": torch.tensor([10.0, 500.0], dtype=dtype),
+        "encoder_hidden_states": torch.randn(2, 5, 24, generator=g, dtype=dtype),
+        "return_dict": False,
+    }
+    if sdxl:
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 12, generator=g, dtype=dtype),
+                                       "time_ids": torch.randn(2, 6, generator=g, dtype=dtype)}
+    return inputs
+
+
+def _flux_inputs(model: nn.Module, dtype: torch.dtype, g: torch.Generator) -> dict[str, Any]:
+    n_img, n_txt = 16, 5
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0),
+                                         indexing="ij"), -1).reshape(-1, 3)
+    return {
+        "hidden_states": torch.randn(2, n_img, 4, generator=g, dtype=dtype),
+        "encoder_hidden_states": torch.randn(2, n_txt, 12, generator=g, dtype=dtype),
+        "pooled_projections": torch.randn(2, 10, generator=g, dtype=dtype),
+        "timestep": torch.tensor([0.3, 0.8], dtype=dtype),
+        "img_ids": img_ids.to(dtype),
+        "txt_ids": torch.zeros(n_txt, 3, dtype=dtype),
+        "return_dict": False,
+    }
+
+
+BUILDERS: dict[str, Callable[[], nn.Module]] = {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "flux": tiny_flux}
+
+
+def build(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """A seeded tiny model in eval mode and example inputs for one forward pass."""
+    torch.manual_seed(seed)
+    model = BUILDERS[name]()
+    _randomise(model, seed)
+    model = model.to(dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs = _flux_inputs(model, dtype, g) if name == "flux" else _unet_inputs(model, dtype, g, name == "sdxl")
+    return model, inputs
+
+
+def run(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """One forward pass returning the output tensor."""
+    with torch.no_grad():
+        return model(**inputs)[0]
