@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from ..ecodiff_core.archs import find_layout
-from ..ecodiff_core.archs.comfy_common import keep_one_head, silence_heads
+from ..ecodiff_core.archs.comfy_common import keep_one_head, protect_one_head, silence_heads
 from ..ecodiff_core.budget import PrunePlan, PruneTarget, plan_pruning
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo
@@ -328,6 +329,9 @@ def learn_mask(model: Any, conds: Sequence[tuple[list, list]], spec: SamplingSpe
     layout = model_layout(model)
     if resume is not None:
         resume.check_layout(layout)
+        with torch.inference_mode(False):  # a mask loaded inside the executor holds inference tensors
+            resume = dataclasses.replace(resume, logits={k: v.clone() for k, v in resume.logits.items()},
+                                         optimizer={k: v.clone() for k, v in resume.optimizer.items()})
 
     def body(session: Session) -> MaskState:
         learner = MaskLearner(session.module, layout, settings, resume=resume, grad_context=grad_context)
@@ -364,9 +368,11 @@ def trajectory_losses(model: Any, conds: Sequence[tuple[list, list]], spec: Samp
 # pruning
 # --------------------------------------------------------------------------------------------
 def plan(model: Any, state: MaskState, target: PruneTarget) -> tuple[Layout, PrunePlan]:
+    """Keep masks for ``target``; inline joint attentions (FLUX, MMDiT) always keep one head."""
     layout = model_layout(model)
     state.check_layout(layout)
-    return layout, plan_pruning(diffusion_module(model), layout, state.logits, target)
+    logits = protect_one_head(layout, state.logits)
+    return layout, plan_pruning(diffusion_module(model), layout, logits, target)
 
 
 class _GateWeight:

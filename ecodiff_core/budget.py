@@ -136,6 +136,10 @@ def select_units(layout: Layout, logits: dict[str, torch.Tensor], costs: dict[st
     """Remove the lowest-logit units (one global ranking, stable) until removed cost ≥ ``budget``."""
     logits = check_logits(layout, logits)
     groups, values = _flatten(layout, logits)
+    missing = [g.name for g in groups if g.name not in costs]
+    if missing:
+        raise EcoDiffError(f"no unit cost for {len(missing)} group(s), e.g. '{missing[0]}'; compute costs "
+                           "for this very layout (units.parameter_costs or flops.measure_flops)")
     unit_cost = torch.cat([torch.full((g.count,), float(costs[g.name]), dtype=torch.float64) for g in groups])
     if (unit_cost < 0).any():
         raise EcoDiffError("unit costs must be non-negative")
@@ -162,7 +166,7 @@ def select_by_ratios(layout: Layout, logits: dict[str, torch.Tensor],
     keep = {g.name: torch.ones(g.count, dtype=torch.bool) for g in layout.groups}
     for kind, ratio in keep_ratios.items():
         groups, values = _flatten(layout, logits, kind)
-        n_remove = values.numel() - int(round(ratio * values.numel()))
+        n_remove = values.numel() - round(ratio * values.numel())
         removed = torch.zeros(values.numel(), dtype=torch.bool)
         removed[torch.sort(values, stable=True).indices[:n_remove]] = True
         keep.update(_split(groups, removed))

@@ -8,8 +8,9 @@ element-wise ops are not counted), so removed unit costs and measured totals are
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

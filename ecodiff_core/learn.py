@@ -7,7 +7,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Literal, Sequence
+from typing import Callable, ContextManager, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -84,6 +84,19 @@ class StepInfo:
     reg: float
     sparsity: dict[str, float]
     elapsed: float
+
+
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """Weights need no gradient while masks learn; autograd then skips every weight-gradient product."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _seed(*parts: int) -> int:
@@ -207,7 +220,7 @@ class MaskLearner:
         start_time = time.perf_counter()
         per_epoch = math.ceil(len(samples) / self.settings.accumulate)
         total_steps = per_epoch * self.settings.epochs
-        with self.controller.installed():
+        with self.controller.installed(), frozen_weights(self.model):
             self.controller.set(None)
             self.prepare(samples, sigmas)
             while self.progress["epoch"] < self.settings.epochs:

@@ -8,6 +8,7 @@ replacement, so those tensors are never copied at full size.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,18 +80,18 @@ def emptied_groups(layout: Layout, keep: dict[str, torch.Tensor]) -> list[UnitGr
     return [g for g in layout.groups if not bool(keep[g.name].any())]
 
 
-def _under(path: str, prefixes: list[str]) -> bool:
+def _under(path: str, prefixes: Sequence[str]) -> bool:
     return any(path == p or path.startswith(p + ".") for p in prefixes)
 
 
 def linear_plans(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor],
-                 skip: list[str] = ()) -> dict[str, LinearPlan]:
+                 skip: Sequence[str] = ()) -> dict[str, LinearPlan]:
     """Compose the slices of all groups per Linear (several groups may cut one Linear)."""
     plans: dict[str, LinearPlan] = {}
     for g in layout.groups:
         removed = torch.nonzero(~keep[g.name]).reshape(-1)
         for s in g.slices:
-            if _under(s.module, list(skip)):
+            if _under(s.module, skip):
                 continue
             lin = get_linear(model, s.module)
             plan = plans.setdefault(s.module, LinearPlan(torch.ones(lin.in_features, dtype=torch.bool),
@@ -103,9 +104,16 @@ def linear_plans(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor]
 
 
 def _sliced(lin: nn.Linear, plan: LinearPlan) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Copies of the kept rows/columns (always new storage; one copy per cut dimension at most)."""
     rows = torch.nonzero(plan.out_keep).reshape(-1).to(lin.weight.device)
     cols = torch.nonzero(plan.in_keep).reshape(-1).to(lin.weight.device)
-    weight = lin.weight.detach().index_select(0, rows).index_select(1, cols)
+    weight = lin.weight.detach()
+    if not plan.out_keep.all():
+        weight = weight.index_select(0, rows)
+    if not plan.in_keep.all():
+        weight = weight.index_select(1, cols)
+    if weight.data_ptr() == lin.weight.data_ptr():
+        weight = weight.clone()
     bias = None if lin.bias is None else lin.bias.detach().index_select(0, rows)
     return weight, bias, rows
 
@@ -149,7 +157,7 @@ def prune_model(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor])
     return pruned
 
 
-def _set_counts(pruned: nn.Module, layout: Layout, keep: dict[str, torch.Tensor], skip: list[str]) -> None:
+def _set_counts(pruned: nn.Module, layout: Layout, keep: dict[str, torch.Tensor], skip: Sequence[str]) -> None:
     for g in layout.groups:
         kept = int(keep[g.name].sum())
         for path, attr, value in [(p, a, kept) for p, a in g.counters] + \

@@ -41,7 +41,7 @@ class PruneReport:
 
     @classmethod
     def build(cls, original: nn.Module, pruned: nn.Module, layout: Layout, keep: dict[str, torch.Tensor],
-              flops_before: float | None = None, flops_after: float | None = None) -> "PruneReport":
+              flops_before: float | None = None, flops_after: float | None = None) -> PruneReport:
         keep = check_keep(layout, keep)
         costs = parameter_costs(original, layout)
         kinds = []
@@ -79,8 +79,8 @@ class PruneReport:
 
     def to_text(self) -> str:
         lines = [f"EcoDiff pruning report ({self.arch})",
-                 f"parameters: {self.params_before:,} -> {self.params_after:,} "
-                 f"(-{_pct(self.params_removed, self.params_before)})"]
+                 (f"parameters: {self.params_before:,} -> {self.params_after:,} "
+                 f"(-{_pct(self.params_removed, self.params_before)})")]
         if self.flops_before is not None and self.flops_after is not None:
             lines.append(f"FLOPs per forward: {self.flops_before:,.0f} -> {self.flops_after:,.0f} "
                          f"(-{_pct(self.flops_before - self.flops_after, self.flops_before)})")
@@ -93,8 +93,8 @@ class PruneReport:
                                _pct(b.params_before - b.params_after, b.params_before),
                                f"{b.units_before:,}", f"{b.units_after:,}"] for b in self.blocks])]
         if self.emptied:
-            lines += ["", f"{len(self.emptied)} module(s) lost all their units "
-                          "(they now contribute their output bias only):"]
+            lines += ["", (f"{len(self.emptied)} module(s) lost all their units "
+                          "(they now contribute their output bias only):")]
             lines += [f"  {name}" for name in self.emptied]
         return "\n".join(lines)
 
@@ -113,6 +113,8 @@ def _pct(part: float, whole: float) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths)))
+
+    def fmt(row: list[str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])

@@ -43,3 +43,16 @@ def silence_heads(pruned: nn.Module, layout: Layout, silenced: list[str]) -> Non
         for site in g.gates:
             lin = get_linear(pruned, site.module)
             lin.weight[:, site.offset:site.offset + g.width] = 0
+
+
+PROTECTED_LOGIT = 1e9
+
+
+def protect_one_head(layout: Layout, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Logits where the best head of each inline-attention group ranks above everything, so a
+    budget planner never empties such a group and meets its target with other units instead."""
+    out = {name: torch.as_tensor(t).detach().clone().float() for name, t in logits.items()}
+    for g in layout.groups:
+        if needs_one_unit(g) and g.name in out:
+            out[g.name][int(out[g.name].argmax())] = PROTECTED_LOGIT
+    return out

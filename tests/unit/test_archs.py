@@ -5,15 +5,15 @@ import functools
 
 import pytest
 import torch
+from tiny_models import MODEL_NAMES, build
 from torch import nn
 
 from ecodiff_core.archs import TABLES, find_layout, supported_architectures, validate_layout
 from ecodiff_core.errors import EcoDiffError, UnsupportedArchitectureError
 from ecodiff_core.units import Layout, Slice, UnitGroup
-from tiny_models import MODEL_NAMES, build
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_and_layout(name: str):
     model, _ = build(name)
     return model, find_layout(model)
@@ -22,12 +22,12 @@ def model_and_layout(name: str):
 # Hand-counted from the tiny configs in tiny_models.py.
 EXPECTED = {
     # 7 transformer blocks (down 1+1, mid 1, up 2+2), 2 heads per attention, FFN inner = 4 × channels
-    "sd15": dict(arch="diffusers_unet", groups=21, head=28, neuron=64 + 128 + 128 + 2 * 128 + 2 * 64),
+    "sd15": {"arch": "diffusers_unet", "groups": 21, "head": 28, "neuron": 64 + 128 + 128 + 2 * 128 + 2 * 64},
     # 11 blocks: 3 at 16 ch (down 1, up 2; 2 heads), 8 at 32 ch (down 1×2, mid 2, up 2×2; 4 heads)
-    "sdxl": dict(arch="diffusers_unet", groups=33, head=3 * 2 * 2 + 8 * 2 * 4, neuron=3 * 64 + 8 * 128),
+    "sdxl": {"arch": "diffusers_unet", "groups": 33, "head": 3 * 2 * 2 + 8 * 2 * 4, "neuron": 3 * 64 + 8 * 128},
     # 2 double blocks: 3 heads, ff+ff_context 2×96 neurons, 2×144 channels; 2 single: 3 heads, 96 neurons, 72 ch
-    "flux": dict(arch="diffusers_flux", groups=16, head=4 * 3, neuron=2 * 2 * 96 + 2 * 96,
-                 channel=2 * 2 * 144 + 2 * 72),
+    "flux": {"arch": "diffusers_flux", "groups": 16, "head": 4 * 3, "neuron": 2 * 2 * 96 + 2 * 96,
+                 "channel": 2 * 2 * 144 + 2 * 72},
 }
 
 
@@ -42,7 +42,7 @@ def test_find_layout_counts(name: str) -> None:
 
 
 def test_unet_groups_describe_attention_and_geglu() -> None:
-    model, layout = model_and_layout("sd15")
+    _model, layout = model_and_layout("sd15")
     groups = layout.by_name()
     attn2 = groups["down_blocks.0.attentions.0.transformer_blocks.0.attn2:heads"]
     assert attn2.kind == "head" and attn2.width == 8 and attn2.block == "down_blocks.0"

@@ -5,6 +5,7 @@ import functools
 
 import pytest
 import torch
+from tiny_models import MODEL_NAMES, build
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.budget import PruneTarget, plan_pruning, select_by_ratios, select_units
@@ -12,10 +13,9 @@ from ecodiff_core.errors import EcoDiffError
 from ecodiff_core.flops import measure_flops, total_flops
 from ecodiff_core.prune import prune_model
 from ecodiff_core.units import Layout, parameter_costs
-from tiny_models import MODEL_NAMES, build
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(name: str):
     model, inputs = build(name)
     return model, inputs, find_layout(model)
@@ -59,7 +59,7 @@ def test_removal_order_is_global_and_ascending() -> None:
 
 
 def test_ties_break_stably_in_layout_order() -> None:
-    model, _, layout = case("flux")
+    _model, _, layout = case("flux")
     logits = {g.name: torch.zeros(g.count) for g in layout.groups}
     costs = {g.name: 1.0 for g in layout.groups}
     keep = select_units(layout, logits, costs, 5)
@@ -100,14 +100,14 @@ def test_default_target_is_twenty_percent_params() -> None:
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(params=1.5), r"\[0, 0.95\]"),
-    (dict(params=20), "did you mean 0.2"),
-    (dict(params=-0.1), r"\[0, 0.95\]"),
-    (dict(params="0.2"), "must be a number"),
-    (dict(params=0.2, flops=0.2), "exactly one"),
-    (dict(params=None), "exactly one"),
-    (dict(params=None, keep_ratios={"head": 0.0}), "KEEP"),
-    (dict(params=None, keep_ratios={"layer": 0.5}), "unknown unit kind"),
+    ({"params": 1.5}, r"\[0, 0.95\]"),
+    ({"params": 20}, "did you mean 0.2"),
+    ({"params": -0.1}, r"\[0, 0.95\]"),
+    ({"params": "0.2"}, "must be a number"),
+    ({"params": 0.2, "flops": 0.2}, "exactly one"),
+    ({"params": None}, "exactly one"),
+    ({"params": None, "keep_ratios": {"head": 0.0}}, "KEEP"),
+    ({"params": None, "keep_ratios": {"layer": 0.5}}, "unknown unit kind"),
 ])
 def test_bad_targets_are_rejected(kwargs: dict, match: str) -> None:
     with pytest.raises(EcoDiffError, match=match):

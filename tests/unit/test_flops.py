@@ -6,14 +6,14 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import MODEL_NAMES, build
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.flops import measure_flops, total_flops
 from ecodiff_core.prune import prune_model
-from tiny_models import MODEL_NAMES, build
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(name: str):
     model, inputs = build(name)
     return model, inputs, find_layout(model)

@@ -5,6 +5,7 @@ import functools
 
 import pytest
 import torch
+from tiny_models import MODEL_NAMES, build, run
 from torch import nn
 
 from ecodiff_core.archs import find_layout
@@ -12,10 +13,9 @@ from ecodiff_core.empty import EmptyAttention, EmptyFluxJointAttention, EmptyPre
 from ecodiff_core.errors import EcoDiffError
 from ecodiff_core.prune import ScatterLinear, prune_model
 from ecodiff_core.units import Layout, parameter_costs
-from tiny_models import MODEL_NAMES, build, run
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(name: str):
     model, inputs = build(name)
     return model, inputs, find_layout(model)

@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
+from tiny_models import MODEL_NAMES, build
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.flops import measure_flops, total_flops
 from ecodiff_core.prune import prune_model
 from ecodiff_core.report import PruneReport
-from tiny_models import MODEL_NAMES, build
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(name: str):
     model, inputs = build(name)
     return model, inputs, find_layout(model)
@@ -26,10 +26,10 @@ def count(model, prefix: str = "") -> int:
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_report_numbers_equal_counted_parameters(name: str) -> None:
-    model, inputs, layout = case(name)
+    model, _inputs, layout = case(name)
     g = torch.Generator().manual_seed(5)
     keep = {gr.name: torch.rand(gr.count, generator=g) < 0.7 for gr in layout.groups}
-    emptied = [gr for gr in layout.groups if gr.kind == "head"][0]
+    emptied = next(gr for gr in layout.groups if gr.kind == "head")
     keep[emptied.name][:] = False
     pruned = prune_model(model, layout, keep)
     report = PruneReport.build(model, pruned, layout, keep)

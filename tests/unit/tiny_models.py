@@ -6,7 +6,8 @@ Reusable by any unit test: ``build(name, dtype)`` returns ``(model, inputs)`` wh
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ def _declare_torchvision_ops() -> None:
     """PyPI torchvision beside CPU torch cannot load its C ops, which breaks ``import diffusers``
     (through transformers/peft); declaring the two schemas its meta registrations need fixes it."""
     try:
-        import torchvision  # noqa: F401
+        import torchvision
         return
     except ImportError:
         return

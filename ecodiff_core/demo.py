@@ -1,0 +1,210 @@
+"""The main job on the embedded default model: learn a mask, prune, and measure what it cost.
+
+``python -m ecodiff_core demo`` runs :func:`run_demo`; the quality benchmark reuses the pieces.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .archs import find_layout
+from .budget import PrunePlan, PruneTarget, count_parameters, plan_pruning
+from .flops import total_flops
+from .learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo
+from .maskfile import MaskState, save_mask
+from .prune import prune_model
+from .report import PruneReport
+from .units import Layout
+
+
+def default_learn_settings() -> LearnSettings:
+    """Settings tuned on the embedded model (see docs/benchmarks.md for how they compare)."""
+    return LearnSettings(epochs=4, accumulate=1, beta=0.5, regularizer="l1",
+                         lr={"head": 0.2, "neuron": 0.2, "channel": 0.2})
+
+
+@dataclass
+class DemoSettings:
+    sparsity: float = 0.2
+    steps: int = 10
+    cfg: float = 1.5
+    prompts_per_class: int = 10
+    prompts_per_trajectory: int = 10
+    eval_per_class: int = 50
+    eval_steps: int = 20
+    seed: int = 0
+    output: Path = Path("ecodiff_output")
+    learn: LearnSettings = field(default_factory=default_learn_settings)
+
+    def validate(self) -> None:
+        PruneTarget(params=self.sparsity)
+        for name in ("steps", "prompts_per_class", "prompts_per_trajectory", "eval_per_class", "eval_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.learn.validate()
+
+
+def calibration_samples(model, prompts: list[str], cfg: float, per_trajectory: int, seed: int) -> list[CalibrationSample]:
+    """Prompts batched into trajectories; each batch gets its own fixed x_T."""
+    from .embedded.model import initial_noise
+
+    samples = []
+    for k, start in enumerate(range(0, len(prompts), per_trajectory)):
+        chunk = prompts[start:start + per_trajectory]
+        samples.append(CalibrationSample(model.make_denoiser(chunk, cfg), initial_noise(len(chunk), seed + 1000 + k)))
+    return samples
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@dataclass
+class LearnRun:
+    state: MaskState
+    seconds: float
+    peak_mb: float
+
+
+def learn_mask(transformer: nn.Module, layout: Layout, settings: LearnSettings, samples: list[CalibrationSample],
+               sigmas: torch.Tensor, on_step: Callable[[StepInfo], Any] | None = None) -> LearnRun:
+    base = _rss_mb()
+    start = time.perf_counter()
+    state = MaskLearner(transformer, layout, settings).learn(samples, sigmas, callback=on_step)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    if state.stop_reason:
+        raise RuntimeError(f"mask learning stopped early: {state.stop_reason}")
+    return LearnRun(state, seconds, max(peak, 0.0))
+
+
+def prune_to(transformer: nn.Module, layout: Layout, logits: dict[str, torch.Tensor],
+             target: PruneTarget) -> tuple[nn.Module, PrunePlan]:
+    plan = plan_pruning(transformer, layout, logits, target)
+    return prune_model(transformer, layout, plan.keep), plan
+
+
+def forward_flops(model, transformer: nn.Module) -> int:
+    """FLOPs of one transformer call on a CFG batch of 2 (one prompt)."""
+    denoise = model.make_denoiser(["a handwritten seven"], 1.5, transformer)
+    from .embedded.model import initial_noise
+
+    x = initial_noise(1, 0)
+    with torch.no_grad():
+        return total_flops(lambda: denoise(x, torch.tensor(0.5)))
+
+
+def image_grid(columns: list[tuple[str, torch.Tensor]], per_class: int, scale: int = 6):
+    """A labelled PIL image: for each labelled image set, ``per_class`` samples of digits 0–9 in rows."""
+    from PIL import Image, ImageDraw
+
+    size = 8 * scale
+    gap, header = size // 2, 16
+    width = len(columns) * per_class * size + (len(columns) - 1) * gap
+    canvas = Image.new("L", (width, header + 10 * size), 255)
+    draw = ImageDraw.Draw(canvas)
+    for c, (label, images) in enumerate(columns):
+        x0 = c * (per_class * size + gap)
+        draw.text((x0 + 2, 2), label, fill=0)
+        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        stride = images.shape[0] // 10
+        for digit in range(10):
+            for k in range(per_class):
+                tile = Image.fromarray(pixels[digit * stride + k, 0].numpy()).resize((size, size), Image.NEAREST)
+                canvas.paste(tile, (x0 + k * size, header + digit * size))
+    return canvas
+
+
+def run_demo(settings: DemoSettings, progress: bool = True) -> dict[str, Any]:
+    """Learn → prune → evaluate both models with the same seeds → grid and report in ``settings.output``."""
+    from tqdm.auto import tqdm
+
+    from .embedded.evaluation import EvalSettings, evaluate_model, evaluation_prompts, generate
+    from .embedded.judge import load_judge, real_data_floor
+    from .embedded.model import load_default_model, sigmas
+    from .embedded.text import calibration_prompts
+
+    settings.validate()
+    torch.manual_seed(settings.seed)
+    out = Path(settings.output)
+    out.mkdir(parents=True, exist_ok=True)
+    model, judge = load_default_model(), load_judge()
+    transformer = model.transformer
+    layout = find_layout(transformer)
+    prompts, _ = calibration_prompts(settings.prompts_per_class)
+    samples = calibration_samples(model, prompts, settings.cfg, settings.prompts_per_trajectory, settings.seed)
+    learn_settings = replace(settings.learn, seed=settings.seed)
+    total_steps = learn_settings.epochs * -(-len(samples) // learn_settings.accumulate)
+    with tqdm(total=total_steps, desc="learning mask", unit="step", disable=not progress) as bar:
+        def on_step(info: StepInfo) -> None:
+            bar.set_postfix(loss=f"{info.loss:.4f}", closed=" ".join(f"{k}:{v:.0%}" for k, v in info.sparsity.items()))
+            bar.update(1)
+
+        run = learn_mask(transformer, layout, learn_settings, samples, sigmas(settings.steps), on_step)
+    save_mask(out / "mask.safetensors", run.state)
+    pruned, plan = prune_to(transformer, layout, run.state.logits, PruneTarget(params=settings.sparsity))
+
+    evaluation = EvalSettings(per_class=settings.eval_per_class, steps=settings.eval_steps, cfg=settings.cfg,
+                              seed=settings.seed)
+    before = evaluate_model(model, judge, evaluation)
+    after = evaluate_model(model, judge, evaluation, transformer=pruned)
+    flops_before, flops_after = forward_flops(model, transformer), forward_flops(model, pruned)
+    report = PruneReport.build(transformer, pruned, layout, plan.keep, flops_before, flops_after)
+    n_images = 10 * settings.eval_per_class
+    result = {
+        "model": "embedded default (FluxTransformer2DModel, digits)",
+        "target_param_reduction": settings.sparsity,
+        "params_before": count_parameters(transformer),
+        "params_after": count_parameters(pruned),
+        "flops_per_call_before": flops_before,
+        "flops_per_call_after": flops_after,
+        "judge_before": {k: before[k] for k in ("accuracy", "confidence", "fd_judge")},
+        "judge_after": {k: after[k] for k in ("accuracy", "confidence", "fd_judge")},
+        "fd_judge_real_floor": real_data_floor(judge, n=n_images),
+        "learning_seconds": run.seconds,
+        "learning_peak_rss_increase_mb": run.peak_mb,
+        "sampling_seconds_per_image_before": before["sample_seconds"] / n_images,
+        "sampling_seconds_per_image_after": after["sample_seconds"] / n_images,
+        "evaluation": asdict(evaluation),
+        "learning": {**learn_settings.to_dict(), "steps": settings.steps, "cfg": settings.cfg,
+                     "prompts": len(prompts), "trajectories_per_epoch": len(samples)},
+        "loss_first_last": [run.state.history[0]["loss"], run.state.history[-1]["loss"]],
+        "prune_report": report.to_dict(),
+    }
+    show = min(settings.eval_per_class, 8)
+    grid_prompts, _ = evaluation_prompts(show)
+    grid_eval = replace(evaluation, per_class=show)
+    grid = image_grid([("original", generate(model, grid_prompts, grid_eval)),
+                       (f"pruned -{settings.sparsity:.0%} params", generate(model, grid_prompts, grid_eval, pruned))],
+                      per_class=show)
+    grid.save(out / "compare.png")
+    (out / "report.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "report.txt").write_text(summary_text(result) + "\n\n" + report.to_text() + "\n")
+    return result
+
+
+def summary_text(r: dict[str, Any]) -> str:
+    b, a = r["judge_before"], r["judge_after"]
+    lines = [
+        f"EcoDiff demo on the {r['model']}",
+        f"parameters      {r['params_before']:>10,} -> {r['params_after']:>10,}  "
+        f"({1 - r['params_after'] / r['params_before']:.1%} removed, target {r['target_param_reduction']:.0%})",
+        f"FLOPs per call  {r['flops_per_call_before']:>10,} -> {r['flops_per_call_after']:>10,}  "
+        f"({1 - r['flops_per_call_after'] / r['flops_per_call_before']:.1%} fewer)",
+        f"judge accuracy  {b['accuracy']:>10.3f} -> {a['accuracy']:>10.3f}",
+        f"FD-judge        {b['fd_judge']:>10.2f} -> {a['fd_judge']:>10.2f}  "
+        f"(real-data floor at this sample size: {r['fd_judge_real_floor']:.2f})",
+        f"sampling s/img  {r['sampling_seconds_per_image_before']:>10.4f} -> {r['sampling_seconds_per_image_after']:>10.4f}",
+        f"learning        {r['learning_seconds']:.1f} s, peak RSS +{r['learning_peak_rss_increase_mb']:.0f} MB, "
+        f"loss {r['loss_first_last'][0]:.4f} -> {r['loss_first_last'][1]:.4f}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""Every EcoDiff node's execute on tiny real ComfyUI models, as ComfyUI's executor calls them
+(under torch.inference_mode), plus interrupt/resume and save/load round trips."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy_tiny as ct
+from conftest import sub
+from helpers import rel_err, same_weights, weights_snapshot
+
+LEARN_ARGS = dict(prompts="a red fox in snow\na lighthouse in a storm\na bowl of ramen", negative_prompt="",
+                  max_prompts=0, width=64, height=64, steps=3, cfg=2.0, sampler_name="euler", scheduler="normal",
+                  seed=7, epochs=2, accumulate=1, beta=0.1, regularizer="l1", lr_heads=0.5, lr_neurons=0.5,
+                  lr_channels=0.5, checkpointing=True, resume=True)
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    return sub("nodes")
+
+
+def learn(nodes, tiny, run_name: str, **overrides):
+    args = dict(LEARN_ARGS, run_name=run_name)
+    args.update(overrides)
+    with torch.inference_mode():
+        return nodes.LearnSparsityMask.execute(model=tiny.model, clip=ct.TinyClip(tiny.arch), **args)
+
+
+@pytest.fixture(scope="module")
+def flux_run(nodes):
+    tiny = ct.tiny("flux", seed=1)
+    snapshot = weights_snapshot(tiny.model.model.diffusion_model)
+    out = learn(nodes, tiny, "flux_main")
+    return tiny, out, snapshot
+
+
+def test_learn_reduces_loss_and_leaves_model_untouched(flux_run, bridge):
+    tiny, out, snapshot = flux_run
+    mask, summary = out.args
+    losses = [h["loss"] for h in mask.history]
+    assert len(losses) == 6  # 3 prompts × 2 epochs, one prompt per optimiser step
+    assert losses[-1] < losses[0]
+    assert mask.progress["finished"] and mask.arch == "comfy_flux"
+    assert "6 optimiser steps" in summary
+    assert same_weights(tiny.model.model.diffusion_model, snapshot)
+    assert (bridge.folder(bridge.MASK_FOLDER) / "flux_main.safetensors").is_file()
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3"])
+def test_learn_runs_on_every_architecture(arch, nodes):
+    tiny = ct.tiny(arch, seed=2)
+    out = learn(nodes, tiny, f"{arch}_smoke", prompts="a cat", steps=2, epochs=2)
+    mask = out.args[0]
+    assert mask.arch == {"sd15": "comfy_unet", "sdxl": "comfy_unet", "sd3": "comfy_mmdit"}[arch]
+    losses = [h["loss"] for h in mask.history]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    assert all(torch.isfinite(t).all() for t in mask.logits.values())
+
+
+def test_interrupt_keeps_mask_and_rerun_resumes(nodes, bridge, monkeypatch):
+    import comfy.model_management
+
+    tiny = ct.tiny("flux", seed=6)
+    calls = {"n": 0}
+    original = bridge.Progress.update
+
+    def interrupting_update(self, value, total=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            bridge.interrupt_processing(True)
+        original(self, value, total)
+
+    monkeypatch.setattr(bridge.Progress, "update", interrupting_update)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        learn(nodes, tiny, "flux_interrupt")
+    bridge.interrupt_processing(False)
+    monkeypatch.setattr(bridge.Progress, "update", original)
+
+    path = bridge.folder(bridge.MASK_FOLDER) / "flux_interrupt.safetensors"
+    saved = sub("ecodiff_core.maskfile").load_mask(path)
+    assert saved.progress["step"] == 2 and not saved.progress["finished"]
+    assert "interrupted" in saved.stop_reason
+
+    mask = learn(nodes, tiny, "flux_interrupt").args[0]
+    assert mask.progress["finished"] and mask.progress["step"] == 6
+    assert [h["step"] for h in mask.history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_apply_prune_and_soft_sample_alike(flux_run, nodes, bridge):
+    tiny, out, snapshot = flux_run
+    mask = out.args[0]
+    with torch.inference_mode():
+        before = ct.sample(tiny.model, tiny.positive, tiny.negative, seed=3)
+        pruned, report = nodes.ApplyPrunedMask.execute(tiny.model, mask, "params", 0.25, "", "prune").args
+        soft, _ = nodes.ApplyPrunedMask.execute(tiny.model, mask, "params", 0.25, "", "soft").args
+        a = ct.sample(pruned, tiny.positive, tiny.negative, seed=3)
+        b = ct.sample(soft, tiny.positive, tiny.negative, seed=3)
+        after = ct.sample(tiny.model, tiny.positive, tiny.negative, seed=3)
+    assert rel_err(a, b) <= 1e-4
+    assert torch.equal(before, after)
+    assert same_weights(tiny.model.model.diffusion_model, snapshot)
+    assert report.report.params_removed >= 0.25 * report.report.params_before
+    n = sum(p.numel() for p in pruned.model.diffusion_model.parameters())
+    assert n == report.report.params_after < report.report.params_before
+
+    text, chart = nodes.PruningReport.execute(report).args
+    assert "parameters:" in text and chart.ndim == 4 and chart.shape[-1] == 3
+
+    ratios = nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.0,
+                                           "head=0.75, neuron=0.5, channel=0.9", "prune").args[1]
+    kinds = {k.kind: k for k in ratios.report.kinds}
+    assert kinds["neuron"].units_after == kinds["neuron"].units_before // 2
+
+
+def test_pruned_model_takes_lora_patches(flux_run, nodes):
+    """ComfyUI's LoRA machinery (add_patches) applies to a pruned MODEL's remaining weights."""
+    tiny, out, _ = flux_run
+    with torch.inference_mode():
+        pruned = nodes.ApplyPrunedMask.execute(tiny.model, out.args[0], "params", 0.2, "", "prune").args[0]
+        key = "diffusion_model.final_layer.linear.weight"
+        weight = pruned.model.diffusion_model.final_layer.linear.weight
+        patched = pruned.clone()
+        patched.add_patches({key: ("diff", (torch.ones_like(weight),))}, 0.01)
+        a = ct.sample(pruned, tiny.positive, tiny.negative, seed=2)
+        b = ct.sample(patched, tiny.positive, tiny.negative, seed=2)
+        c = ct.sample(pruned, tiny.positive, tiny.negative, seed=2)
+    assert rel_err(a, b) > 1e-6 and torch.equal(a, c)
+
+
+def test_mask_save_load_round_trip(flux_run, nodes, bridge):
+    mask = flux_run[1].args[0]
+    path = nodes.SaveSparsityMask.execute(mask, "round trip").args[0]
+    assert path.endswith("round_trip.safetensors")
+    assert "round_trip.safetensors" in bridge.list_files(bridge.MASK_FOLDER)
+    loaded, summary = nodes.LoadSparsityMask.execute("round_trip.safetensors").args
+    assert loaded.fingerprint == mask.fingerprint
+    assert all(torch.equal(loaded.logits[k], mask.logits[k]) for k in mask.logits)
+
+
+@pytest.mark.parametrize("arch", ct.ARCHS)
+def test_pruned_model_save_load_gives_identical_samples(arch, nodes, bridge):
+    tiny = ct.tiny(arch, seed=8)
+    layout = bridge.model_layout(tiny.model)
+    gen = torch.Generator().manual_seed(0)
+    state = sub("ecodiff_core.maskfile").MaskState.fresh(layout, 0.0)
+    state.logits = {g.name: torch.randn(g.count, generator=gen) for g in layout.groups}
+    with torch.inference_mode():
+        pruned = nodes.ApplyPrunedMask.execute(tiny.model, state, "params", 0.15, "", "prune").args[0]
+        nodes.SavePrunedModel.execute(pruned, f"{arch}_pruned")
+        loaded = nodes.LoadPrunedModel.execute(f"{arch}_pruned.safetensors").args[0]
+        a = ct.sample(pruned, tiny.positive, tiny.negative, seed=4)
+        b = ct.sample(loaded, tiny.positive, tiny.negative, seed=4)
+    assert torch.equal(a, b)
+    assert bridge.pruning_info(loaded)["kept"] == bridge.pruning_info(pruned)["kept"]
+
+
+def test_compare_node_stitches_and_passes_images(nodes):
+    a, b = torch.rand(2, 32, 40, 3), torch.rand(1, 24, 32, 3)
+    out = nodes.CompareImages.execute(a, b, "original", "pruned")
+    stitched, a_out, b_out = out.args
+    assert stitched.shape[0] == 2 and stitched.shape[2] > 40 + 32 and stitched.shape[-1] == 3
+    assert a_out is a and b_out is b
+    ui = out.ui if isinstance(out.ui, dict) else out.ui.as_dict()
+    assert len(ui["images"]) == 2 and len(ui["a_images"]) == 2 and len(ui["b_images"]) == 1
+
+
+# ---------------------------------------------------------------------------------------- bad inputs
+def test_mask_from_another_model_is_refused(flux_run, nodes, core):
+    sd3 = ct.tiny("sd3")
+    with pytest.raises(core.errors.MaskFileError, match="different model layout"):
+        nodes.ApplyPrunedMask.execute(sd3.model, flux_run[1].args[0], "params", 0.2, "", "prune")
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 0.99, 20.0])
+def test_sparsity_out_of_range_is_refused(flux_run, nodes, core, sparsity):
+    tiny, out, _ = flux_run
+    with pytest.raises(core.errors.EcoDiffError, match="fraction of parameters"):
+        nodes.ApplyPrunedMask.execute(tiny.model, out.args[0], "params", sparsity, "", "prune")
+
+
+def test_bad_keep_ratios_are_refused(flux_run, nodes, core):
+    tiny, out, _ = flux_run
+    with pytest.raises(core.errors.EcoDiffError, match="kind=ratio"):
+        nodes.ApplyPrunedMask.execute(tiny.model, out.args[0], "keep_ratios", 0.2, "heads 0.5", "prune")
+
+
+def test_unsupported_architecture_names_the_supported_ones(nodes, core):
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(model=SimpleNamespace(diffusion_model=torch.nn.Sequential(torch.nn.Linear(4, 4))))
+    state = core.maskfile.MaskState(arch="x", fingerprint="y", logits={}, kinds={})
+    with pytest.raises(core.errors.UnsupportedArchitectureError) as info:
+        nodes.ApplyPrunedMask.execute(fake, state, "params", 0.2, "", "prune")
+    for name in ("ComfyUI UNetModel", "ComfyUI Flux", "ComfyUI MMDiT"):
+        assert name in str(info.value)
+
+
+def test_empty_prompts_are_refused(nodes, core):
+    tiny = ct.tiny("flux")
+    with pytest.raises(core.errors.EcoDiffError, match="no calibration prompts"):
+        learn(nodes, tiny, "empty", prompts="\n  \n# only a comment\n")
+
+
+def test_unsupported_sampler_is_refused(nodes, core):
+    tiny = ct.tiny("flux")
+    with pytest.raises(core.errors.EcoDiffError, match="deterministic trajectory"):
+        learn(nodes, tiny, "bad_sampler", sampler_name="dpmpp_2m")
+
+
+def test_pruning_an_already_pruned_model_is_refused(flux_run, nodes, core):
+    tiny, out, _ = flux_run
+    with torch.inference_mode():
+        pruned = nodes.ApplyPrunedMask.execute(tiny.model, out.args[0], "params", 0.1, "", "prune").args[0]
+    with pytest.raises(core.errors.EcoDiffError, match="already pruned"):
+        nodes.ApplyPrunedMask.execute(pruned, out.args[0], "params", 0.1, "", "prune")
