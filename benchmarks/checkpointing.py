@@ -39,10 +39,10 @@ def sdxl_shaped_unet():
 
     return UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(32, 64, 128),
+        block_out_channels=(64, 128, 256),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 8), use_linear_projection=True,
+        transformer_layers_per_block=(1, 2, 4), attention_head_dim=(2, 4, 8), use_linear_projection=True,
         cross_attention_dim=128, addition_embed_type="text_time", addition_time_embed_dim=32,
         projection_class_embeddings_input_dim=128 + 6 * 32, norm_num_groups=32,
     ).eval()

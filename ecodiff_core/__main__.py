@@ -17,13 +17,15 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
                                    "mask.safetensors to the output folder.")
     p.add_argument("--sparsity", type=float, default=0.2, help="fraction of parameters to remove (0-0.95)")
     p.add_argument("--steps", type=int, default=10, help="Euler steps of each learning trajectory")
-    p.add_argument("--epochs", type=int, default=4, help="passes over the calibration prompts")
+    p.add_argument("--epochs", type=int, default=8, help="passes over the calibration prompts")
     p.add_argument("--beta", type=float, default=None, help="weight of the sparsity regulariser")
     p.add_argument("--prompts-per-class", type=int, default=10, help="calibration prompts per digit")
     p.add_argument("--eval-per-class", type=int, default=50, help="evaluation images per digit")
     p.add_argument("--eval-steps", type=int, default=20, help="Euler steps when evaluating")
     p.add_argument("--output", type=Path, default=Path("ecodiff_output"), help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (the default model is small; 1 avoids oversubscription)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -32,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     args = parser.parse_args(argv)
+    import torch
+
     from .demo import DemoSettings, run_demo, summary_text
+
+    torch.set_num_threads(args.threads)
 
     settings = DemoSettings(sparsity=args.sparsity, steps=args.steps, prompts_per_class=args.prompts_per_class,
                             eval_per_class=args.eval_per_class, eval_steps=args.eval_steps, seed=args.seed,

@@ -11,7 +11,7 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -63,8 +63,10 @@ def train(settings: JudgeTrainSettings) -> tuple[JudgeNet, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
+    parser.add_argument("--threads", type=int, default=JudgeTrainSettings.threads,
+                        help="torch threads; 1 is faster when other processes load the CPU")
     args = parser.parse_args()
-    settings = JudgeTrainSettings()
+    settings = replace(JudgeTrainSettings(), threads=args.threads)
     torch.set_num_threads(settings.threads)
     net, seconds = train(settings)
     split = load_digit_split()

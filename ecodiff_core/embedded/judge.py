@@ -121,6 +121,8 @@ def stratified_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.
     picks = []
     for c in range(NUM_CLASSES):
         idx = torch.nonzero(labels == c).reshape(-1)
+        if len(idx) < per_class:
+            raise ValueError(f"class {c} has only {len(idx)} items, {per_class} requested")
         picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
     return torch.cat(picks)
 

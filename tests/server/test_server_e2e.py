@@ -1,0 +1,243 @@
+"""End to end through a real ComfyUI server: POST /prompt, /history, websocket progress, /interrupt,
+/object_info, /extensions and the example workflows, on tiny random-weight models of ComfyUI's own
+SD1.5 / SDXL / FLUX / SD3 classes (built by the test-only pack in tests/server/tiny_models_pack).
+
+Skipped unless COMFYUI_PATH points at a ComfyUI checkout.  One server per module (about 15 s to
+start); every wait is bounded; the server is stopped in teardown.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import workflow_tools as wt
+from comfy_server import learn_inputs, learn_prune_compare_graph
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+ECODIFF_NODES = ("EcoDiffLearnMask", "EcoDiffApplyMask", "EcoDiffSaveMask", "EcoDiffLoadMask",
+                 "EcoDiffSavePrunedModel", "EcoDiffLoadPrunedModel", "EcoDiffCompare", "EcoDiffPruningReport")
+#: which tiny architecture stands in for each example workflow's model
+EXAMPLE_ARCH = {
+    "sdxl_learn_prune_compare": "sdxl",
+    "sd15_learn_prune_compare": "sd15",
+    "flux_schnell_learn_prune_compare": "flux",
+    "flux_dev_learn_prune_compare": "flux",
+    "sd35_large_learn_prune_compare": "sd3",
+    "shared_mask_apply_sample": "sdxl",
+}
+LOADER_SWAP = {
+    "CheckpointLoaderSimple": "EcoDiffTinyCheckpointLoader",
+    "UNETLoader": "EcoDiffTinyUNETLoader",
+    "DualCLIPLoader": "EcoDiffTinyCLIPLoader",
+    "TripleCLIPLoader": "EcoDiffTinyCLIPLoader",
+    "CLIPLoader": "EcoDiffTinyCLIPLoader",
+    "VAELoader": "EcoDiffTinyVAELoader",
+}
+RUN_TIMEOUT = 300.0
+
+
+# ------------------------------------------------------------------------------------------------
+# graphs
+# ------------------------------------------------------------------------------------------------
+def learn_only_graph(arch: str, run_name: str, save_as: str | None = None, **learn) -> dict:
+    graph = {
+        "1": {"class_type": "EcoDiffTinyCheckpointLoader", "inputs": {"arch": arch, "seed": 0}},
+        "4": {"class_type": "EcoDiffLearnMask",
+              "inputs": dict(learn_inputs(run_name=run_name, **learn), model=["1", 0], clip=["1", 1])},
+    }
+    graph["5"] = {"class_type": "EcoDiffSaveMask",  # an output node: a prompt needs one
+                  "inputs": {"mask": ["4", 0], "filename": save_as or f"{run_name}_saved"}}
+    return graph
+
+
+def tiny_variant(prompt: dict, arch: str, tag: str) -> dict:
+    """An example workflow's API prompt with tiny loaders and tiny sizes (same graph otherwise)."""
+    out = copy.deepcopy(prompt)
+    for node in out.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind in LOADER_SWAP:
+            node["class_type"] = LOADER_SWAP[kind]
+            node["inputs"] = {"arch": arch} if "CLIP" in kind or kind == "VAELoader" else {"arch": arch, "seed": 0}
+        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
+            inputs.update(width=64, height=64, batch_size=1)
+        elif kind == "EcoDiffLearnMask":
+            inputs.update(width=64, height=64, steps=2, max_prompts=2, epochs=1, accumulate=1, resume=False,
+                          run_name=f"{inputs['run_name']}_{tag}")
+        elif kind == "KSampler":
+            inputs.update(steps=2)
+        elif kind == "EcoDiffSaveMask":
+            inputs.update(filename=f"{inputs['filename']}_{tag}")
+    return out
+
+
+def node_errors(entry: dict) -> str:
+    return "\n".join(f"{m[1].get('node_type')} #{m[1].get('node_id')}: {m[1].get('exception_message')}"
+                     for m in entry["status"].get("messages", []) if m[0] == "execution_error")
+
+
+def assert_success(entry: dict) -> None:
+    status = entry["status"]
+    assert status["status_str"] == "success" and status["completed"], node_errors(entry) or status
+
+
+def error_message(entry: dict) -> str:
+    errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+    assert entry["status"]["status_str"] == "error" and errors, f"expected an execution error, got {entry['status']}"
+    return errors[0]["exception_message"]
+
+
+# ------------------------------------------------------------------------------------------------
+# schema and static resources
+# ------------------------------------------------------------------------------------------------
+def test_object_info_lists_every_ecodiff_node_as_documented(server):
+    info = server.object_info()
+    missing = [n for n in ECODIFF_NODES if n not in info]
+    assert not missing, f"not in /object_info: {missing}\n{server.log_tail()}"
+    documented = wt.documented_inputs()
+    for name in ECODIFF_NODES:
+        node = info[name]
+        assert node["category"] == "EcoDiff", name
+        names = [s.name for s in wt.schema_inputs(node)]
+        assert name in documented, f"{name} is not in docs/nodes.md"
+        assert sorted(names) == sorted(documented[name]), f"{name}: server {names} vs docs {documented[name]}"
+        untipped = [s.name for s in wt.schema_inputs(node) if not s.options.get("tooltip")]
+        assert not untipped, f"{name}: inputs without a tooltip: {untipped}"
+        tips = node.get("output_tooltips") or []
+        assert len(tips) == len(node["output"]) and all(tips), f"{name}: outputs without a tooltip: {tips}"
+    assert "IMPORT FAILED" not in "\n".join(
+        line for line in server.log_text().splitlines() if "EcoDiff" in line or "ecodiff" in line)
+
+
+def test_web_extension_and_workflow_templates_are_served(server):
+    scripts = server.get_json("/extensions")
+    ours = [s for s in scripts if s.startswith("/extensions/ComfyUI-EcoDiff/")]
+    assert "/extensions/ComfyUI-EcoDiff/ecodiff.js" in ours, scripts
+    status, body = server.request("GET", "/extensions/ComfyUI-EcoDiff/ecodiff.js")
+    assert status == 200 and b"registerExtension" in body and b"ecodiff.learn" in body
+    templates = server.get_json("/api/workflow_templates")
+    assert sorted(templates.get("ComfyUI-EcoDiff", [])) == sorted(p.stem for p in wt.example_paths()), templates
+
+
+@pytest.mark.parametrize("path", wt.example_paths(), ids=lambda p: p.stem)
+def test_example_workflow_uses_only_known_nodes_and_inputs(server, path):
+    info = server.object_info()
+    wf = wt.load(path)
+    problems = wt.check_structure(wf) + wt.check_against_schemas(wf, info)
+    assert not problems, "\n".join(problems)
+    assert wt.to_api(wf, info), "empty prompt"
+
+
+def test_every_example_workflow_has_a_tiny_stand_in():
+    assert sorted(EXAMPLE_ARCH) == sorted(p.stem for p in wt.example_paths())
+
+
+# ------------------------------------------------------------------------------------------------
+# running graphs
+# ------------------------------------------------------------------------------------------------
+def test_learn_apply_sample_compare_with_progress_over_websocket(server):
+    run = server.run_with_ws(learn_prune_compare_graph("sdxl", run_name="ws_progress"), timeout=RUN_TIMEOUT)
+    assert_success(run.history)
+    assert run.end == "success"
+    events = [e for e in run.of_type("ecodiff.learn")]
+    total = 2 * 2  # 2 prompts x 2 epochs, one prompt per optimiser step
+    assert [e["step"] for e in events] == list(range(1, total + 1)), events
+    for e in events:
+        assert str(e["node"]) == "4" and e["total"] == total
+        assert math.isfinite(e["loss"]) and math.isfinite(e["recon"]) and math.isfinite(e["reg"])
+        assert e["sparsity"] and all(0.0 <= v <= 1.0 for v in e["sparsity"].values()), e
+    progress = [p for p in run.of_type("progress") if str(p.get("node")) == "4"]
+    assert len(progress) >= total and progress[-1]["value"] == progress[-1]["max"] == total, progress
+    outputs = run.history["outputs"]
+    compare = outputs["11"]
+    for key in ("images", "a_images", "b_images"):
+        assert compare.get(key) and compare[key][0]["filename"], (key, compare)
+    image = compare["images"][0]
+    status, png = server.request("GET", f"/view?filename={image['filename']}&type={image['type']}"
+                                        f"&subfolder={image.get('subfolder', '')}")
+    assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert outputs["12"].get("text") and outputs["12"].get("images"), outputs["12"]
+    assert "4" in outputs and outputs["4"].get("text"), "Learn's ui text"
+    assert (server.models / "ecodiff_masks" / "ws_progress.safetensors").is_file()
+
+
+def test_interrupt_stops_learning_keeps_mask_and_rerun_resumes(server):
+    from ecodiff_core.maskfile import load_mask
+
+    graph = learn_only_graph("sdxl", "interrupt_me", epochs=200, max_prompts=2)  # 400 steps: far too many
+    sent = {}
+
+    def interrupt_after_two(run, msg):
+        if msg.get("type") == "ecodiff.learn" and msg["data"]["step"] >= 2 and "at" not in sent:
+            sent["at"] = msg["data"]["step"]
+            assert run.interrupt() == 200
+
+    run = server.run_with_ws(graph, timeout=RUN_TIMEOUT, on_message=interrupt_after_two)
+    assert "at" in sent, "no ecodiff.learn events arrived"
+    assert run.end == "execution_interrupted", (run.end, node_errors(run.history))
+    assert run.history["status"]["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in run.history["status"]["messages"])
+    last_step = max(e["step"] for e in run.of_type("ecodiff.learn"))
+    assert last_step <= sent["at"] + 2, "learning went on well after the interrupt"
+    path = server.models / "ecodiff_masks" / "interrupt_me.safetensors"
+    assert path.is_file(), "no mask file after the interrupt"
+    state = load_mask(path)
+    assert not state.progress.get("finished") and state.progress["step"] >= sent["at"], state.progress
+
+    resumed = {}
+
+    def note_first_step_and_stop(run, msg):
+        if msg.get("type") == "ecodiff.learn" and "first" not in resumed:
+            resumed["first"] = msg["data"]["step"]
+            run.interrupt()
+
+    graph["4"]["inputs"]["resume"] = True
+    again = server.run_with_ws(graph, timeout=RUN_TIMEOUT, on_message=note_first_step_and_stop)
+    assert resumed.get("first") == state.progress["step"] + 1, (resumed, state.progress)
+    assert again.end == "execution_interrupted"
+
+
+@pytest.mark.parametrize("path", wt.example_paths(), ids=lambda p: p.stem)
+def test_example_workflow_runs_on_tiny_models(server, path):
+    info = server.object_info()
+    arch = EXAMPLE_ARCH[path.stem]
+    prompt = tiny_variant(wt.to_api(wt.load(path), info), arch, tag=path.stem)
+    for node in prompt.values():  # a shared mask: learn and save one for the tiny model first
+        if node["class_type"] == "EcoDiffLoadMask":
+            stem = Path(node["inputs"]["mask_name"]).stem
+            assert_success(server.run(learn_only_graph(arch, f"shared_{path.stem}", save_as=stem, epochs=1),
+                                      timeout=RUN_TIMEOUT))
+    entry = server.run(prompt, timeout=RUN_TIMEOUT)
+    assert_success(entry)
+    compares = [nid for nid, n in prompt.items() if n["class_type"] == "EcoDiffCompare"]
+    assert compares and all(entry["outputs"].get(nid, {}).get("a_images") for nid in compares), entry["outputs"]
+
+
+# ------------------------------------------------------------------------------------------------
+# clear errors
+# ------------------------------------------------------------------------------------------------
+def test_empty_prompts_are_a_clear_error(server):
+    graph = learn_only_graph("sd15", "empty", prompts="  \n# only a comment\n")
+    message = error_message(server.run(graph, timeout=RUN_TIMEOUT))
+    assert "prompt" in message.lower(), message
+
+
+def test_mask_of_another_model_is_a_clear_error(server):
+    graph = learn_only_graph("sd15", "other_model", epochs=1, max_prompts=1)
+    graph["20"] = {"class_type": "EcoDiffTinyCheckpointLoader", "inputs": {"arch": "sdxl", "seed": 0}}
+    graph["21"] = {"class_type": "EcoDiffApplyMask", "inputs": {"model": ["20", 0], "mask": ["4", 0],
+                                                                "target": "params", "sparsity": 0.2,
+                                                                "keep_ratios": "head=0.8", "mode": "prune"}}
+    graph["22"] = {"class_type": "EcoDiffPruningReport", "inputs": {"report": ["21", 1]}}
+    message = error_message(server.run(graph, timeout=RUN_TIMEOUT))
+    assert "different model" in message or "another model" in message or "fingerprint" in message, message
+
+
+def test_sparsity_out_of_range_is_refused_before_running(server):
+    graph = learn_prune_compare_graph("sd15")
+    graph["5"]["inputs"]["sparsity"] = 1.5
+    status, answer = server.post_json("/prompt", {"prompt": graph})
+    assert status == 400, answer
+    assert "5" in answer["node_errors"], answer
+    assert "sparsity" in str(answer["node_errors"]["5"]), answer

@@ -1,0 +1,128 @@
+"""The example workflows (example_workflows/*.json, ComfyUI UI format) without a server.
+
+Always: the files parse, links agree with node inputs/outputs, each has a note, EcoDiff nodes and inputs
+are the documented ones, and the learn -> apply -> sample -> compare wiring is what the notes promise.
+With COMFYUI_PATH: node types, sockets, outputs and every widget value (count, order, type, range,
+choices) are checked against the node classes' own schemas, loaded in-process.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent.parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+import workflow_tools as wt
+
+PATHS = wt.example_paths()
+LEARN_FLOWS = [p for p in PATHS if "learn" in p.stem]
+EXPECTED = {"sdxl_learn_prune_compare", "sd15_learn_prune_compare", "flux_schnell_learn_prune_compare",
+            "flux_dev_learn_prune_compare", "sd35_large_learn_prune_compare", "shared_mask_apply_sample"}
+
+
+def by_type(wf: dict, kind: str) -> list[dict]:
+    return [n for n in wf["nodes"] if n["type"] == kind]
+
+
+def source(wf: dict, node: dict, input_name: str) -> tuple[int, int] | None:
+    """(origin node id, origin slot) feeding ``input_name`` of ``node``."""
+    inp = next((i for i in node["inputs"] if i["name"] == input_name), None)
+    if inp is None or inp.get("link") is None:
+        return None
+    link = wt.links_by_id(wf)[inp["link"]]
+    return link[1], link[2]
+
+
+def test_the_promised_workflows_exist():
+    assert {p.stem for p in PATHS} == EXPECTED
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_structure_and_links(path):
+    wf = wt.load(path)
+    problems = wt.check_structure(wf)
+    assert not problems, "\n".join(problems)
+    assert wf["last_node_id"] == max(n["id"] for n in wf["nodes"])
+    assert all(isinstance(n["pos"], list) and len(n["pos"]) == 2 for n in wf["nodes"])
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_has_a_note_and_documented_ecodiff_nodes(path):
+    wf = wt.load(path)
+    notes = wt.notes(wf)
+    assert notes and all(n["widgets_values"] and len(n["widgets_values"][0]) > 80 for n in notes)
+    documented = wt.documented_inputs()
+    ours = [n for n in wf["nodes"] if n["type"].startswith("EcoDiff")]
+    assert ours
+    for node in ours:
+        assert node["type"] in documented, f"{node['type']} is not in docs/nodes.md"
+        unknown = [i["name"] for i in node["inputs"] if i["name"] not in documented[node["type"]]]
+        assert not unknown, f"{node['type']} #{node['id']}: undocumented inputs {unknown}"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_original_and_pruned_are_sampled_alike_and_compared(path):
+    wf = wt.load(path)
+    nodes = wt.nodes_by_id(wf)
+    apply_ = by_type(wf, "EcoDiffApplyMask")
+    samplers = by_type(wf, "KSampler")
+    assert len(apply_) == 1 and len(samplers) == 2
+    apply_ = apply_[0]
+    pruned = [k for k in samplers if source(wf, k, "model") == (apply_["id"], 0)]
+    original = [k for k in samplers if source(wf, k, "model") == source(wf, apply_, "model")]
+    assert len(pruned) == 1 and len(original) == 1, "one KSampler on the pruned model, one on the original"
+    pruned, original = pruned[0], original[0]
+    assert pruned["widgets_values"] == original["widgets_values"], "same seed and settings"
+    assert pruned["widgets_values"][1] == "fixed", "a fixed seed, so reruns compare the same image"
+    for name in ("positive", "negative", "latent_image"):
+        assert source(wf, pruned, name) == source(wf, original, name) is not None, name
+    compare = by_type(wf, "EcoDiffCompare")
+    assert len(compare) == 1
+    for side, sampler in (("image_a", original), ("image_b", pruned)):
+        decode = nodes[source(wf, compare[0], side)[0]]
+        assert decode["type"] == "VAEDecode" and source(wf, decode, "samples") == (sampler["id"], 0), side
+    assert by_type(wf, "EcoDiffPruningReport"), "a report of what was removed"
+
+
+@pytest.mark.parametrize("path", LEARN_FLOWS, ids=lambda p: p.stem)
+def test_learning_matches_the_sampling_setup(path):
+    wf = wt.load(path)
+    learn = by_type(wf, "EcoDiffLearnMask")
+    assert len(learn) == 1
+    learn = learn[0]
+    apply_ = by_type(wf, "EcoDiffApplyMask")[0]
+    assert source(wf, apply_, "mask") == (learn["id"], 0)
+    assert source(wf, learn, "model") == source(wf, apply_, "model"), "the mask is learned on the model it prunes"
+    assert source(wf, learn, "clip") is not None, "calibration prompts need the CLIP"
+    values = learn["widgets_values"]
+    width, height, cfg, scheduler = values[3], values[4], values[6], values[8]
+    latent = [n for n in wf["nodes"] if n["type"] in ("EmptyLatentImage", "EmptySD3LatentImage")]
+    assert latent and latent[0]["widgets_values"][:2] == [width, height]
+    sampler = by_type(wf, "KSampler")[0]["widgets_values"]
+    assert (sampler[3], sampler[5]) == (cfg, scheduler), "learn on the trajectories you sample"
+    assert values[0].count("\n") >= 50, "the shipped calibration prompts"
+
+
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def object_info():
+    if wt.comfy_path_or_none() is None:
+        pytest.skip("COMFYUI_PATH is not set: node schemas come from a ComfyUI checkout "
+                    "(e.g. COMFYUI_PATH=/path/to/ComfyUI pytest tests/unit/test_example_workflows.py)")
+    return wt.object_info_in_process()
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_nodes_and_widgets_match_the_node_schemas(object_info, path):
+    wf = wt.load(path)
+    problems = wt.check_against_schemas(wf, object_info)
+    assert not problems, "\n".join(problems)
+    prompt = wt.to_api(wf, object_info)
+    learn = [n for n in prompt.values() if n["class_type"] == "EcoDiffLearnMask"]
+    for node in learn:  # widgets_values map to the right names (order), not just the right count
+        assert node["inputs"]["sampler_name"] == "euler" and isinstance(node["inputs"]["checkpointing"], bool)
+        assert node["inputs"]["run_name"].endswith("_ecodiff")
