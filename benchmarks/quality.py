@@ -63,7 +63,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write all measurements here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot of FD-judge vs sparsity here")
+    parser.add_argument("--from-json", type=Path, nargs="+",
+                        help="only print tables (and plot) from earlier --json files, e.g. one per seed")
     args = parser.parse_args()
+    if args.from_json:
+        runs = [json.loads(p.read_text()) for p in args.from_json]
+        rows = [r for run in runs for r in run["rows"]]
+        args.seeds = sorted({r["seed"] for r in rows})
+        args.methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+        args.sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "original"})
+        print_tables(rows, args, runs[0]["fd_floor"])
+        if args.plot:
+            plot(rows, args, runs[0]["fd_floor"])
+        return
     torch.set_num_threads(args.threads)
     model, judge = load_default_model(), load_judge()
     layout = find_layout(model.transformer)

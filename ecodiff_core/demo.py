@@ -27,13 +27,15 @@ from .units import Layout
 
 
 def default_learn_settings() -> LearnSettings:
-    """Settings tuned on the embedded model (docs/benchmarks.md).
+    """The official FLUX configuration (the default model is a FLUX transformer), 8 epochs.
 
-    λ₀ = 1 instead of the official 3: with λ₀ = 3 almost every gate sample saturates at 1, so the
-    first tens of steps only follow the regulariser; a short run cannot afford that.
+    λ₀ = 3, δ = 0.1, mean sigmoid(0.4λ + 1) with β = 0.01, learning rates 0.5 / 0.1 / 0.5 for
+    heads / neurons / modulation channels; unlike the official code, the channels get sparsity
+    pressure too.  docs/benchmarks.md compares it with the alternatives that were tried.
     """
-    return LearnSettings(epochs=8, accumulate=1, beta=0.05, regularizer="l1",
-                         lr={"head": 0.1, "neuron": 0.1, "channel": 0.1}, gate=GateSettings(init_logit=1.0))
+    return LearnSettings(epochs=8, accumulate=1, beta=0.01, regularizer="sigmoid",
+                         lr={"head": 0.5, "neuron": 0.1, "channel": 0.5},
+                         gate=GateSettings(init_logit=3.0, noise_offset=0.1))
 
 
 @dataclass

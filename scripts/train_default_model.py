@@ -24,13 +24,17 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ecodiff_core.embedded.data import load_digit_split, pack  # noqa: E402
-from ecodiff_core.embedded.evaluation import EvalSettings, evaluate_model  # noqa: E402
-from ecodiff_core.embedded.judge import load_judge, real_data_floor  # noqa: E402
-from ecodiff_core.embedded.model import (  # noqa: E402
-    MODEL_FILE, WEIGHTS_DIR, DefaultModel, load_default_model, save_default_model,
+from ecodiff_core.embedded.data import load_digit_split, pack
+from ecodiff_core.embedded.evaluation import EvalSettings, evaluate_model
+from ecodiff_core.embedded.judge import load_judge, real_data_floor
+from ecodiff_core.embedded.model import (
+    MODEL_FILE,
+    WEIGHTS_DIR,
+    DefaultModel,
+    load_default_model,
+    save_default_model,
 )
-from ecodiff_core.embedded.text import BOS_ID, PAD_ID, TRAIN_TEMPLATES, UNK_ID, VOCAB, caption  # noqa: E402
+from ecodiff_core.embedded.text import BOS_ID, PAD_ID, TRAIN_TEMPLATES, UNK_ID, VOCAB, caption
 
 NUM_CLASS_TOKENS = 20  # ids 3..22: class words and numerals, never replaced by <unk>
 
@@ -72,12 +76,14 @@ def encode_batch(
     template_word = (ids > UNK_ID + NUM_CLASS_TOKENS) & (ids != PAD_ID) & (ids != BOS_ID)
     ids = torch.where(template_word & (torch.rand(ids.shape, generator=gen) < s.unk_rate), UNK_ID, ids)
     tokens, pooled = model.text_encoder.encode_ids(ids, mask)
-    null_tokens, null_pooled = model.encode([""])
+    null_pooled = model.encode([""])[1]
     swap = (torch.rand(len(texts), generator=gen) < s.pooled_dropout)[:, None]
     return tokens, torch.where(swap, null_pooled.expand_as(pooled), pooled)
 
 
-def flow_matching_loss(model: DefaultModel, x0: torch.Tensor, texts_enc, gen: torch.Generator) -> torch.Tensor:
+def flow_matching_loss(
+    model: DefaultModel, x0: torch.Tensor, texts_enc: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator
+) -> torch.Tensor:
     t = torch.sigmoid(torch.randn(x0.shape[0], generator=gen))
     eps = torch.randn(x0.shape, generator=gen)
     x_t = (1 - t)[:, None, None] * x0 + t[:, None, None] * eps
@@ -164,9 +170,9 @@ def main() -> None:
     n_te = sum(p.numel() for p in ema.text_encoder.parameters())
     print(f"trained {s.steps} steps in {seconds:.0f} s wall, {timing['process_cpu_seconds']:.0f} s process CPU; "
           f"transformer {n_tr:,} + text encoder {n_te:,} params; "
-          f"final loss (mean of last 100) {sum(losses[-100:]) / 100:.4f}; vocab {len(VOCAB)}")
+          f"final loss (mean of last 100) {sum(losses[-100:]) / len(losses[-100:]):.4f}; vocab {len(VOCAB)}")
     report = {"settings": asdict(s), **timing, "transformer_params": n_tr,
-              "text_encoder_params": n_te, "loss_last100": sum(losses[-100:]) / 100}
+              "text_encoder_params": n_te, "loss_last100": sum(losses[-100:]) / len(losses[-100:])}
     if not args.no_eval:
         report["eval"] = measure(args.out)
     (args.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")

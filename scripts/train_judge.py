@@ -20,9 +20,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ecodiff_core.embedded.data import load_digit_split, shift_augment  # noqa: E402
-from ecodiff_core.embedded.judge import (  # noqa: E402
-    WEIGHTS_DIR, FeatureStats, Judge, JudgeNet, load_judge, real_data_floor, save_judge,
+from ecodiff_core.embedded.data import load_digit_split, shift_augment
+from ecodiff_core.embedded.judge import (
+    WEIGHTS_DIR,
+    FeatureStats,
+    Judge,
+    JudgeNet,
+    load_judge,
+    real_data_floor,
+    save_judge,
 )
 
 

@@ -55,8 +55,14 @@ class InputSpec:
 
     @property
     def has_control(self) -> bool:
-        """The frontend adds a 'control after generate' combo (saved in widgets_values) after it."""
-        return self.is_widget and bool(self.options.get("control_after_generate"))
+        """The frontend adds a 'control after generate' combo (saved in widgets_values) after it: when the
+        input says control_after_generate, and for INT inputs named seed/noise_seed unless it says False."""
+        if not self.is_widget:
+            return False
+        flag = self.options.get("control_after_generate")
+        if flag is None:
+            return self.type == "INT" and self.name in ("seed", "noise_seed")
+        return bool(flag)
 
     @property
     def combo_options(self) -> list | None:
@@ -552,10 +558,13 @@ def object_info_in_process() -> dict:
     # main.py imports ComfyUI's top-level 'utils' package before nodes.py puts comfy/ (with its
     # utils.py) first on sys.path; server.py, imported by some comfy_extras, needs the package.
     loaded = sys.modules.get("utils")
-    if loaded is not None and not hasattr(loaded, "__path__"):
-        del sys.modules["utils"]
-    if comfy_root not in sys.path:
-        sys.path.insert(0, comfy_root)
+    if loaded is None or not hasattr(loaded, "__path__"):  # absent, or comfy/utils.py under that name
+        package_dir = os.path.join(comfy_root, "utils")
+        spec = importlib.util.spec_from_file_location("utils", os.path.join(package_dir, "__init__.py"),
+                                                      submodule_search_locations=[package_dir])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["utils"] = package
+        spec.loader.exec_module(package)
     import utils.install_util  # noqa: F401
 
     import nodes as comfy_nodes

@@ -17,7 +17,7 @@ _LIB: torch.library.Library | None = None
 def ensure_torchvision_importable() -> None:
     global _LIB
     try:
-        import torchvision  # noqa: F401
+        import torchvision
     except ImportError:
         return
     except RuntimeError as exc:

@@ -43,8 +43,11 @@ def load_digit_split(test_size: int = TEST_SIZE, seed: int = SPLIT_SEED) -> Digi
     x_tr, x_te, y_tr, y_te = train_test_split(
         images, labels, test_size=test_size, stratify=labels, random_state=seed
     )
-    as_img = lambda a: torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(1)  # noqa: E731
-    return DigitSplit(as_img(x_tr), torch.from_numpy(y_tr), as_img(x_te), torch.from_numpy(y_te))
+    return DigitSplit(_as_images(x_tr), torch.from_numpy(y_tr), _as_images(x_te), torch.from_numpy(y_te))
+
+
+def _as_images(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(1)
 
 
 def pack(images: torch.Tensor) -> torch.Tensor:

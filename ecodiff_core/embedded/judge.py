@@ -53,7 +53,7 @@ class FeatureStats:
     count: int
 
     @staticmethod
-    def of(features: torch.Tensor | np.ndarray) -> "FeatureStats":
+    def of(features: torch.Tensor | np.ndarray) -> FeatureStats:
         f = np.asarray(features, dtype=np.float64)
         return FeatureStats(f.mean(0), np.cov(f, rowvar=False), int(f.shape[0]))
 
@@ -127,7 +127,7 @@ def stratified_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.
     return torch.cat(picks)
 
 
-def real_data_floor(judge: "Judge | None" = None, n: int = FLOOR_SIZE, seed: int = 0) -> float:
+def real_data_floor(judge: Judge | None = None, n: int = FLOOR_SIZE, seed: int = 0) -> float:
     """FD-judge of ``n`` real train-split digits (n/10 per class) vs the test statistics.
 
     The best FD-judge a model can expect from ``n`` samples: the Frechet distance is biased upward

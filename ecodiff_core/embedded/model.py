@@ -7,9 +7,9 @@ Rectified flow in sigma-space over the packed latent (B, 16, 4):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,7 +18,7 @@ from torch import nn
 from ._compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()
-from diffusers import FluxTransformer2DModel  # noqa: E402
+from diffusers import FluxTransformer2DModel
 
 from .data import LATENT_SHAPE, image_ids, unpack
 from .text import TextEncoderConfig, TinyTextEncoder

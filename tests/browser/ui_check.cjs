@@ -88,11 +88,16 @@ async function main() {
     if (cfg.api_prompt) {
       await page.evaluate((p) => window.app.loadApiJson(p, "ecodiff_tiny"), cfg.api_prompt);
       await page.waitForTimeout(500);
-      await page.evaluate(() => window.app.queuePrompt(0, 1));
+      await page.evaluate(() => {
+        window.comfyAPI.api.api.addEventListener("execution_error", (e) => { window.__ecodiffRunError = e.detail; });
+        return window.app.queuePrompt(0, 1);
+      });
       const handle = await page.waitForFunction(({ learnId, compareId, steps }) => {
         const g = window.app.graph;
         const learn = g.getNodeById(Number(learnId)), cmp = g.getNodeById(Number(compareId));
         const pts = learn && learn.__ecodiffChart ? learn.__ecodiffChart.points.length : 0;
+        const failed = window.__ecodiffRunError;
+        if (failed) return { error: `${failed.node_type} #${failed.node_id}: ${failed.exception_message}` };
         return pts >= steps && cmp && cmp.__ecodiffImages ? { pts } : false;
       }, { learnId: cfg.learn_id, compareId: cfg.compare_id, steps: cfg.expected_steps },
       { timeout: TIMEOUT, polling: 250 }).catch((e) => ({ error: String(e) }));
@@ -121,7 +126,8 @@ async function main() {
         await Promise.all(imgs.map((img) => img.complete ? null : new Promise((r) => { img.onload = img.onerror = r; })));
         return { button: true, overlay: !!el, images: imgs.length,
                  loaded: imgs.filter((i) => i.naturalWidth > 0).length,
-                 split: el && el.querySelector(".ecodiff-compare-frame").dataset.split };
+                 split: el && el.querySelector(".ecodiff-compare-frame")
+                   ? el.querySelector(".ecodiff-compare-frame").dataset.split : null };
       }, cfg.compare_id);
       if (overlay.overlay) {
         const frame = await page.$(".ecodiff-compare-frame");

@@ -70,7 +70,8 @@ def tiny_vae(arch: str, seed: int = 0):
 
 
 _ARCH = (ARCHS, {"default": "sdxl", "tooltip": "Which tiny ComfyUI architecture to build."})
-_SEED = ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of the random weights."})
+_SEED = ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False,
+                 "tooltip": "Seed of the random weights."})
 
 
 class EcoDiffTinyCheckpointLoader:
