@@ -32,7 +32,7 @@ from ecodiff_core.trajectory import sample  # noqa: E402
 
 
 def sdxl_shaped_unet():
-    from ecodiff_core.embedded._compat import ensure_torchvision_importable
+    from ecodiff_core._compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     from diffusers import UNet2DConditionModel
@@ -53,9 +53,9 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(steps: int, mode: str, latent: int) -> dict:
+def child(steps: int, mode: str, latent: int, threads: int) -> dict:
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     unet = sdxl_shaped_unet()
     g = torch.Generator().manual_seed(1)
 
@@ -86,10 +86,30 @@ def child(steps: int, mode: str, latent: int) -> dict:
             "params": params, "units": layout.total_units()}
 
 
-def run_child(steps: int, mode: str, latent: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", str(steps), mode, "--latent", str(latent)],
-                         check=True, capture_output=True, text=True)
+def run_child(steps: int, mode: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--child", str(steps), mode, "--latent", str(args.latent),
+               "--threads", str(args.threads)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_all(args: argparse.Namespace) -> list[dict]:
+    """Every (T, mode); a full-graph run whose memory, extrapolated linearly from the previous one,
+    would pass --max-gb is reported as skipped instead of swapping the machine to death."""
+    rows = []
+    for mode in args.modes:
+        previous = None
+        for steps in args.steps:
+            if previous is not None and mode != "checkpointed":
+                projected = previous["peak_mb"] / previous["steps"] * steps
+                if projected > args.max_gb * 1024:
+                    rows.append({**previous, "steps": steps, "skipped_projected_mb": projected})
+                    continue
+            row = run_child(steps, mode, args)
+            rows.append(row)
+            previous = row
+            print(json.dumps(row), file=sys.stderr)
+    return rows
 
 
 def main() -> None:
@@ -97,22 +117,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 5, 10, 25, 50])
     parser.add_argument("--latent", type=int, default=32)
     parser.add_argument("--modes", nargs="+", default=["checkpointed", "full-graph"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-gb", type=float, default=12.0, help="skip full-graph runs projected above this")
     parser.add_argument("--child", nargs=2, metavar=("STEPS", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(int(args.child[0]), args.child[1], args.latent)))
+        print(json.dumps(child(int(args.child[0]), args.child[1], args.latent, args.threads)))
         return
-    rows = [run_child(t, m, args.latent) for t in args.steps for m in args.modes]
+    rows = measure_all(args)
     first = rows[0]
     print(f"SDXL-shaped UNet2DConditionModel, {first['params'] / 1e6:.1f} M parameters, {first['units']} prunable "
-          f"units, latent {args.latent}x{args.latent}, CFG (batch 2), fp32, {torch.get_num_threads()} threads\n")
+          f"units, latent {args.latent}x{args.latent}, CFG (batch 2), fp32, {args.threads} threads\n")
     print("| T | mode | peak memory (MB) | learn (s) | inference (s) | learn / inference |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        if "skipped_projected_mb" in r:
+            print(f"| {r['steps']} | {r['mode']} | skipped: ~{r['skipped_projected_mb']:.0f} projected | | | |")
+            continue
         print(f"| {r['steps']} | {r['mode']} | {r['peak_mb']:.0f} | {r['learn_s']:.2f} | {r['infer_s']:.2f} "
               f"| {r['learn_s'] / r['infer_s']:.2f} |")
     for mode in args.modes:
-        mine = [r for r in rows if r["mode"] == mode]
+        mine = [r for r in rows if r["mode"] == mode and "skipped_projected_mb" not in r]
         if len(mine) > 1:
             print(f"\n{mode}: peak at T={mine[-1]['steps']} is {mine[-1]['peak_mb'] / max(mine[0]['peak_mb'], 1):.2f}x "
                   f"the peak at T={mine[0]['steps']}")

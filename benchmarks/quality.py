@@ -8,6 +8,7 @@ planner and evaluated with the shipped judge (accuracy, FD-judge) on the same ev
 prints the pruned sampling speed against the FLOP reduction.  Prints Markdown tables; with --plot,
 writes a PNG of FD-judge against sparsity.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,9 @@ def scores_for(method: str, model, layout, seed: int) -> tuple[dict[str, torch.T
         run = learn_mask(model.transformer, layout, settings, samples, sigmas(LEARN_STEPS))
         return run.state.logits, run.seconds
     if method == "taylor":
-        scores = taylor_scores(model.transformer, layout, [s.denoise for s in samples], [s.noise for s in samples],
-                               sigmas(LEARN_STEPS))
+        scores = taylor_scores(
+            model.transformer, layout, [s.denoise for s in samples], [s.noise for s in samples], sigmas(LEARN_STEPS)
+        )
     elif method == "magnitude":
         scores = magnitude_scores(model.transformer, layout)
     else:
@@ -63,8 +65,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write all measurements here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot of FD-judge vs sparsity here")
-    parser.add_argument("--from-json", type=Path, nargs="+",
-                        help="only print tables (and plot) from earlier --json files, e.g. one per seed")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        help="only print tables (and plot) from earlier --json files, e.g. one per seed",
+    )
     args = parser.parse_args()
     if args.from_json:
         runs = [json.loads(p.read_text()) for p in args.from_json]
@@ -89,10 +95,17 @@ def main() -> None:
             for sparsity in args.sparsities:
                 pruned, plan = prune_to(model.transformer, layout, scores, PruneTarget(params=sparsity))
                 result = evaluate_model(model, judge, evaluation, transformer=pruned)
-                rows.append({"method": method, "seed": seed, "sparsity": sparsity, "score_seconds": seconds,
-                             "params_removed": 1 - count_parameters(pruned) / count_parameters(model.transformer),
-                             "flops_removed": 1 - forward_flops(model, pruned) / forward_flops(model, model.transformer),
-                             **_metrics(result)})
+                rows.append(
+                    {
+                        "method": method,
+                        "seed": seed,
+                        "sparsity": sparsity,
+                        "score_seconds": seconds,
+                        "params_removed": 1 - count_parameters(pruned) / count_parameters(model.transformer),
+                        "flops_removed": 1 - forward_flops(model, pruned) / forward_flops(model, model.transformer),
+                        **_metrics(result),
+                    }
+                )
                 print(json.dumps(rows[-1]), file=sys.stderr)
     floor = real_data_floor(judge, n=10 * args.eval_per_class)
     print_tables(rows, args, floor)
@@ -118,8 +131,10 @@ def _select(rows, method, sparsity, key):
 
 def print_tables(rows: list[dict], args, floor: float) -> None:
     n = len(args.seeds)
-    print(f"Embedded default model, {10 * args.eval_per_class} images per evaluation (CFG {CFG}, 20 Euler steps), "
-          f"{n} seeds (mean ± sd). FD-judge real-data floor at this size: {floor:.2f}.\n")
+    print(
+        f"Embedded default model, {10 * args.eval_per_class} images per evaluation (CFG {CFG}, 20 Euler steps), "
+        f"{n} seeds (mean ± sd). FD-judge real-data floor at this size: {floor:.2f}.\n"
+    )
     original_acc, original_fd = _select(rows, "original", 0.0, "accuracy"), _select(rows, "original", 0.0, "fd_judge")
     print(f"Original: accuracy {_cell(original_acc, '.3f')}, FD-judge {_cell(original_fd, '.1f')}\n")
     header = "| method | " + " | ".join(f"−{s:.0%} acc | −{s:.0%} FD" for s in args.sparsities) + " |"
@@ -128,7 +143,10 @@ def print_tables(rows: list[dict], args, floor: float) -> None:
     for method in args.methods:
         cells = []
         for s in args.sparsities:
-            cells += [_cell(_select(rows, method, s, "accuracy"), ".3f"), _cell(_select(rows, method, s, "fd_judge"), ".1f")]
+            cells += [
+                _cell(_select(rows, method, s, "accuracy"), ".3f"),
+                _cell(_select(rows, method, s, "fd_judge"), ".1f"),
+            ]
         print(f"| {method} | " + " | ".join(cells) + " |")
     print("\nPruned sampling speed (EcoDiff masks; time per evaluation, same settings):\n")
     print("| target | params removed | FLOPs removed | sampling time vs original |")
@@ -136,9 +154,11 @@ def print_tables(rows: list[dict], args, floor: float) -> None:
     original_time = statistics.fmean(_select(rows, "original", 0.0, "sample_seconds"))
     for s in args.sparsities:
         method = "ecodiff" if "ecodiff" in args.methods else args.methods[0]
-        print(f"| −{s:.0%} | {statistics.fmean(_select(rows, method, s, 'params_removed')):.1%} "
-              f"| {statistics.fmean(_select(rows, method, s, 'flops_removed')):.1%} "
-              f"| {statistics.fmean(_select(rows, method, s, 'sample_seconds')) / original_time:.2f}× |")
+        print(
+            f"| −{s:.0%} | {statistics.fmean(_select(rows, method, s, 'params_removed')):.1%} "
+            f"| {statistics.fmean(_select(rows, method, s, 'flops_removed')):.1%} "
+            f"| {statistics.fmean(_select(rows, method, s, 'sample_seconds')) / original_time:.2f}× |"
+        )
 
 
 def plot(rows: list[dict], args, floor: float) -> None:

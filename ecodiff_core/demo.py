@@ -2,6 +2,7 @@
 
 ``python -m ecodiff_core demo`` runs :func:`run_demo`; the quality benchmark reuses the pieces.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,14 @@ def default_learn_settings() -> LearnSettings:
     heads / neurons / modulation channels; unlike the official code, the channels get sparsity
     pressure too.  docs/benchmarks.md compares it with the alternatives that were tried.
     """
-    return LearnSettings(epochs=8, accumulate=1, beta=0.01, regularizer="sigmoid",
-                         lr={"head": 0.5, "neuron": 0.1, "channel": 0.5},
-                         gate=GateSettings(init_logit=3.0, noise_offset=0.1))
+    return LearnSettings(
+        epochs=8,
+        accumulate=1,
+        beta=0.01,
+        regularizer="sigmoid",
+        lr={"head": 0.5, "neuron": 0.1, "channel": 0.5},
+        gate=GateSettings(init_logit=3.0, noise_offset=0.1),
+    )
 
 
 @dataclass
@@ -59,13 +65,15 @@ class DemoSettings:
         self.learn.validate()
 
 
-def calibration_samples(model, prompts: list[str], cfg: float, per_trajectory: int, seed: int) -> list[CalibrationSample]:
+def calibration_samples(
+    model, prompts: list[str], cfg: float, per_trajectory: int, seed: int
+) -> list[CalibrationSample]:
     """Prompts batched into trajectories; each batch gets its own fixed x_T."""
     from .embedded.model import initial_noise
 
     samples = []
     for k, start in enumerate(range(0, len(prompts), per_trajectory)):
-        chunk = prompts[start:start + per_trajectory]
+        chunk = prompts[start : start + per_trajectory]
         samples.append(CalibrationSample(model.make_denoiser(chunk, cfg), initial_noise(len(chunk), seed + 1000 + k)))
     return samples
 
@@ -82,8 +90,14 @@ class LearnRun:
     peak_mb: float
 
 
-def learn_mask(transformer: nn.Module, layout: Layout, settings: LearnSettings, samples: list[CalibrationSample],
-               sigmas: torch.Tensor, on_step: Callable[[StepInfo], Any] | None = None) -> LearnRun:
+def learn_mask(
+    transformer: nn.Module,
+    layout: Layout,
+    settings: LearnSettings,
+    samples: list[CalibrationSample],
+    sigmas: torch.Tensor,
+    on_step: Callable[[StepInfo], Any] | None = None,
+) -> LearnRun:
     base = _rss_mb()
     start = time.perf_counter()
     state = MaskLearner(transformer, layout, settings).learn(samples, sigmas, callback=on_step)
@@ -94,8 +108,9 @@ def learn_mask(transformer: nn.Module, layout: Layout, settings: LearnSettings, 
     return LearnRun(state, seconds, max(peak, 0.0))
 
 
-def prune_to(transformer: nn.Module, layout: Layout, logits: dict[str, torch.Tensor],
-             target: PruneTarget) -> tuple[nn.Module, PrunePlan]:
+def prune_to(
+    transformer: nn.Module, layout: Layout, logits: dict[str, torch.Tensor], target: PruneTarget
+) -> tuple[nn.Module, PrunePlan]:
     plan = plan_pruning(transformer, layout, logits, target)
     return prune_model(transformer, layout, plan.keep), plan
 
@@ -152,6 +167,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict[str, Any]:
     learn_settings = replace(settings.learn, seed=settings.seed)
     total_steps = learn_settings.epochs * -(-len(samples) // learn_settings.accumulate)
     with tqdm(total=total_steps, desc="learning mask", unit="step", disable=not progress) as bar:
+
         def on_step(info: StepInfo) -> None:
             bar.set_postfix(loss=f"{info.loss:.4f}", closed=" ".join(f"{k}:{v:.0%}" for k, v in info.sparsity.items()))
             bar.update(1)
@@ -160,8 +176,9 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict[str, Any]:
     save_mask(out / "mask.safetensors", run.state)
     pruned, plan = prune_to(transformer, layout, run.state.logits, PruneTarget(params=settings.sparsity))
 
-    evaluation = EvalSettings(per_class=settings.eval_per_class, steps=settings.eval_steps, cfg=settings.cfg,
-                              seed=settings.seed)
+    evaluation = EvalSettings(
+        per_class=settings.eval_per_class, steps=settings.eval_steps, cfg=settings.cfg, seed=settings.seed
+    )
     before = evaluate_model(model, judge, evaluation)
     after = evaluate_model(model, judge, evaluation, transformer=pruned)
     flops_before, flops_after = forward_flops(model, transformer), forward_flops(model, pruned)
@@ -182,17 +199,26 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict[str, Any]:
         "sampling_seconds_per_image_before": before["sample_seconds"] / n_images,
         "sampling_seconds_per_image_after": after["sample_seconds"] / n_images,
         "evaluation": asdict(evaluation),
-        "learning": {**learn_settings.to_dict(), "steps": settings.steps, "cfg": settings.cfg,
-                     "prompts": len(prompts), "trajectories_per_epoch": len(samples)},
+        "learning": {
+            **learn_settings.to_dict(),
+            "steps": settings.steps,
+            "cfg": settings.cfg,
+            "prompts": len(prompts),
+            "trajectories_per_epoch": len(samples),
+        },
         "loss_first_last": [run.state.history[0]["loss"], run.state.history[-1]["loss"]],
         "prune_report": report.to_dict(),
     }
     show = min(settings.eval_per_class, 8)
     grid_prompts, _ = evaluation_prompts(show)
     grid_eval = replace(evaluation, per_class=show)
-    grid = image_grid([("original", generate(model, grid_prompts, grid_eval)),
-                       (f"pruned -{settings.sparsity:.0%} params", generate(model, grid_prompts, grid_eval, pruned))],
-                      per_class=show)
+    grid = image_grid(
+        [
+            ("original", generate(model, grid_prompts, grid_eval)),
+            (f"pruned -{settings.sparsity:.0%} params", generate(model, grid_prompts, grid_eval, pruned)),
+        ],
+        per_class=show,
+    )
     grid.save(out / "compare.png")
     (out / "report.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "report.txt").write_text(summary_text(result) + "\n\n" + report.to_text() + "\n")
@@ -210,7 +236,8 @@ def summary_text(r: dict[str, Any]) -> str:
         f"judge accuracy  {b['accuracy']:>10.3f} -> {a['accuracy']:>10.3f}",
         f"FD-judge        {b['fd_judge']:>10.2f} -> {a['fd_judge']:>10.2f}  "
         f"(real-data floor at this sample size: {r['fd_judge_real_floor']:.2f})",
-        f"sampling s/img  {r['sampling_seconds_per_image_before']:>10.4f} -> {r['sampling_seconds_per_image_after']:>10.4f}",
+        f"sampling s/img  {r['sampling_seconds_per_image_before']:>10.4f} -> "
+        f"{r['sampling_seconds_per_image_after']:>10.4f}",
         f"learning        {r['learning_seconds']:.1f} s, peak RSS +{r['learning_peak_rss_increase_mb']:.0f} MB, "
         f"loss {r['loss_first_last'][0]:.4f} -> {r['loss_first_last'][1]:.4f}",
     ]

@@ -1,4 +1,5 @@
 """End-to-end mask learning: one logit per unit, hard-concrete gates, AdamW, resumable."""
+
 from __future__ import annotations
 
 import contextlib
@@ -50,7 +51,9 @@ class LearnSettings:
             raise SettingsError(f"objective must be 'end_to_end' or 'per_step', got '{self.objective}'")
         for kind, lr in self.lr.items():
             if kind not in UNIT_KINDS:
-                raise SettingsError(f"learning rate given for unknown unit kind '{kind}'; kinds: {', '.join(UNIT_KINDS)}")
+                raise SettingsError(
+                    f"learning rate given for unknown unit kind '{kind}'; kinds: {', '.join(UNIT_KINDS)}"
+                )
             if not (lr > 0 and math.isfinite(lr)):
                 raise SettingsError(f"learning rate for {kind} must be > 0, got {lr}")
 
@@ -88,15 +91,19 @@ class StepInfo:
 
 @contextlib.contextmanager
 def frozen_weights(model: nn.Module) -> Iterator[None]:
-    """Weights need no gradient while masks learn; autograd then skips every weight-gradient product."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    """Weights need no gradient while masks learn; autograd then skips every weight-gradient product.
+
+    Only parameters that require grad are touched, so inference tensors (ComfyUI loads weights under
+    ``torch.inference_mode()``) are never flipped.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
-        for p, _ in flags:
+        for p in trainable:
             p.requires_grad_(False)
         yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def _seed(*parts: int) -> int:
@@ -107,9 +114,14 @@ def _seed(*parts: int) -> int:
 class MaskLearner:
     """Learns one logit λ per unit of ``layout`` on ``model`` (whose weights stay frozen)."""
 
-    def __init__(self, model: nn.Module, layout: Layout, settings: LearnSettings,
-                 resume: MaskState | None = None,
-                 grad_context: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: Layout,
+        settings: LearnSettings,
+        resume: MaskState | None = None,
+        grad_context: Callable[[], ContextManager] = contextlib.nullcontext,
+    ) -> None:
         settings.validate()
         self.model, self.layout, self.settings = model, layout, settings
         self.grad_context = grad_context
@@ -120,8 +132,9 @@ class MaskLearner:
         self.progress = dict(start.progress)
         self.stop_reason = ""
         device = next(model.parameters()).device
-        self.logits = {g.name: nn.Parameter(start.logits[g.name].detach().float().to(device).clone())
-                       for g in layout.groups}
+        self.logits = {
+            g.name: nn.Parameter(start.logits[g.name].detach().float().to(device).clone()) for g in layout.groups
+        }
         self.optimizer = self._make_optimizer()
         if resume is not None and resume.optimizer:
             self._load_optimizer(resume.optimizer)
@@ -155,11 +168,15 @@ class MaskLearner:
     def state(self) -> MaskState:
         """The latest good state: safe to save at any time, e.g. after an interrupt."""
         return MaskState(
-            arch=self.layout.arch, fingerprint=self.layout.fingerprint(),
+            arch=self.layout.arch,
+            fingerprint=self.layout.fingerprint(),
             logits={n: p.detach().cpu().clone() for n, p in self.logits.items()},
             kinds={g.name: g.kind for g in self.layout.groups},
-            settings=self.settings.to_dict(), progress=dict(self.progress), history=list(self.history),
-            optimizer=self._optimizer_tensors(), stop_reason=self.stop_reason,
+            settings=self.settings.to_dict(),
+            progress=dict(self.progress),
+            history=list(self.history),
+            optimizer=self._optimizer_tensors(),
+            stop_reason=self.stop_reason,
         )
 
     def sparsity(self) -> dict[str, float]:
@@ -208,11 +225,16 @@ class MaskLearner:
         before_step = self._gate_setter(noise_seed)
         if self.settings.objective == "per_step":
             return per_step_gradient(s.denoise, sigmas, s.teacher, params, before_step, self.grad_context)
-        return trajectory_gradient(s.denoise, s.noise, sigmas, s.target, params, before_step,
-                                   self.settings.checkpointing, self.grad_context)
+        return trajectory_gradient(
+            s.denoise, s.noise, sigmas, s.target, params, before_step, self.settings.checkpointing, self.grad_context
+        )
 
-    def learn(self, samples: Sequence[CalibrationSample], sigmas: torch.Tensor,
-              callback: Callable[[StepInfo], bool | None] | None = None) -> MaskState:
+    def learn(
+        self,
+        samples: Sequence[CalibrationSample],
+        sigmas: torch.Tensor,
+        callback: Callable[[StepInfo], bool | None] | None = None,
+    ) -> MaskState:
         """Run (or continue) learning; returns the final state.  ``callback`` returning False stops."""
         if not samples:
             raise SettingsError("no calibration samples: give at least one prompt")
@@ -225,9 +247,11 @@ class MaskLearner:
             self.prepare(samples, sigmas)
             while self.progress["epoch"] < self.settings.epochs:
                 epoch = self.progress["epoch"]
-                order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(_seed(self.settings.seed, epoch)))
+                order = torch.randperm(
+                    len(samples), generator=torch.Generator().manual_seed(_seed(self.settings.seed, epoch))
+                )
                 while self.progress["position"] < len(samples):
-                    chunk = order[self.progress["position"]: self.progress["position"] + self.settings.accumulate]
+                    chunk = order[self.progress["position"] : self.progress["position"] + self.settings.accumulate]
                     info = self._optimizer_step(samples, sigmas, chunk.tolist(), epoch, total_steps, start_time)
                     if info is None:
                         return self.state
@@ -238,8 +262,9 @@ class MaskLearner:
         self.progress["finished"] = True
         return self.state
 
-    def _optimizer_step(self, samples, sigmas, indices: list[int], epoch: int, total_steps: int,
-                        start_time: float) -> StepInfo | None:
+    def _optimizer_step(
+        self, samples, sigmas, indices: list[int], epoch: int, total_steps: int, start_time: float
+    ) -> StepInfo | None:
         params = list(self.logits.values())
         grads = [torch.zeros_like(p) for p in params]
         recon = 0.0
@@ -255,8 +280,10 @@ class MaskLearner:
             reg_grads = torch.autograd.grad(self.settings.beta * reg, params)
         loss = recon + self.settings.beta * reg.item()
         if not math.isfinite(loss) or not all(torch.isfinite(g).all() for g in grads):
-            self.stop_reason = (f"non-finite loss ({loss}) at step {self.progress['step'] + 1}; stopped with the last "
-                                "good mask kept. Lower the learning rates or check the model's outputs.")
+            self.stop_reason = (
+                f"non-finite loss ({loss}) at step {self.progress['step'] + 1}; stopped with the last "
+                "good mask kept. Lower the learning rates or check the model's outputs."
+            )
             return None
         for p, g, rg in zip(params, grads, reg_grads):
             p.grad = g + rg
@@ -266,6 +293,13 @@ class MaskLearner:
         self.progress["position"] += len(indices)
         sparsity = self.sparsity()
         self.history.append({"step": self.progress["step"], "loss": loss, "recon": recon, "reg": reg.item()})
-        return StepInfo(self.progress["step"], total_steps, epoch, loss, recon, reg.item(), sparsity,
-                        time.perf_counter() - start_time)
-
+        return StepInfo(
+            self.progress["step"],
+            total_steps,
+            epoch,
+            loss,
+            recon,
+            reg.item(),
+            sparsity,
+            time.perf_counter() - start_time,
+        )

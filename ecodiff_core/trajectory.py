@@ -6,6 +6,7 @@ with time-step checkpointing: a no-grad rollout keeps each step's input latent, 
 recomputed with grad, one at a time from the last, with one vector-Jacobian product for the
 parameters and the step's input together.  Memory is that of one step, whatever the step count.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,13 +26,16 @@ def euler_step(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_nex
 
 def check_sigmas(sigmas: torch.Tensor) -> None:
     if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError("sigmas must be a 1-D schedule with at least 2 values (1 step); got shape "
-                         f"{tuple(sigmas.shape)}")
+        raise ValueError(
+            f"sigmas must be a 1-D schedule with at least 2 values (1 step); got shape {tuple(sigmas.shape)}"
+        )
     if not bool((sigmas[:-1] > 0).all()):
         raise ValueError("every sigma except the last must be > 0")
 
 
-def sample(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, before_step: StepHook | None = None) -> torch.Tensor:
+def sample(
+    denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, before_step: StepHook | None = None
+) -> torch.Tensor:
     """Run the trajectory without grad; ``before_step(i)`` runs before step i (e.g. to set gates)."""
     check_sigmas(sigmas)
     with torch.no_grad():
@@ -115,7 +119,9 @@ def _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_cont
     return TrajectoryGradient(loss.item(), final, total)
 
 
-def teacher_steps(denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def teacher_steps(
+    denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Each step's input and x0 prediction along the ungated model's own trajectory."""
     inputs, x0s = [], []
     x = noise

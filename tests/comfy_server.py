@@ -288,12 +288,14 @@ def learn_inputs(**overrides) -> dict:
     return inputs
 
 
-def learn_prune_compare_graph(arch: str = "sdxl", run_name: str = "e2e", **learn) -> dict:
+def learn_prune_compare_graph(arch: str = "sdxl", run_name: str = "e2e", model_seed: int = 0, **learn) -> dict:
+    """Tiny checkpoint -> Learn -> Apply -> KSampler x2 (same seed) -> VAE decode x2 -> Compare (+ report).
+    A distinct ``model_seed`` gives a freshly built model (the test pack caches models per arch and seed)."""
     latent = "EmptySD3LatentImage" if arch in ("flux", "sd3") else "EmptyLatentImage"
     ks = {"seed": 7, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal",
           "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["6", 0], "denoise": 1.0}
     return {
-        "1": {"class_type": "EcoDiffTinyCheckpointLoader", "inputs": {"arch": arch, "seed": 0}},
+        "1": {"class_type": "EcoDiffTinyCheckpointLoader", "inputs": {"arch": arch, "seed": model_seed}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox in the snow", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
         "4": {"class_type": "EcoDiffLearnMask",

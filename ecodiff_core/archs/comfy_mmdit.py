@@ -64,7 +64,8 @@ def self_heads(attn: nn.Module, path: str, block: str) -> UnitGroup:
 
 def mlp_group(mlp: nn.Module, path: str, block: str) -> UnitGroup:
     if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):
-        producers, gate, count = (Slice(join(path, "fc1"), "out"),), Slice(join(path, "fc2"), "in"), mlp.fc1.out_features
+        producers, gate = (Slice(join(path, "fc1"), "out"),), Slice(join(path, "fc2"), "in")
+        count = mlp.fc1.out_features
     elif all(hasattr(mlp, n) for n in ("w1", "w2", "w3")):
         producers = (Slice(join(path, "w1"), "out"), Slice(join(path, "w3"), "out"))
         gate, count = Slice(join(path, "w2"), "in"), mlp.w1.out_features

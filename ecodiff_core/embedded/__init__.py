@@ -10,6 +10,7 @@ in ``weights/``; ``scripts/train_default_model.py`` and ``scripts/train_judge.py
     judge = load_judge()
     judge.evaluate(images, [7] * 4)
 """
+from ..trajectory import Denoiser
 from .data import LATENT_SHAPE, DigitSplit, load_digit_split, pack, unpack
 from .evaluation import EvalSettings, evaluate_model, evaluation_prompts, generate
 from .judge import FeatureStats, Judge, frechet_distance, load_judge, real_data_floor
@@ -17,13 +18,10 @@ from .model import (
     TEXT_CONFIG,
     TRANSFORMER_CONFIG,
     DefaultModel,
-    Denoiser,
     WeightsMissingError,
     build_transformer,
-    euler_step,
     initial_noise,
     load_default_model,
-    run_sampler,
     sigmas,
 )
 from .text import (
@@ -41,7 +39,7 @@ __all__ = [
     "CALIBRATION_LABELS", "CALIBRATION_PROMPTS", "CLASS_NAMES", "HELDOUT_TEMPLATES", "LATENT_SHAPE",
     "TEXT_CONFIG", "TRAIN_TEMPLATES", "TRANSFORMER_CONFIG", "DefaultModel", "Denoiser", "DigitSplit",
     "EvalSettings", "FeatureStats", "Judge", "Tokenizer", "WeightsMissingError", "build_transformer",
-    "calibration_prompts", "captions_for_class", "euler_step", "evaluate_model", "evaluation_prompts",
+    "calibration_prompts", "captions_for_class", "evaluate_model", "evaluation_prompts",
     "frechet_distance", "generate", "initial_noise", "load_default_model", "load_digit_split", "load_judge",
-    "pack", "real_data_floor", "run_sampler", "sigmas", "unpack",
+    "pack", "real_data_floor", "sigmas", "unpack",
 ]

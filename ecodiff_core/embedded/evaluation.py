@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..trajectory import sample
 from .data import NUM_CLASSES, unpack
 from .judge import Judge
-from .model import DefaultModel, initial_noise, run_sampler, sigmas
+from .model import DefaultModel, initial_noise, sigmas
 from .text import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, caption
 
 
@@ -45,7 +46,7 @@ def generate(
         chunk = prompts[start : start + settings.batch]
         denoise = model.make_denoiser(chunk, settings.cfg, transformer)
         x = initial_noise(len(chunk), settings.seed + k).to(model.device)
-        out.append(unpack(run_sampler(denoise, x, sigmas(settings.steps, settings.shift))))
+        out.append(unpack(sample(denoise, x, sigmas(settings.steps, settings.shift).to(model.device))))
     return torch.cat(out)
 
 

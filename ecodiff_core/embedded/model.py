@@ -7,7 +7,6 @@ Rectified flow in sigma-space over the packed latent (B, 16, 4):
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,13 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._compat import ensure_torchvision_importable
-
-ensure_torchvision_importable()
-from diffusers import FluxTransformer2DModel
+from .._compat import ensure_torchvision_importable
+from ..trajectory import Denoiser, sample
 
 from .data import LATENT_SHAPE, image_ids, unpack
 from .text import TextEncoderConfig, TinyTextEncoder
+
+ensure_torchvision_importable()
+from diffusers import FluxTransformer2DModel  # noqa: E402  (only after the guard above)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MODEL_FILE = "default_model.safetensors"
@@ -42,8 +42,6 @@ TRANSFORMER_CONFIG: dict = {
 }
 TEXT_CONFIG = TextEncoderConfig(dim=64, layers=2, heads=4, mlp_ratio=2, max_length=10)
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 class WeightsMissingError(FileNotFoundError):
     """Raised when the shipped safetensors weights are not where they should be."""
@@ -63,19 +61,6 @@ def sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
 def initial_noise(n: int, seed: int) -> torch.Tensor:
     """x_T = eps at sigma = 1: (n, 16, 4) standard normal from a seeded CPU generator."""
     return torch.randn((n, *LATENT_SHAPE), generator=torch.Generator().manual_seed(seed))
-
-
-def euler_step(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-    """One Euler step of the probability-flow ODE given the x0 prediction at ``sigma`` (> 0)."""
-    return x + (sigma_next - sigma) * (x - x0) / sigma
-
-
-def run_sampler(denoise: Denoiser, x: torch.Tensor, sigma_schedule: torch.Tensor) -> torch.Tensor:
-    """Euler loop over ``sigma_schedule`` (decreasing, ending at 0) starting from ``x``."""
-    sig = sigma_schedule.to(x.device, x.dtype)
-    for i in range(len(sig) - 1):
-        x = euler_step(x, denoise(x, sig[i]), sig[i], sig[i + 1])
-    return x
 
 
 class DefaultModel(nn.Module):
@@ -165,7 +150,7 @@ class DefaultModel(nn.Module):
     ) -> torch.Tensor:
         """Plain Euler sampling from ``initial_noise(len(prompts), seed)``; returns packed x0 (B, 16, 4)."""
         denoise = self.make_denoiser(prompts, cfg, transformer)
-        return run_sampler(denoise, initial_noise(len(prompts), seed).to(self.device), sigmas(steps, shift))
+        return sample(denoise, initial_noise(len(prompts), seed).to(self.device), sigmas(steps, shift).to(self.device))
 
     def sample(
         self,

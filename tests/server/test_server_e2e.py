@@ -36,14 +36,17 @@ LOADER_SWAP = {
     "VAELoader": "EcoDiffTinyVAELoader",
 }
 RUN_TIMEOUT = 300.0
+#: every test that learns gets its own freshly built model (no state carried between tests)
+MODEL_SEED = {"ws_progress": 101, "interrupt": 102, "other_model": 103,
+              **{name: 200 + i for i, name in enumerate(sorted(EXAMPLE_ARCH))}}
 
 
 # ------------------------------------------------------------------------------------------------
 # graphs
 # ------------------------------------------------------------------------------------------------
-def learn_only_graph(arch: str, run_name: str, save_as: str | None = None, **learn) -> dict:
+def learn_only_graph(arch: str, run_name: str, save_as: str | None = None, model_seed: int = 0, **learn) -> dict:
     graph = {
-        "1": {"class_type": "EcoDiffTinyCheckpointLoader", "inputs": {"arch": arch, "seed": 0}},
+        "1": {"class_type": "EcoDiffTinyCheckpointLoader", "inputs": {"arch": arch, "seed": model_seed}},
         "4": {"class_type": "EcoDiffLearnMask",
               "inputs": dict(learn_inputs(run_name=run_name, **learn), model=["1", 0], clip=["1", 1])},
     }
@@ -52,14 +55,15 @@ def learn_only_graph(arch: str, run_name: str, save_as: str | None = None, **lea
     return graph
 
 
-def tiny_variant(prompt: dict, arch: str, tag: str) -> dict:
+def tiny_variant(prompt: dict, arch: str, tag: str, model_seed: int) -> dict:
     """An example workflow's API prompt with tiny loaders and tiny sizes (same graph otherwise)."""
     out = copy.deepcopy(prompt)
     for node in out.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind in LOADER_SWAP:
             node["class_type"] = LOADER_SWAP[kind]
-            node["inputs"] = {"arch": arch} if "CLIP" in kind or kind == "VAELoader" else {"arch": arch, "seed": 0}
+            node["inputs"] = {"arch": arch} if "CLIP" in kind or kind == "VAELoader" else {"arch": arch,
+                                                                                           "seed": model_seed}
         elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inputs.update(width=64, height=64, batch_size=1)
         elif kind == "EcoDiffLearnMask":
@@ -137,7 +141,8 @@ def test_every_example_workflow_has_a_tiny_stand_in():
 # running graphs
 # ------------------------------------------------------------------------------------------------
 def test_learn_apply_sample_compare_with_progress_over_websocket(server):
-    run = server.run_with_ws(learn_prune_compare_graph("sdxl", run_name="ws_progress"), timeout=RUN_TIMEOUT)
+    run = server.run_with_ws(learn_prune_compare_graph("sdxl", run_name="ws_progress",
+                                                       model_seed=MODEL_SEED["ws_progress"]), timeout=RUN_TIMEOUT)
     assert_success(run.history)
     assert run.end == "success"
     events = [e for e in run.of_type("ecodiff.learn")]
@@ -165,7 +170,8 @@ def test_learn_apply_sample_compare_with_progress_over_websocket(server):
 def test_interrupt_stops_learning_keeps_mask_and_rerun_resumes(server):
     from ecodiff_core.maskfile import load_mask
 
-    graph = learn_only_graph("sdxl", "interrupt_me", epochs=200, max_prompts=2)  # 400 steps: far too many
+    graph = learn_only_graph("sdxl", "interrupt_me", model_seed=MODEL_SEED["interrupt"],
+                             epochs=200, max_prompts=2)  # 400 steps: far too many
     sent = {}
 
     def interrupt_after_two(run, msg):
@@ -202,11 +208,13 @@ def test_interrupt_stops_learning_keeps_mask_and_rerun_resumes(server):
 def test_example_workflow_runs_on_tiny_models(server, path):
     info = server.object_info()
     arch = EXAMPLE_ARCH[path.stem]
-    prompt = tiny_variant(wt.to_api(wt.load(path), info), arch, tag=path.stem)
+    seed = MODEL_SEED[path.stem]
+    prompt = tiny_variant(wt.to_api(wt.load(path), info), arch, tag=path.stem, model_seed=seed)
     for node in prompt.values():  # a shared mask: learn and save one for the tiny model first
         if node["class_type"] == "EcoDiffLoadMask":
             stem = Path(node["inputs"]["mask_name"]).stem
-            assert_success(server.run(learn_only_graph(arch, f"shared_{path.stem}", save_as=stem, epochs=1),
+            assert_success(server.run(learn_only_graph(arch, f"shared_{path.stem}", save_as=stem, model_seed=seed,
+                                                       epochs=1),
                                       timeout=RUN_TIMEOUT))
     entry = server.run(prompt, timeout=RUN_TIMEOUT)
     assert_success(entry)
@@ -224,7 +232,7 @@ def test_empty_prompts_are_a_clear_error(server):
 
 
 def test_mask_of_another_model_is_a_clear_error(server):
-    graph = learn_only_graph("sd15", "other_model", epochs=1, max_prompts=1)
+    graph = learn_only_graph("sd15", "other_model", model_seed=MODEL_SEED["other_model"], epochs=1, max_prompts=1)
     graph["20"] = {"class_type": "EcoDiffTinyCheckpointLoader", "inputs": {"arch": "sdxl", "seed": 0}}
     graph["21"] = {"class_type": "EcoDiffApplyMask", "inputs": {"model": ["20", 0], "mask": ["4", 0],
                                                                 "target": "params", "sparsity": 0.2,

@@ -16,7 +16,6 @@ from ecodiff_core.embedded import (
     Tokenizer,
     WeightsMissingError,
     captions_for_class,
-    euler_step,
     frechet_distance,
     initial_noise,
     load_default_model,
@@ -28,6 +27,7 @@ from ecodiff_core.embedded import (
     unpack,
 )
 from ecodiff_core.embedded.text import UNK_ID
+from ecodiff_core.trajectory import euler_step
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import MODEL_NAMES, build
 from torch import nn
 
 from ecodiff_core.archs import find_layout
@@ -13,8 +14,6 @@ from ecodiff_core.gating import GateController
 from ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner
 from ecodiff_core.maskfile import load_mask, save_mask
 from ecodiff_core.trajectory import trajectory_gradient
-
-from tiny_models import MODEL_NAMES, build
 
 
 def make_problem(name: str, steps: int, cfg: bool, dtype=torch.float64, seed: int = 0):

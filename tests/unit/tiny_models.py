@@ -5,12 +5,13 @@ Reusable by any unit test: ``build(name, dtype)`` returns ``(model, inputs)`` wh
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+from ecodiff_core._compat import ensure_torchvision_importable
 
 MODEL_NAMES: tuple[str, ...] = ("sd15", "sdxl", "flux")
 
@@ -19,26 +20,8 @@ MODEL_NAMES: tuple[str, ...] = ("sd15", "sdxl", "flux")
 torch.set_num_threads(1)
 
 
-def _declare_torchvision_ops() -> None:
-    """PyPI torchvision beside CPU torch cannot load its C ops, which breaks ``import diffusers``
-    (through transformers/peft); declaring the two schemas its meta registrations need fixes it."""
-    try:
-        import torchvision
-        return
-    except ImportError:
-        return
-    except RuntimeError:
-        for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _declare_torchvision_ops.lib = lib  # keep the library alive
-    import torchvision  # noqa: F401
-
-
 def diffusers_module():
-    _declare_torchvision_ops()
+    ensure_torchvision_importable()
     import diffusers
     diffusers.utils.logging.set_verbosity_error()  # silences the float32-modules notice of .to()
     return diffusers
