@@ -5,8 +5,8 @@ UNet with CFG, and prints a Markdown table:
 
     .venv/bin/python benchmarks/checkpointing.py [--steps 1 5 10 25 50] [--latent 32]
 
-Memory is the peak RSS of the learning run minus the RSS after the model was built and one inference
-trajectory ran (so kernels and allocator pools are warm).  Cost is the wall time of one learning
+Memory: "peak increase" is the process's peak RSS minus its RSS after the model was built and one
+inference trajectory ran (kernels and allocator pools warm); "process peak" is the peak RSS itself.  Cost is the wall time of one learning
 trajectory (no-grad rollout + per-step recompute and one VJP) divided by one inference trajectory.
 """
 from __future__ import annotations
@@ -82,7 +82,8 @@ def child(steps: int, mode: str, latent: int, threads: int) -> dict:
     learn_s = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     params = sum(p.numel() for p in unet.parameters())
-    return {"steps": steps, "mode": mode, "peak_mb": peak - base, "learn_s": learn_s, "infer_s": infer_s,
+    return {"steps": steps, "mode": mode, "peak_mb": peak - base, "peak_total_mb": peak, "learn_s": learn_s,
+            "infer_s": infer_s,
             "params": params, "units": layout.total_units()}
 
 
@@ -128,19 +129,22 @@ def main() -> None:
     first = rows[0]
     print(f"SDXL-shaped UNet2DConditionModel, {first['params'] / 1e6:.1f} M parameters, {first['units']} prunable "
           f"units, latent {args.latent}x{args.latent}, CFG (batch 2), fp32, {args.threads} threads\n")
-    print("| T | mode | peak memory (MB) | learn (s) | inference (s) | learn / inference |")
-    print("|---|---|---|---|---|---|")
+    print("| T | mode | peak increase (MB) | process peak (MB) | learn (s) | inference (s) | learn / inference |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "skipped_projected_mb" in r:
-            print(f"| {r['steps']} | {r['mode']} | skipped: ~{r['skipped_projected_mb']:.0f} projected | | | |")
+            print(f"| {r['steps']} | {r['mode']} | skipped: ~{r['skipped_projected_mb']:.0f} projected | | | | |")
             continue
-        print(f"| {r['steps']} | {r['mode']} | {r['peak_mb']:.0f} | {r['learn_s']:.2f} | {r['infer_s']:.2f} "
+        print(f"| {r['steps']} | {r['mode']} | {r['peak_mb']:.0f} | {r['peak_total_mb']:.0f} | {r['learn_s']:.2f} "
+              f"| {r['infer_s']:.2f} "
               f"| {r['learn_s'] / r['infer_s']:.2f} |")
     for mode in args.modes:
         mine = [r for r in rows if r["mode"] == mode and "skipped_projected_mb" not in r]
         if len(mine) > 1:
-            print(f"\n{mode}: peak at T={mine[-1]['steps']} is {mine[-1]['peak_mb'] / max(mine[0]['peak_mb'], 1):.2f}x "
-                  f"the peak at T={mine[0]['steps']}")
+            first, last = mine[0], mine[-1]
+            print(f"\n{mode}: from T={first['steps']} to T={last['steps']} the peak increase grows "
+                  f"{last['peak_mb'] / max(first['peak_mb'], 1):.2f}x and the process peak "
+                  f"{last['peak_total_mb'] / first['peak_total_mb']:.2f}x")
 
 
 if __name__ == "__main__":

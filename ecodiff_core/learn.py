@@ -93,8 +93,8 @@ class StepInfo:
 def frozen_weights(model: nn.Module) -> Iterator[None]:
     """Weights need no gradient while masks learn; autograd then skips every weight-gradient product.
 
-    Only parameters that require grad are touched, so inference tensors (ComfyUI loads weights under
-    ``torch.inference_mode()``) are never flipped.
+    Parameters created under ``torch.inference_mode()`` (ComfyUI's loaders) are inference tensors:
+    their flag can only be set back to True inside inference mode.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     try:
@@ -103,7 +103,8 @@ def frozen_weights(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for p in trainable:
-            p.requires_grad_(True)
+            with torch.inference_mode(p.is_inference()):
+                p.requires_grad_(True)
 
 
 def _seed(*parts: int) -> int:

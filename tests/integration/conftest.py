@@ -1,9 +1,6 @@
 """Integration tests on tiny real ComfyUI models; skipped unless COMFYUI_PATH points at ComfyUI."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -15,24 +12,7 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 import comfy_tiny  # noqa: E402
-
-PACK = "ecodiff_pack_under_test"
-
-def load_pack():
-    """Import the repository as ComfyUI does: a package named after its folder, relative imports."""
-    if PACK in sys.modules:
-        return sys.modules[PACK]
-    comfy_tiny.bootstrap()
-    spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def sub(name: str):
-    load_pack()
-    return importlib.import_module(f"{PACK}.{name}")
+from comfy_pack import load_pack, sub  # noqa: E402
 
 
 @pytest.fixture(scope="session")

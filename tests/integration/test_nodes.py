@@ -2,12 +2,11 @@
 (under torch.inference_mode), plus interrupt/resume and save/load round trips."""
 from __future__ import annotations
 
+import comfy_tiny as ct
 import pytest
 import torch
-
-import comfy_tiny as ct
-from conftest import sub
-from helpers import rel_err, same_weights, weights_snapshot
+from comfy_checks import rel_err, same_weights, weights_snapshot
+from comfy_pack import sub
 
 LEARN_ARGS = dict(prompts="a red fox in snow\na lighthouse in a storm\na bowl of ramen", negative_prompt="",
                   max_prompts=0, width=64, height=64, steps=3, cfg=2.0, sampler_name="euler", scheduler="normal",

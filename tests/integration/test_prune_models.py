@@ -2,11 +2,10 @@
 hard-gated model's, the input MODEL is untouched, and the tables find the expected units."""
 from __future__ import annotations
 
+import comfy_tiny as ct
 import pytest
 import torch
-
-import comfy_tiny as ct
-from helpers import random_keep, rel_err, same_weights, weights_snapshot
+from comfy_checks import random_keep, rel_err, same_weights, weights_snapshot
 
 EXPECTED = {
     "sd15": ("comfy_unet", {"head", "neuron"}),

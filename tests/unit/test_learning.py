@@ -11,7 +11,7 @@ from ecodiff_core.denoisers import EpsSchedule, flux_flow_denoiser, unet_eps_den
 from ecodiff_core.errors import SettingsError
 from ecodiff_core.gates import GateSettings, sample_gate, uniform_noise
 from ecodiff_core.gating import GateController
-from ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner
+from ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner, frozen_weights
 from ecodiff_core.maskfile import load_mask, save_mask
 from ecodiff_core.trajectory import trajectory_gradient
 
@@ -221,3 +221,14 @@ def test_per_step_objective_runs_and_learns():
     model, layout, samples, sigmas = samples_for("sd15", 2)
     state = MaskLearner(model, layout, LearnSettings(**FAST, objective="per_step")).learn(samples, sigmas)
     assert state.progress["finished"] and len(state.history) == 2
+
+
+def test_frozen_weights_restores_flags_of_inference_tensors():
+    """ComfyUI loads weights under torch.inference_mode(); freezing for learning must hand them back as found."""
+    with torch.inference_mode():
+        model, _ = build("sd15", torch.float32)
+    model.conv_in.weight.requires_grad_(False)
+    with frozen_weights(model):
+        assert not any(p.requires_grad for p in model.parameters())
+    assert not model.conv_in.weight.requires_grad
+    assert all(p.requires_grad and p.is_inference() for n, p in model.named_parameters() if n != "conv_in.weight")
