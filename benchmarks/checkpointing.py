@@ -6,8 +6,9 @@ UNet with CFG, and prints a Markdown table:
     .venv/bin/python benchmarks/checkpointing.py [--steps 1 5 10 25 50] [--latent 32]
 
 Memory: "peak increase" is the process's peak RSS minus its RSS after the model was built and one
-inference trajectory ran (kernels and allocator pools warm); "process peak" is the peak RSS itself.  Cost is the wall time of one learning
-trajectory (no-grad rollout + per-step recompute and one VJP) divided by one inference trajectory.
+inference trajectory ran (kernels and allocator pools warm); "process peak" is the peak RSS itself.
+Cost is the wall time of one learning trajectory (no-grad rollout + per-step recompute and one VJP)
+divided by one inference trajectory.
 """
 from __future__ import annotations
 

@@ -213,3 +213,30 @@ def test_pruning_an_already_pruned_model_is_refused(flux_run, nodes, core):
         pruned = nodes.ApplyPrunedMask.execute(tiny.model, out.args[0], "params", 0.1, "", "prune").args[0]
     with pytest.raises(core.errors.EcoDiffError, match="already pruned"):
         nodes.ApplyPrunedMask.execute(pruned, out.args[0], "params", 0.1, "", "prune")
+
+
+def _run_node(cls, legacy_method: str, *args):
+    """Call a stock node on ComfyUI versions with V1 classes (method) or V3 classes (execute)."""
+    if hasattr(cls, legacy_method):
+        return getattr(cls(), legacy_method)(*args)
+    return cls.execute(*args).args
+
+
+def test_pruned_model_runs_through_sampler_custom_advanced(flux_run, nodes):
+    """The pruned MODEL in SamplerCustomAdvanced (guider/sampler/sigmas/noise nodes) equals KSampler's path."""
+    from comfy_extras import nodes_custom_sampler as custom
+
+    tiny, out, _ = flux_run
+    with torch.inference_mode():
+        pruned = nodes.ApplyPrunedMask.execute(tiny.model, out.args[0], "params", 0.2, "", "prune").args[0]
+        channels = pruned.model.latent_format.latent_channels
+        latent = {"samples": torch.zeros(1, channels, 8, 8)}
+        noise = _run_node(custom.RandomNoise, "get_noise", 3)[0]
+        guider = _run_node(custom.CFGGuider, "get_guider", pruned, tiny.positive, tiny.negative, 2.0)[0]
+        sampler = _run_node(custom.KSamplerSelect, "get_sampler", "euler")[0]
+        sigmas = _run_node(custom.BasicScheduler, "get_sigmas", pruned, "normal", 3, 1.0)[0]
+        result = _run_node(custom.SamplerCustomAdvanced, "sample", noise, guider, sampler, sigmas, latent)[0]
+        reference = ct.sample(pruned, tiny.positive, tiny.negative, seed=3, steps=3, cfg=2.0)
+    samples = result["samples"]
+    assert samples.shape == reference.shape and torch.isfinite(samples).all()
+    assert rel_err(samples, reference) <= 1e-4
