@@ -129,20 +129,21 @@ def image_grid(columns: list[tuple[str, torch.Tensor]], per_class: int, scale: i
     """A labelled PIL image: for each labelled image set, ``per_class`` samples of digits 0–9 in rows."""
     from PIL import Image, ImageDraw
 
-    size = 8 * scale
+    size, pad = 8 * scale, 2
+    pitch = size + pad
     gap, header = size // 2, 16
-    width = len(columns) * per_class * size + (len(columns) - 1) * gap
-    canvas = Image.new("L", (width, header + 10 * size), 255)
+    block = per_class * pitch
+    canvas = Image.new("L", (len(columns) * block + (len(columns) - 1) * gap, header + 10 * pitch), 255)
     draw = ImageDraw.Draw(canvas)
     for c, (label, images) in enumerate(columns):
-        x0 = c * (per_class * size + gap)
+        x0 = c * (block + gap)
         draw.text((x0 + 2, 2), label, fill=0)
         pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         stride = images.shape[0] // 10
         for digit in range(10):
             for k in range(per_class):
                 tile = Image.fromarray(pixels[digit * stride + k, 0].numpy()).resize((size, size), Image.NEAREST)
-                canvas.paste(tile, (x0 + k * size, header + digit * size))
+                canvas.paste(tile, (x0 + k * pitch, header + digit * pitch))
     return canvas
 
 
