@@ -23,7 +23,7 @@ import copy
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -416,6 +416,15 @@ def soft_gated_model(model: Any, layout: Layout, keep: dict[str, torch.Tensor]) 
         if side == "out" and get_linear(module, path).bias is not None:
             patcher.add_weight_wrapper(f"diffusion_model.{path}.bias", _GateWeight(scale, side))
     return patcher
+
+
+def soft_preview(model: Any, layout: Layout, plan: PrunePlan) -> tuple[Any, PruneReport]:
+    """The soft-gated MODEL and the report of what pruning would remove (weights keep their size,
+    so "after" is the plan's count)."""
+    module = diffusion_module(model)
+    report = PruneReport.build(module, module, layout, plan.keep)
+    report.params_after = report.params_before - plan.removed_params
+    return soft_gated_model(model, layout, plan.keep), report
 
 
 def _source_module(model: Any) -> nn.Module:

@@ -30,7 +30,8 @@ def _check_fraction(name: str, value: object) -> float:
         raise EcoDiffError(f"PruneTarget.{name} must be a number, got {value!r}")
     if not 0.0 <= value <= MAX_FRACTION:
         hint = f" (fractions, not percent: did you mean {value / 100:g}?)" if 1 < value <= 95 else ""
-        raise EcoDiffError(f"PruneTarget.{name} is the fraction to remove and must lie in "
+        what = "parameters" if name == "params" else "FLOPs"
+        raise EcoDiffError(f"the {name} target is the fraction of {what} to remove and must lie in "
                            f"[0, {MAX_FRACTION}], got {value:g}{hint}")
     return float(value)
 

@@ -7,7 +7,6 @@ from ..ecodiff_comfy import bridge
 from ..ecodiff_core.budget import MAX_FRACTION, PruneTarget
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.maskfile import MaskState
-from ..ecodiff_core.report import PruneReport
 from .common import CATEGORY, MaskType, ReportData, ReportType
 
 TARGETS = ("params", "keep_ratios")
@@ -61,9 +60,6 @@ class ApplyPrunedMask(io.ComfyNode):
         if mode not in MODES:
             raise EcoDiffError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
         if target == "params":
-            if not 0.0 <= sparsity <= MAX_FRACTION:
-                raise EcoDiffError(f"sparsity is the fraction of parameters to remove and must lie in [0, {MAX_FRACTION}], "
-                                   f"got {sparsity:g}" + (f" (did you mean {sparsity / 100:g}?)" if 1 < sparsity <= 95 else ""))
             goal, label = PruneTarget(params=sparsity), f"remove {sparsity:.1%} of parameters"
         elif target == "keep_ratios":
             ratios = parse_keep_ratios(keep_ratios)
@@ -74,9 +70,7 @@ class ApplyPrunedMask(io.ComfyNode):
             raise EcoDiffError("this MODEL is already pruned; apply the mask to the original model")
         layout, plan = bridge.plan(model, mask, goal)
         if mode == "soft":
-            out = bridge.soft_gated_model(model, layout, plan.keep)
-            report = PruneReport.build(bridge.diffusion_module(model), bridge.diffusion_module(model), layout, plan.keep)
-            report.params_after = report.params_before - plan.removed_params
+            out, report = bridge.soft_preview(model, layout, plan)
         else:
             out, report = bridge.build_pruned_model(model, layout, plan.keep, mask.logits)
         data = ReportData(report=report, mode=mode, target=label,
