@@ -31,12 +31,12 @@ import torch
 from torch import nn
 
 from ..ecodiff_core.archs import find_layout
-from ..ecodiff_core.archs.comfy_common import keep_one_head, protect_one_head, silence_heads
+from .attention_patches import fit_attention_patches
 from ..ecodiff_core.budget import PrunePlan, PruneTarget, plan_pruning
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo
 from ..ecodiff_core.maskfile import MaskState
-from ..ecodiff_core.prune import check_keep, prune_model
+from ..ecodiff_core.prune import check_keep, physical_keep, prune_model
 from ..ecodiff_core.report import PruneReport
 from ..ecodiff_core.units import Layout, get_linear
 
@@ -368,11 +368,10 @@ def trajectory_losses(model: Any, conds: Sequence[tuple[list, list]], spec: Samp
 # pruning
 # --------------------------------------------------------------------------------------------
 def plan(model: Any, state: MaskState, target: PruneTarget) -> tuple[Layout, PrunePlan]:
-    """Keep masks for ``target``; inline joint attentions (FLUX, MMDiT) always keep one head."""
+    """Keep masks for ``target`` (the engine keeps the units that must stay, ``min_keep``)."""
     layout = model_layout(model)
     state.check_layout(layout)
-    logits = protect_one_head(layout, state.logits)
-    return layout, plan_pruning(diffusion_module(model), layout, logits, target)
+    return layout, plan_pruning(diffusion_module(model), layout, state.logits, target)
 
 
 class _GateWeight:
@@ -467,14 +466,15 @@ def _wrap(model: Any, base: Any) -> Any:
 
 def build_pruned_model(model: Any, layout: Layout, keep: dict[str, torch.Tensor],
                        logits: dict[str, torch.Tensor]) -> tuple[Any, PruneReport]:
-    """A NEW, physically smaller MODEL; ``model`` and its module stay as they were."""
+    """A NEW, physically smaller MODEL; ``model`` and its module stay as they were.  Units that must
+    stay although ``keep`` removes them (``min_keep``) stay silenced: the highest-``logits`` ones."""
     keep = check_keep(layout, keep)
-    adjusted, silenced = keep_one_head(layout, keep, logits)
+    adjusted, silenced = physical_keep(layout, keep, logits)
     with torch.inference_mode(False):
         source = _source_module(model)
-        pruned = prune_model(source, layout, adjusted)
-        silence_heads(pruned, layout, silenced)
-        report = PruneReport.build(source, pruned, layout, adjusted)
+        pruned = prune_model(source, layout, keep, logits)
+        fit_attention_patches(pruned)
+        report = PruneReport.build(source, pruned, layout, keep)
     record = pruning_record(model, layout, adjusted, silenced)
     return _wrap(model, _new_base_model(model, pruned, record)), report
 
@@ -599,6 +599,7 @@ def load_pruned_model(path: Path) -> Any:
     for name, kept in record["kept"].items():
         keep[name][kept] = True
     pruned = prune_model(base.diffusion_model, layout, keep)
+    fit_attention_patches(pruned)
     offload = mm.unet_offload_device()
     missing, unexpected = pruned.load_state_dict(sd, strict=False, assign=True)
     meta_left = [n for n, t in list(pruned.named_parameters()) + list(pruned.named_buffers()) if t.is_meta]

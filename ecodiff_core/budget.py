@@ -2,11 +2,14 @@
 
 One global ranking of all units by logit (lowest = least important = removed first), across
 heads, neurons and channels alike; units are removed in that order until the removed cost reaches
-the budget, so the result overshoots the target by less than the cost of one unit.
+the budget, so the result overshoots the target by less than the cost of one unit.  The
+``min_keep`` best units of each group are never removed (they are not counted as prunable), so
+every plan that is accepted is delivered by ``prune_model`` as planned.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +18,7 @@ from torch import nn
 from .errors import EcoDiffError
 from .flops import FlopCosts
 from .prune import emptied_groups
-from .units import UNIT_KINDS, Layout, parameter_costs
+from .units import UNIT_KINDS, Layout, UnitGroup, parameter_costs
 
 MAX_FRACTION = 0.95
 MIN_KEEP_RATIO = 0.05
@@ -132,9 +135,29 @@ def _split(groups, removed_flat: torch.Tensor) -> dict[str, torch.Tensor]:
     return keep
 
 
+def protected_units(groups: Sequence[UnitGroup], logits: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Flat mask over ``groups`` in order: the ``min_keep`` highest-logit units of each group
+    (ties: lowest index), which no planner removes."""
+    parts = []
+    for g in groups:
+        p = torch.zeros(g.count, dtype=torch.bool)
+        if g.min_keep:
+            p[torch.sort(logits[g.name], descending=True, stable=True).indices[:g.min_keep]] = True
+        parts.append(p)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+
+def _removal_order(groups: Sequence[UnitGroup], values: torch.Tensor,
+                   logits: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Flat indices of the removable units, lowest logit first (stable)."""
+    order = torch.sort(values, stable=True).indices
+    return order[~protected_units(groups, logits)[order]]
+
+
 def select_units(layout: Layout, logits: dict[str, torch.Tensor], costs: dict[str, float],
                  budget: float) -> dict[str, torch.Tensor]:
-    """Remove the lowest-logit units (one global ranking, stable) until removed cost ≥ ``budget``."""
+    """Remove the lowest-logit units (one global ranking, stable) until removed cost ≥ ``budget``;
+    the ``min_keep`` best units of each group are never removed."""
     logits = check_logits(layout, logits)
     groups, values = _flatten(layout, logits)
     missing = [g.name for g in groups if g.name not in costs]
@@ -144,21 +167,23 @@ def select_units(layout: Layout, logits: dict[str, torch.Tensor], costs: dict[st
     unit_cost = torch.cat([torch.full((g.count,), float(costs[g.name]), dtype=torch.float64) for g in groups])
     if (unit_cost < 0).any():
         raise EcoDiffError("unit costs must be non-negative")
-    available = float(unit_cost.sum())
+    order = _removal_order(groups, values, logits)
+    available = float(unit_cost[order].sum())
     if budget > available * (1 + 1e-12):
-        raise EcoDiffError(f"budget {budget:,.0f} exceeds the {available:,.0f} held by all prunable units")
-    order = torch.sort(values, stable=True).indices
+        raise EcoDiffError(f"budget {budget:,.0f} exceeds the {available:,.0f} held by all removable units "
+                           "(units that must stay, min_keep, are not removable)")
     removed = torch.zeros(values.numel(), dtype=torch.bool)
     if budget > 0:
         cum = torch.cumsum(unit_cost[order], 0)
         n = int(torch.searchsorted(cum, torch.tensor([budget], dtype=torch.float64) * (1 - 1e-12))) + 1
-        removed[order[:min(n, values.numel())]] = True
+        removed[order[:min(n, order.numel())]] = True
     return _split(groups, removed)
 
 
 def select_by_ratios(layout: Layout, logits: dict[str, torch.Tensor],
                      keep_ratios: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Keep the top ``round(ratio × N)`` units of each kind, ranked globally within the kind."""
+    """Keep the top ``round(ratio × N)`` units of each kind, ranked globally within the kind; the
+    ``min_keep`` best units of each group stay even where that keeps more."""
     logits = check_logits(layout, logits)
     keep_ratios = _check_ratios(keep_ratios)
     absent = sorted(set(keep_ratios) - set(layout.kinds()))
@@ -169,7 +194,7 @@ def select_by_ratios(layout: Layout, logits: dict[str, torch.Tensor],
         groups, values = _flatten(layout, logits, kind)
         n_remove = values.numel() - round(ratio * values.numel())
         removed = torch.zeros(values.numel(), dtype=torch.bool)
-        removed[torch.sort(values, stable=True).indices[:n_remove]] = True
+        removed[_removal_order(groups, values, logits)[:n_remove]] = True
         keep.update(_split(groups, removed))
     return keep
 
@@ -188,7 +213,7 @@ def plan_pruning(model: nn.Module, layout: Layout, logits: dict[str, torch.Tenso
         keep = select_by_ratios(layout, logits, target.keep_ratios)
     elif target.mode == "params":
         budget = target.params * total
-        prunable = sum(costs[g.name] * g.count for g in layout.groups)
+        prunable = sum(costs[g.name] * g.removable for g in layout.groups)
         _check_reachable("parameters", budget, total, prunable, layout)
         keep = select_units(layout, logits, costs, budget)
     else:
@@ -208,9 +233,21 @@ def plan_pruning(model: nn.Module, layout: Layout, logits: dict[str, torch.Tenso
                      emptied_owners=[g.owner for g in emptied_groups(layout, keep)])
 
 
+def max_fraction(prunable: float, total: float, decimals: int = 3) -> float:
+    """The highest fraction with ``decimals`` decimals whose budget (fraction × ``total``) fits in
+    ``prunable``: rounded down, so a target of exactly this value is accepted."""
+    if total <= 0:
+        return 0.0
+    step = 10 ** decimals
+    value = math.floor(prunable / total * step) / step
+    while value > 0 and value * total > prunable:  # float rounding at the boundary
+        value = round(value - 1 / step, decimals)
+    return min(max(value, 0.0), MAX_FRACTION)
+
+
 def _check_reachable(what: str, budget: float, total: float, prunable: float, layout: Layout) -> None:
     if budget > prunable:
         raise EcoDiffError(
             f"the target removes {budget:,.0f} {what} ({budget / total:.1%} of {total:,.0f}), but the "
-            f"prunable units of '{layout.arch}' hold only {prunable:,.0f} ({prunable / total:.1%}); "
-            f"lower the target to at most {prunable / total:.3f}")
+            f"removable units of '{layout.arch}' hold only {prunable:,.0f} ({prunable / total:.1%}; units "
+            f"that must stay are not counted); lower the target to at most {max_fraction(prunable, total)}")

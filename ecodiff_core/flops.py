@@ -30,7 +30,8 @@ class FlopCosts:
     total: float
 
     def prunable(self, layout: Layout) -> float:
-        return sum(self.per_unit[g.name] * g.count for g in layout.groups)
+        """FLOPs a planner may remove (units that must stay, ``min_keep``, excluded)."""
+        return sum(self.per_unit[g.name] * g.removable for g in layout.groups)
 
 
 def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

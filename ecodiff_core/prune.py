@@ -76,8 +76,34 @@ def check_keep(layout: Layout, keep: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def emptied_groups(layout: Layout, keep: dict[str, torch.Tensor]) -> list[UnitGroup]:
-    """Groups left with zero units."""
+    """Groups whose gate ``keep`` closes completely (silenced ``min_keep`` groups included)."""
     return [g for g in layout.groups if not bool(keep[g.name].any())]
+
+
+def physical_keep(layout: Layout, keep: dict[str, torch.Tensor],
+                  scores: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The units that stay in the pruned model, and the groups that keep silenced units.
+
+    A group that ``keep`` leaves with fewer than ``min_keep`` units keeps that many physically: its
+    removed units with the highest ``scores`` (e.g. logits; without scores, the lowest indices).
+    ``prune_model`` zeroes their gate-side weights, so the output equals hard masking with ``keep``.
+    Returns (masks of length ``count`` per group, names of the groups holding silenced units).
+    This is the one source of the kept counts that reports show.
+    """
+    out, silenced = {}, []
+    for g in layout.groups:
+        k = keep[g.name]
+        missing = g.min_keep - int(k.sum())
+        if missing > 0:
+            removed = torch.nonzero(~k).reshape(-1)
+            if scores is not None:
+                rank = torch.as_tensor(scores[g.name]).detach().cpu().to(torch.float64)[removed]
+                removed = removed[torch.sort(rank, descending=True, stable=True).indices]
+            k = k.clone()
+            k[removed[:missing]] = True
+            silenced.append(g.name)
+        out[g.name] = k
+    return out, silenced
 
 
 def _under(path: str, prefixes: Sequence[str]) -> bool:
@@ -123,14 +149,19 @@ def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
 
 
 @torch.no_grad()
-def prune_model(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor]) -> nn.Module:
+def prune_model(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor],
+                scores: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """A new model with the units where ``keep`` is False physically removed.
 
     Groups with zero kept units whose ``empty`` factory is set get their owner replaced (e.g. an
-    attention module that returns its out-projection bias).  Unit counters (``heads`` …) and
-    dimensions (``inner_dim`` …) of the copy are updated.
+    attention module that returns its out-projection bias).  Groups that must keep ``min_keep``
+    units keep them physically with their gate-side weights zeroed (see ``physical_keep``, which
+    ``scores`` feeds), so the result always computes what hard masking with ``keep`` computes.
+    Unit counters (``heads`` …) and dimensions (``inner_dim`` …) of the copy describe what it holds.
     """
     keep = check_keep(layout, keep)
+    gate_closed = keep
+    keep, silenced = physical_keep(layout, keep, scores)
     replaced = [g for g in emptied_groups(layout, keep) if g.empty is not None]
     skip = [g.owner for g in replaced]
     memo: dict[int, object] = {}
@@ -154,7 +185,31 @@ def prune_model(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor])
             new = pruned.get_submodule(path)
             new.in_features, new.out_features = new.weight.shape[1], new.weight.shape[0]
     _set_counts(pruned, layout, keep, skip)
+    _silence(pruned, layout, plans, keep, gate_closed, silenced)
     return pruned
+
+
+def _silence(pruned: nn.Module, layout: Layout, plans: dict[str, LinearPlan], keep: dict[str, torch.Tensor],
+             gate_closed: dict[str, torch.Tensor], silenced: Sequence[str]) -> None:
+    """Zero the gate-side weights of units kept only because of ``min_keep``."""
+    groups = layout.by_name()
+    for name in silenced:
+        g = groups[name]
+        units = torch.nonzero(keep[name] & ~gate_closed[name]).reshape(-1)
+        for s in g.gates:
+            lin = pruned.get_submodule(s.module)
+            old = g.unit_indices(s, units)
+            plan = plans.get(s.module)
+            if plan is not None:  # position of the old features among the kept ones
+                kept = plan.in_keep if s.side == "in" else plan.out_keep
+                old = (torch.cumsum(kept.long(), 0) - 1)[old]
+            old = old.to(lin.weight.device)
+            if s.side == "in":
+                lin.weight[:, old] = 0
+            else:
+                lin.weight[old] = 0
+                if lin.bias is not None:
+                    lin.bias[old] = 0
 
 
 def _set_counts(pruned: nn.Module, layout: Layout, keep: dict[str, torch.Tensor], skip: Sequence[str]) -> None:

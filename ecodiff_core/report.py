@@ -1,4 +1,8 @@
-"""What pruning removed: parameters in total, per unit kind, per block; emptied modules."""
+"""What pruning removed: parameters in total, per unit kind, per block, per group; emptied modules.
+
+Kept unit counts come from one place, ``prune.physical_keep``: the units the pruned model holds
+(silenced units that must stay physically are counted as kept, as the model's shapes show them).
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -6,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .prune import check_keep, emptied_groups
+from .prune import check_keep, physical_keep
 from .units import Layout, parameter_costs
 
 
@@ -29,6 +33,15 @@ class BlockStats:
 
 
 @dataclass
+class GroupStats:
+    name: str
+    kind: str
+    block: str
+    units_before: int
+    units_after: int  # units physically in the pruned model (silenced ones included)
+
+
+@dataclass
 class PruneReport:
     arch: str
     params_before: int
@@ -36,13 +49,15 @@ class PruneReport:
     kinds: list[KindStats]
     blocks: list[BlockStats]
     emptied: list[str] = field(default_factory=list)  # group names left with zero units
+    silenced: list[str] = field(default_factory=list)  # gate closed, min_keep units stay with zero output
+    groups: list[GroupStats] = field(default_factory=list)
     flops_before: float | None = None
     flops_after: float | None = None
 
     @classmethod
     def build(cls, original: nn.Module, pruned: nn.Module, layout: Layout, keep: dict[str, torch.Tensor],
               flops_before: float | None = None, flops_after: float | None = None) -> PruneReport:
-        keep = check_keep(layout, keep)
+        keep, silenced = physical_keep(layout, check_keep(layout, keep))
         costs = parameter_costs(original, layout)
         kinds = []
         for kind in layout.kinds():
@@ -58,8 +73,10 @@ class PruneReport:
             blocks.append(BlockStats(block, _under(before, block), _under(after, block),
                                      sum(g.count for g in groups), sum(int(keep[g.name].sum()) for g in groups)))
         return cls(arch=layout.arch, params_before=sum(before.values()), params_after=sum(after.values()),
-                   kinds=kinds, blocks=blocks, emptied=[g.name for g in emptied_groups(layout, keep)],
-                   flops_before=flops_before, flops_after=flops_after)
+                   kinds=kinds, blocks=blocks, emptied=[g.name for g in layout.groups if not keep[g.name].any()],
+                   silenced=silenced, flops_before=flops_before, flops_after=flops_after,
+                   groups=[GroupStats(g.name, g.kind, g.block, g.count, int(keep[g.name].sum()))
+                           for g in layout.groups])
 
     @property
     def params_removed(self) -> int:
@@ -96,6 +113,10 @@ class PruneReport:
             lines += ["", (f"{len(self.emptied)} module(s) lost all their units "
                           "(they now contribute their output bias only):")]
             lines += [f"  {name}" for name in self.emptied]
+        if self.silenced:
+            lines += ["", (f"{len(self.silenced)} module(s) lost all their units but cannot run without "
+                          "one; it stays with its output zeroed (counted as kept above):")]
+            lines += [f"  {name}" for name in self.silenced]
         return "\n".join(lines)
 
 

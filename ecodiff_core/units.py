@@ -45,6 +45,11 @@ class UnitGroup:
     empty      builds the replacement of ``owner`` when every unit is removed; None when the
                sliced module already behaves correctly with zero units.
     block      a coarse label for reports (transformer block path).
+    min_keep   units that must stay physically because the owner cannot run with fewer (an inline
+               joint attention cannot run with zero heads).  Planners never remove the ``min_keep``
+               best units; a keep mask that closes more of them is honoured by ``prune_model`` by
+               keeping that many units physically with their gate-side weights zeroed ("silenced"),
+               which computes exactly what the hard-gated model computes.
     """
 
     name: str
@@ -58,6 +63,12 @@ class UnitGroup:
     dims: tuple[tuple[str, str], ...] = ()
     empty: Callable[[nn.Module], nn.Module] | None = field(default=None, compare=False)
     block: str = ""
+    min_keep: int = 0
+
+    @property
+    def removable(self) -> int:
+        """How many units a planner may remove."""
+        return self.count - self.min_keep
 
     @property
     def slices(self) -> tuple[Slice, ...]:

@@ -73,8 +73,5 @@ class ApplyPrunedMask(io.ComfyNode):
             out, report = bridge.soft_preview(model, layout, plan)
         else:
             out, report = bridge.build_pruned_model(model, layout, plan.keep, mask.logits)
-        data = ReportData(report=report, mode=mode, target=label,
-                          keep_counts={g.name: (int(plan.keep[g.name].sum()), g.count) for g in layout.groups},
-                          blocks={g.name: g.block for g in layout.groups},
-                          kinds={g.name: g.kind for g in layout.groups})
+        data = ReportData(report=report, mode=mode, target=label)
         return io.NodeOutput(out, data)

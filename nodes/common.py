@@ -28,14 +28,24 @@ def parse_prompts(text: str, limit: int = 0) -> list[str]:
 
 @dataclass
 class ReportData:
-    """What Apply Pruned Mask hands to the Pruning Report node."""
+    """What Apply Pruned Mask hands to the Pruning Report node; every count comes from ``report``."""
 
     report: Any  # ecodiff_core.report.PruneReport
     mode: str
     target: str
-    keep_counts: dict[str, tuple[int, int]]  # group name → (kept, total)
-    blocks: dict[str, str]  # group name → block label
-    kinds: dict[str, str]  # group name → unit kind
+
+    @property
+    def keep_counts(self) -> dict[str, tuple[int, int]]:
+        """group name → (units kept in the model, units before)."""
+        return {g.name: (g.units_after, g.units_before) for g in self.report.groups}
+
+    @property
+    def blocks(self) -> dict[str, str]:
+        return {g.name: g.block for g in self.report.groups}
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        return {g.name: g.kind for g in self.report.groups}
 
 
 def mask_summary(state: MaskState) -> str:

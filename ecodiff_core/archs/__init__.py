@@ -61,6 +61,9 @@ def validate_layout(model: nn.Module, layout: Layout) -> None:
         if g.count < 1 or g.width < 1 or not g.gates:
             raise EcoDiffError(f"group '{g.name}' needs count ≥ 1, width ≥ 1 and a gate site "
                                f"(got count={g.count}, width={g.width}, {len(g.gates)} gates)")
+        if not 0 <= g.min_keep <= g.count or (g.min_keep and g.empty is not None):
+            raise EcoDiffError(f"group '{g.name}': min_keep={g.min_keep} must lie in [0, {g.count}] and is "
+                               "only for owners without an 'empty' replacement")
         for role, slices in (("gate", g.gates), ("producer", g.producers)):
             for s in slices:
                 lin = get_linear(model, s.module)

@@ -6,8 +6,10 @@ Single blocks: heads = q/k/v rows of the fused ``linear1`` and the first columns
 MLP neurons = ``linear1`` rows after q/k/v and ``linear2`` columns after the attention features;
 ``modulation.lin`` channels.  The forwards read ``num_heads`` (both kinds) and, in single blocks,
 ``hidden_size`` (size of the q/k/v split) and ``mlp_hidden_dim``: counters and dims keep them right.
-A joint attention cannot run with zero heads, so those groups have no ``empty`` factory and the
-planner must keep one head (see ``comfy_common.MIN_ONE``).
+The attention runs inline in the block (``qkv.view(…, num_heads, -1)``), which cannot run with
+zero heads, and is no separate module an ``empty`` factory could replace: head groups say
+``min_keep=1``, so planners keep their best head and ``prune_model`` keeps one silenced head where
+a keep mask closes them all.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def double_block_groups(block: nn.Module, path: str) -> list[UnitGroup]:
         gates=(Slice(join(path, "img_attn.proj"), "in"), Slice(join(path, "txt_attn.proj"), "in")),
         producers=_thirds(join(path, "img_attn.qkv"), span) + _thirds(join(path, "txt_attn.qkv"), span),
         counters=((path, "num_heads"), (join(path, "img_attn"), "num_heads"), (join(path, "txt_attn"), "num_heads")),
-        block=path,
+        block=path, min_keep=1,
     )
     return [
         modulation_group(block.img_mod.lin, join(path, "img_mod.lin"), path),
@@ -77,7 +79,7 @@ def single_block_groups(block: nn.Module, path: str) -> list[UnitGroup]:
     head_group = UnitGroup(
         name=f"{path}:heads", kind="head", count=heads, width=hd, owner=path,
         gates=(Slice(l2, "in", offset=0),), producers=_thirds(l1, span),
-        counters=((path, "num_heads"),), dims=((path, "hidden_size"),), block=path,
+        counters=((path, "num_heads"),), dims=((path, "hidden_size"),), block=path, min_keep=1,
     )
     neurons = UnitGroup(
         name=f"{path}:neurons", kind="neuron", count=mlp, width=1, owner=path,

@@ -6,7 +6,9 @@ so a head is removed from both streams: q/k/v rows of ``context_block.attn.qkv``
 no proj, no MLP; its head outputs are discarded anyway).  ``x_block.attn2`` (SD3.5 medium) is its
 own head set.  MLP neurons per stream (``mlp.fc1`` rows / ``mlp.fc2`` columns).  ``split_qkv``
 infers the head count from ``head_dim``, and the attention call reads ``attn.num_heads``.
-A joint attention cannot run with zero heads: no ``empty`` factory (see ``comfy_common.MIN_ONE``).
+``split_qkv`` cannot run with zero heads and the attention is no separate module an ``empty``
+factory could replace: head groups say ``min_keep=1`` (planners keep the best head; a keep mask
+that closes them all keeps one silenced head).
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def joint_heads(block: nn.Module, path: str) -> UnitGroup:
     return UnitGroup(
         name=f"{path}:heads", kind="head", count=heads, width=hd, owner=path, gates=gates,
         producers=_thirds(join(cpath, "qkv"), span) + _thirds(join(xpath, "qkv"), span),
-        counters=((cpath, "num_heads"), (xpath, "num_heads")), block=path,
+        counters=((cpath, "num_heads"), (xpath, "num_heads")), block=path, min_keep=1,
     )
 
 
@@ -58,7 +60,7 @@ def self_heads(attn: nn.Module, path: str, block: str) -> UnitGroup:
     return UnitGroup(
         name=f"{path}:heads", kind="head", count=heads, width=hd, owner=path,
         gates=(Slice(join(path, "proj"), "in"),), producers=_thirds(join(path, "qkv"), span),
-        counters=((path, "num_heads"),), block=block,
+        counters=((path, "num_heads"),), block=block, min_keep=1,
     )
 
 

@@ -2,10 +2,15 @@
 hard-gated model's, the input MODEL is untouched, and the tables find the expected units."""
 from __future__ import annotations
 
+import re
+
 import comfy_tiny as ct
 import pytest
 import torch
 from comfy_checks import random_keep, rel_err, same_weights, weights_snapshot
+from comfy_pack import sub
+
+from tests.pruned_shapes import check_counts_match_shapes
 
 EXPECTED = {
     "sd15": ("comfy_unet", {"head", "neuron"}),
@@ -77,3 +82,86 @@ def test_flux_single_block_split_sizes_follow_kept_units(bridge):
     block = bridge.diffusion_module(pruned).single_blocks[0]
     assert (block.num_heads, block.hidden_size, block.mlp_hidden_dim) == (2, 32, 156)
     assert block.linear1.out_features == 3 * 32 + 156 and block.linear2.in_features == 32 + 156
+
+
+# Integer attributes that look like sizes of pruned units (name and value) but describe something
+# pruning keeps; every other such attribute must be declared as a counter or dim of its group.
+SIZE_NAMES = re.compile(r"head|hidden|inner|mlp|dim|channels|features")
+NOT_PRUNED = {
+    ("CrossAttention", "dim_head"): "head width",
+    ("BasicTransformerBlock", "d_head"): "head width",
+    ("SelfAttention", "head_dim"): "head width (MMDiT)",
+    ("SpatialTransformer", "in_channels"): "residual stream width",
+    ("DoubleStreamBlock", "hidden_size"): "residual stream width",
+    ("SingleStreamBlock", "hidden_dim"): "residual stream width (hidden_size is the q/k/v split)",
+}
+
+
+def _audited_paths(group) -> list[str]:
+    """The group's block, the modules between it and the owner, the owner (descendants come from
+    ``named_modules`` of the owner)."""
+    parts = group.owner.split(".")
+    start = len(group.block.split(".")) if group.block and group.owner.startswith(group.block) else len(parts)
+    return [".".join(parts[:i]) for i in range(start, len(parts))]
+
+
+@pytest.mark.parametrize("arch", ct.ARCHS)
+def test_every_size_attribute_is_declared_and_follows_pruning(arch, bridge):
+    """Audit of ComfyUI's classes: an int attribute of a pruned module (or of the modules around it)
+    that equals a group's unit count, or count × width, is a counter/dim of that group, and after
+    pruning every counter/dim matches the weight shapes."""
+    tiny = ct.tiny(arch, seed=3)
+    dm = bridge.diffusion_module(tiny.model)
+    layout = bridge.model_layout(tiny.model)
+    declared = {(p, a) for g in layout.groups for p, a in g.counters + g.dims}
+    undeclared = []
+    for g in layout.groups:
+        sizes = {g.count, g.count * g.width} | ({g.width} if g.width > 1 else set())
+        paths = _audited_paths(g) + [f"{g.owner}.{n}".rstrip(".") for n, _ in dm.get_submodule(g.owner).named_modules()]
+        for path in dict.fromkeys(paths):
+            module = dm.get_submodule(path)
+            if isinstance(module, torch.nn.Linear):
+                continue  # in/out_features follow the sliced weights
+            for attr, value in vars(module).items():
+                if attr.startswith("_") or isinstance(value, bool) or not isinstance(value, int):
+                    continue
+                if SIZE_NAMES.search(attr) and value in sizes and (path, attr) not in declared \
+                        and (type(module).__name__, attr) not in NOT_PRUNED:
+                    undeclared.append(f"{path}.{attr}={value} ({type(module).__name__}, group {g.name})")
+    assert not undeclared, "size attributes not declared in the table: " + "; ".join(sorted(set(undeclared)))
+
+    keep = random_keep(layout, seed=9, empty=_emptied(layout))
+    with torch.inference_mode():
+        pruned, report = bridge.build_pruned_model(tiny.model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
+    kept = {s.name: s.units_after for s in report.groups}
+    check_counts_match_shapes(dm, bridge.diffusion_module(pruned), layout, kept)
+
+
+@pytest.mark.parametrize("arch", ct.ARCHS)
+def test_advised_maximum_is_accepted_and_delivered(arch, bridge, core):
+    """Apply Pruned Mask at the value its own refusal advises: accepted, at least that fraction
+    removed (units that must stay were never counted as removable), and the report's kept counts
+    are the pruned model's."""
+    nodes = sub("nodes")
+    tiny = ct.tiny(arch, seed=6)
+    layout = bridge.model_layout(tiny.model)
+    mask = core.maskfile.MaskState.fresh(layout, 0.0)
+    gen = torch.Generator().manual_seed(8)
+    mask.logits = {g.name: torch.randn(g.count, generator=gen) for g in layout.groups}
+    with torch.inference_mode():
+        with pytest.raises(core.errors.EcoDiffError, match="at most") as refused:
+            nodes.ApplyPrunedMask.execute(tiny.model, mask, "params", 0.95, "", "prune")
+        advised = float(str(refused.value).rsplit("at most ", 1)[1].rstrip(". "))
+        pruned, data = nodes.ApplyPrunedMask.execute(tiny.model, mask, "params", advised, "", "prune").args
+        soft = nodes.ApplyPrunedMask.execute(tiny.model, mask, "params", advised, "", "soft").args[0]
+        out, out_soft = (ct.sample(m, tiny.positive, tiny.negative, seed=2) for m in (pruned, soft))
+    report = data.report
+    removed = report.params_removed / report.params_before
+    assert advised <= removed < advised + 0.02
+    assert rel_err(out, out_soft) <= 1e-4
+    kept = {name: k for name, (k, _total) in data.keep_counts.items()}
+    check_counts_match_shapes(bridge.diffusion_module(tiny.model), bridge.diffusion_module(pruned), layout, kept)
+    assert all(kept[g.name] >= g.min_keep for g in layout.groups)
+    rows = sub("nodes.report").chart_rows(data)
+    assert sum(k for _, stats in rows for kind, (k, _) in stats.items() if kind == "head") == \
+        sum(s.units_after for s in report.kinds if s.kind == "head")

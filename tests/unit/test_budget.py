@@ -5,10 +5,10 @@ import functools
 
 import pytest
 import torch
-from tiny_models import MODEL_NAMES, build
+from tiny_models import MODEL_NAMES, build, must_keep_layout
 
 from ecodiff_core.archs import find_layout
-from ecodiff_core.budget import PruneTarget, plan_pruning, select_by_ratios, select_units
+from ecodiff_core.budget import MAX_FRACTION, PruneTarget, max_fraction, plan_pruning, select_by_ratios, select_units
 from ecodiff_core.errors import EcoDiffError
 from ecodiff_core.flops import measure_flops, total_flops
 from ecodiff_core.prune import prune_model
@@ -129,3 +129,68 @@ def test_unreachable_or_incomplete_requests_are_rejected() -> None:
     bad[layout.groups[0].name] = torch.full((layout.groups[0].count,), float("nan"))
     with pytest.raises(EcoDiffError, match="NaN"):
         plan_pruning(model, layout, bad, PruneTarget())
+
+
+def advised_maximum(error: EcoDiffError) -> float:
+    return float(str(error).rsplit("at most ", 1)[1].rstrip(". "))
+
+
+@pytest.mark.parametrize("must_keep", [0, 1, 3])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_advised_maximum_is_accepted_and_delivered_within_one_unit(name: str, must_keep: int) -> None:
+    """The refusal names the highest accepted target (rounded down); planned at that target, the
+    model loses at least the budget and less than one more unit, units that must stay included."""
+    model, _, layout = case(name)
+    layout = must_keep_layout(layout, must_keep) if must_keep else layout
+    logits = random_logits(layout, 3)
+    with pytest.raises(EcoDiffError, match="at most") as refused:
+        plan_pruning(model, layout, logits, PruneTarget(params=MAX_FRACTION))
+    advised = advised_maximum(refused.value)
+    with pytest.raises(EcoDiffError, match="at most"):
+        plan_pruning(model, layout, logits, PruneTarget(params=round(advised + 0.001, 3)))
+    plan = plan_pruning(model, layout, logits, PruneTarget(params=advised))
+    costs = parameter_costs(model, layout)
+    assert plan.budget <= plan.removed_params < plan.budget + max(costs.values())
+    for g in layout.groups:  # the best min_keep units of every group stay
+        kept = plan.keep[g.name]
+        assert int(kept.sum()) >= g.min_keep
+        if g.min_keep:
+            assert set(torch.topk(logits[g.name], g.min_keep).indices.tolist()) <= set(kept.nonzero().flatten().tolist())
+    pruned = prune_model(model, layout, plan.keep)
+    extra = sum(p.numel() for g in layout.groups if g.empty is not None and not plan.keep[g.name].any()
+                for n, p in model.get_submodule(g.owner).named_parameters() if n.startswith("norm_"))
+    assert n_params(model) - n_params(pruned) == plan.removed_params + extra >= plan.budget
+
+
+def test_advised_flop_maximum_is_accepted_with_must_keep_units() -> None:
+    model, inputs, layout = case("flux")
+    layout = must_keep_layout(layout, 1)
+    fc = measure_flops(model, layout, lambda: model(**inputs))
+    logits = random_logits(layout, 4)
+    with pytest.raises(EcoDiffError, match="at most") as refused:
+        plan_pruning(model, layout, logits, PruneTarget(flops=MAX_FRACTION), flop_costs=fc)
+    advised = advised_maximum(refused.value)
+    plan = plan_pruning(model, layout, logits, PruneTarget(flops=advised), flop_costs=fc)
+    assert plan.budget <= plan.removed_flops
+    assert all(plan.keep[g.name].any() for g in layout.groups)
+    pruned = prune_model(model, layout, plan.keep)
+    assert fc.total - total_flops(lambda: pruned(**inputs)) == pytest.approx(plan.removed_flops)
+
+
+@pytest.mark.parametrize("prunable,total,expected", [(357.0, 1000.0, 0.357), (356.9, 1000.0, 0.356),
+                                                     (1.0, 3.0, 0.333), (0.0, 10.0, 0.0), (999.0, 1000.0, MAX_FRACTION)])
+def test_max_fraction_rounds_down_to_an_accepted_value(prunable: float, total: float, expected: float) -> None:
+    value = max_fraction(prunable, total)
+    assert value == expected and value * total <= prunable
+
+
+def test_keep_ratios_keep_the_units_that_must_stay() -> None:
+    model, _, layout = case("flux")
+    layout = must_keep_layout(layout, 1)
+    logits = random_logits(layout, 5)
+    plan = plan_pruning(model, layout, logits, PruneTarget(keep_ratios={"head": 0.05, "neuron": 0.05}))
+    for g in layout.groups:
+        if g.kind in ("head", "neuron"):
+            assert bool(plan.keep[g.name][int(logits[g.name].argmax())])
+    heads = [g for g in layout.groups if g.kind == "head"]
+    assert sum(int(plan.keep[g.name].sum()) for g in heads) == max(round(0.05 * layout.total_units("head")), len(heads))

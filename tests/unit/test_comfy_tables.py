@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ecodiff_core.archs import find_layout
-from ecodiff_core.archs.comfy_common import PROTECTED_LOGIT, keep_one_head, protect_one_head, silence_heads
+from ecodiff_core.budget import PruneTarget, plan_pruning
 from ecodiff_core.empty import EmptyAttention
 from ecodiff_core.prune import prune_model
 
@@ -37,6 +37,7 @@ class BasicTransformerBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.attn1, self.attn2, self.ff = CrossAttention(), CrossAttention(), FeedForward()
+        self.n_heads, self.d_head = H, HD
 
 
 class UNetModel(nn.Module):
@@ -146,6 +147,8 @@ def test_unet_pruning_updates_heads_and_empties_attention():
     pruned = prune_model(model, layout, keep)
     attn = pruned.input_blocks[0][1].attn1
     assert attn.heads == 1 and attn.to_q.out_features == HD and attn.to_out[0].in_features == HD
+    assert pruned.input_blocks[0][1].n_heads == 1  # what the block hands to attention patches
+    assert pruned.middle_block[0].n_heads == H
     assert isinstance(pruned.input_blocks[0][1].attn2, EmptyAttention)
 
 
@@ -182,17 +185,25 @@ def test_mmdit_table_shares_heads_and_skips_pre_only_parts():
 def test_inline_attention_groups_never_lose_their_last_head():
     model = Flux()
     layout = find_layout(model)
-    logits = {g.name: torch.randn(g.count) for g in layout.groups}
-    protected = protect_one_head(layout, logits)
+    assert {g.name: g.min_keep for g in layout.groups if g.min_keep} == \
+        {g.name: 1 for g in layout.groups if g.kind == "head"}
+    logits = {g.name: torch.randn(g.count, generator=torch.Generator().manual_seed(0)) for g in layout.groups}
+    plan = plan_pruning(model, layout, logits, PruneTarget(keep_ratios={"head": 0.05}))
     for g in layout.groups:
-        top = int((protected[g.name] == PROTECTED_LOGIT).sum())
-        assert top == (1 if g.kind == "head" else 0)
+        if g.kind == "head":  # the planner keeps exactly the best head
+            assert plan.keep[g.name].tolist() == (logits[g.name] == logits[g.name].max()).tolist()
+
+
+def test_closed_inline_attention_keeps_one_silenced_head():
+    model = Flux()
+    layout = find_layout(model)
     keep = _keep(layout)
     keep["double_blocks.0:heads"][:] = False
-    adjusted, silenced = keep_one_head(layout, keep, logits)
-    assert silenced == ["double_blocks.0:heads"] and int(adjusted["double_blocks.0:heads"].sum()) == 1
-    pruned = prune_model(model, layout, adjusted)
-    silence_heads(pruned, layout, silenced)
-    block = pruned.double_blocks[0]
-    assert block.num_heads == 1
+    scores = {g.name: torch.zeros(g.count) for g in layout.groups}
+    scores["double_blocks.0:heads"][2] = 1.0
+    pruned = prune_model(model, layout, keep, scores)
+    block, orig = pruned.double_blocks[0], model.double_blocks[0]
+    assert block.num_heads == block.img_attn.num_heads == block.txt_attn.num_heads == 1
+    assert torch.equal(block.img_attn.qkv.weight[:HD], orig.img_attn.qkv.weight[2 * HD:3 * HD])  # head 2 stays
     assert torch.count_nonzero(block.img_attn.proj.weight) == 0 and torch.count_nonzero(block.txt_attn.proj.weight) == 0
+    assert torch.equal(block.img_attn.proj.bias, orig.img_attn.proj.bias)

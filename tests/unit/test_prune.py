@@ -5,13 +5,15 @@ import functools
 
 import pytest
 import torch
-from tiny_models import MODEL_NAMES, build, run
+from tiny_models import MODEL_NAMES, build, must_keep_layout, run
 from torch import nn
+
+from tests.pruned_shapes import check_counts_match_shapes
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.empty import EmptyAttention, EmptyFluxJointAttention, EmptyPreOnlyAttention
 from ecodiff_core.errors import EcoDiffError
-from ecodiff_core.prune import ScatterLinear, prune_model
+from ecodiff_core.prune import ScatterLinear, physical_keep, prune_model
 from ecodiff_core.units import Layout, parameter_costs
 
 
@@ -110,6 +112,37 @@ def test_counters_dims_and_replacements(name: str) -> None:
                 assert isinstance(lin, ScatterLinear) and lin.weight.shape[0] == kept
             else:
                 assert lin.weight.shape[1] == lin.in_features
+
+
+@pytest.mark.parametrize("mode,seed", [("random", 4), ("none", 0)])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_counters_dims_match_weight_shapes(name: str, mode: str, seed: int) -> None:
+    model, _, layout = case(name)
+    keep = make_keep(layout, mode, seed)
+    pruned = prune_model(model, layout, keep)
+    check_counts_match_shapes(model, pruned, layout, {n: int(k.sum()) for n, k in keep.items()})
+
+
+@pytest.mark.parametrize("mode,seed", [("random", 0), ("random", 1), ("none", 0)])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_closed_must_keep_units_stay_silenced(name: str, mode: str, seed: int) -> None:
+    """Groups that must keep 2 units (min_keep) keep them physically where the mask closes more,
+    with zeroed gate-side weights: slicing still equals hard masking with the mask as given."""
+    model, inputs, layout = case(name)
+    strict = must_keep_layout(layout, 2)
+    keep = make_keep(layout, mode, seed)
+    scores = {g.name: torch.randn(g.count, generator=torch.Generator().manual_seed(seed)) for g in layout.groups}
+    physical, silenced = physical_keep(strict, keep, scores)
+    assert silenced == [g.name for g in strict.groups if int(keep[g.name].sum()) < g.min_keep]
+    for g in strict.groups:
+        assert int(physical[g.name].sum()) == max(g.min_keep, int(keep[g.name].sum()))
+        assert bool((physical[g.name] >= keep[g.name]).all())
+        added = physical[g.name] & ~keep[g.name]
+        if added.any() and not physical[g.name].all():  # the best-scored removed units stay
+            assert scores[g.name][added].min() >= scores[g.name][~physical[g.name]].max()
+    pruned = prune_model(model, strict, keep, scores)
+    check_counts_match_shapes(model, pruned, strict, {n: int(k.sum()) for n, k in physical.items()})
+    assert rel_err(gated_output(model, inputs, layout, keep), run(pruned, inputs)) <= 1e-5
 
 
 def _storages(model: nn.Module) -> set[int]:

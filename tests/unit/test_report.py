@@ -6,12 +6,14 @@ import json
 
 import pytest
 import torch
-from tiny_models import MODEL_NAMES, build
+from tiny_models import MODEL_NAMES, build, must_keep_layout
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.flops import measure_flops, total_flops
 from ecodiff_core.prune import prune_model
 from ecodiff_core.report import PruneReport
+
+from tests.pruned_shapes import check_counts_match_shapes
 
 
 @functools.cache
@@ -64,3 +66,34 @@ def test_report_with_flops() -> None:
     report = PruneReport.build(model, pruned, layout, keep, before, after)
     assert "FLOPs per forward" in report.to_text()
     assert report.to_dict()["flops_after"] == after < before
+
+
+@pytest.mark.parametrize("must_keep", [0, 1])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_report_kept_counts_equal_model_shapes(name: str, must_keep: int) -> None:
+    """Per group, kind and block, the report counts the units the pruned model holds: where a mask
+    closes a group that must keep a unit, the silenced unit is in the model and in the report."""
+    model, _inputs, layout = case(name)
+    layout = must_keep_layout(layout, must_keep) if must_keep else layout
+    g = torch.Generator().manual_seed(6)
+    keep = {gr.name: torch.rand(gr.count, generator=g) < 0.5 for gr in layout.groups}
+    closed = [gr for gr in layout.groups if gr.kind == "head"][:2]
+    for gr in closed:
+        keep[gr.name][:] = False
+    pruned = prune_model(model, layout, keep)
+    report = PruneReport.build(model, pruned, layout, keep)
+    kept = {s.name: s.units_after for s in report.groups}
+    check_counts_match_shapes(model, pruned, layout, kept)
+    assert [s.name for s in report.groups] == [gr.name for gr in layout.groups]
+    for k in report.kinds:
+        assert k.units_after == sum(kept[gr.name] for gr in layout.groups if gr.kind == k.kind)
+    for b in report.blocks:
+        assert b.units_after == sum(kept[gr.name] for gr in layout.groups if gr.block == b.block)
+    closed_names = [gr.name for gr in closed]
+    closed_all = [gr.name for gr in layout.groups if not keep[gr.name].any()]
+    assert set(closed_names) <= set(closed_all)
+    assert report.silenced == (closed_all if must_keep else [])
+    assert report.emptied == ([] if must_keep else closed_all)
+    assert all(kept[n] == must_keep for n in closed_names)
+    assert report.params_after == count(pruned)
+    assert all(n in report.to_text() for n in closed_names)

@@ -117,3 +117,14 @@ def run(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """One forward pass returning the output tensor."""
     with torch.no_grad():
         return model(**inputs)[0]
+
+
+def must_keep_layout(layout, n: int):
+    """``layout`` where every group must keep ``min(n, count)`` units (and so has no ``empty``
+    replacement): the engine's rule for owners that cannot run emptied, on every kind of group."""
+    import dataclasses
+
+    from ecodiff_core.units import Layout
+
+    return Layout(arch=layout.arch, groups=tuple(dataclasses.replace(g, min_keep=min(n, g.count), empty=None)
+                                                 for g in layout.groups))
