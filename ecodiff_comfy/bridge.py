@@ -35,7 +35,7 @@ from ..ecodiff_core.archs import find_layout
 from ..ecodiff_core.archs.comfy_common import keep_one_head, protect_one_head, silence_heads
 from ..ecodiff_core.budget import PrunePlan, PruneTarget, plan_pruning
 from ..ecodiff_core.errors import EcoDiffError
-from ..ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo
+from ..ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo, run_inputs
 from ..ecodiff_core.maskfile import MaskState
 from ..ecodiff_core.prune import check_keep, prune_model
 from ..ecodiff_core.pruned_record import PrunedFileError, check_pruned_record, check_record_layout, check_state_dict
@@ -327,7 +327,11 @@ def learn_mask(model: Any, conds: Sequence[tuple[list, list]], spec: SamplingSpe
                resume: MaskState | None = None, callback: Callable[[StepInfo], bool | None] | None = None,
                on_stop: Callable[[MaskState], None] | None = None) -> MaskState:
     """Learn a sparsity mask for ``model``.  If ``callback`` raises (ComfyUI's interrupt comes
-    through ProgressBar.update), ``on_stop`` receives the latest good state, then the error goes on."""
+    through ProgressBar.update), ``on_stop`` receives the latest good state, then the error goes on.
+
+    ``resume`` is continued only if it was learned from the same weights (as loaded, patches
+    included), conditioning, σ schedule, starting latents and settings; otherwise learning starts
+    fresh and the returned state's ``start_note`` says why."""
     layout = model_layout(model)
     if resume is not None:
         resume.check_layout(layout)
@@ -336,7 +340,10 @@ def learn_mask(model: Any, conds: Sequence[tuple[list, list]], spec: SamplingSpe
                                          optimizer={k: v.clone() for k, v in resume.optimizer.items()})
 
     def body(session: Session) -> MaskState:
-        learner = MaskLearner(session.module, layout, settings, resume=resume, grad_context=grad_context)
+        inputs = run_inputs(session.module, conds, settings, {
+            **dataclasses.asdict(spec), "sigmas": session.sigmas, "starts": [s.noise for s in session.samples]})
+        learner = MaskLearner(session.module, layout, settings, resume=resume, grad_context=grad_context,
+                              inputs=inputs)
         try:
             state = learner.learn(session.samples, session.sigmas, callback)
         except BaseException:
