@@ -60,7 +60,8 @@ def _variants(good: bytes, tmp_path):
         yield f"bit flip at {pos}", bytes(flipped)
     record = json.loads(_header(good)[0]["__metadata__"]["record"])
     for key in record:
-        yield f"without {key}", _with_record(good, tmp_path, lambda r, key=key: {k: v for k, v in r.items() if k != key})
+        yield f"without {key}", _with_record(good, tmp_path,
+                                             lambda r, key=key: {k: v for k, v in r.items() if k != key})
         for value in (None, 1, "x", [], {}):
             yield f"{key}={value!r}", _with_record(good, tmp_path, lambda r, key=key, value=value: {**r, key: value})
     yield "record a list", _with_record(good, tmp_path, "[1, 2]")
@@ -89,7 +90,8 @@ def _variants(good: bytes, tmp_path):
                   "kept none": [], "kept all": list(range(record["counts"][group]))}
     for label, value in kept_edits.items():
         yield label, _with_record(good, tmp_path, lambda r, value=value: {**r, "kept": {**r["kept"], group: value}})
-    yield "count +1", _with_record(good, tmp_path, lambda r: {**r, "counts": {**r["counts"], group: r["counts"][group] + 1}})
+    yield "count +1", _with_record(good, tmp_path,
+                                   lambda r: {**r, "counts": {**r["counts"], group: r["counts"][group] + 1}})
     yield "extra keys", _with_record(good, tmp_path, lambda r: {**r, "weight_dtype": "float16", "note": [1]})
 
 

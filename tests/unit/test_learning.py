@@ -221,7 +221,8 @@ def test_resume_only_with_the_same_inputs(tmp_path, change, caplog):
     fresh = MaskLearner(model, layout, settings, inputs=inputs).learn(samples, sigmas)
     assert all(torch.equal(resumed.logits[n], fresh.logits[n]) for n in fresh.logits)
     assert resumed.history == fresh.history and resumed.inputs == inputs
-    reason = {"other weights": "weights differ", "other prompts": "prompts (conditioning) differ", "beta": "beta 0.05 → 0.1",
+    reason = {"other weights": "weights differ", "other prompts": "prompts (conditioning) differ",
+              "beta": "beta 0.05 → 0.1",
               "learning rate": "lr ", "epochs": "epochs 2 → 3", "sampling steps": "steps 2 → 3",
               "sigma schedule": "sampling settings changed: sigmas"}[change]
     assert resumed.start_note.startswith("started fresh") and reason in resumed.start_note, resumed.start_note
