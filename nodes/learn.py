@@ -1,6 +1,8 @@
 """Learn Sparsity Mask: EcoDiff's end-to-end mask learning on a MODEL."""
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io
 
 from ..ecodiff_comfy import bridge
@@ -78,7 +80,8 @@ class LearnSparsityMask(io.ComfyNode):
                                  checkpointing=checkpointing, seed=seed)
         layout = bridge.model_layout(model)
         path = bridge.folder(bridge.MASK_FOLDER) / bridge.safe_filename(run_name)
-        start = resume_mask if resume_mask is not None else (cls._unfinished(path, layout) if resume else None)
+        start, note = (resume_mask, "") if resume_mask is not None else (
+            cls._unfinished(path, layout) if resume else (None, ""))
         if start is not None:
             start.check_layout(layout)
         total = [0]
@@ -94,7 +97,8 @@ class LearnSparsityMask(io.ComfyNode):
         state = bridge.learn_mask(model, conds, spec, settings, resume=start, callback=callback,
                                   on_stop=lambda s: save_mask(path, s))
         save_mask(path, state)
-        text = mask_summary(state) + f"\nsaved to models/{bridge.MASK_FOLDER}/{path.name}"
+        text = "\n".join([mask_summary(state), *([note] if note else []),
+                          f"saved to models/{bridge.MASK_FOLDER}/{path.name}"])
         return io.NodeOutput(state, text, ui={"text": (text,)})
 
     @staticmethod
@@ -108,13 +112,17 @@ class LearnSparsityMask(io.ComfyNode):
         return bridge.encode_prompts(clip, lines, negative_prompt)
 
     @staticmethod
-    def _unfinished(path, layout) -> MaskState | None:
+    def _unfinished(path, layout) -> tuple[MaskState | None, str]:
+        """The unfinished run saved at ``path`` if it fits ``layout``; else None and why not."""
         if not path.is_file():
-            return None
+            return None, ""
         try:
             state = load_mask(path)
-        except MaskFileError:
-            return None
-        if state.progress.get("finished") or state.fingerprint != layout.fingerprint():
-            return None
-        return state
+            if state.progress.get("finished"):
+                return None, ""
+            state.check_layout(layout)
+        except MaskFileError as exc:  # damaged, or learned on another layout: start fresh
+            note = f"started fresh instead of resuming {path.name}: {exc}"
+            logging.getLogger("ecodiff").warning("EcoDiff learning %s", note)
+            return None, note
+        return state, ""

@@ -115,6 +115,7 @@ def interrupted_run(nodes, bridge, monkeypatch, tiny, run_name, **overrides):
 RESUME_ARGS = dict(steps=2, epochs=1)
 CHANGED_INPUTS = {
     "other checkpoint": ("checkpoint", "weights differ"),
+    "other architecture": ("architecture", "different model layout"),
     "other prompts": (dict(prompts="a castle\na ship"), "prompts (conditioning) differ"),
     "beta": (dict(beta=0.3), "beta 0.1 → 0.3"),
     "sampling steps": (dict(steps=3), "steps 2 → 3"),
@@ -130,8 +131,8 @@ def test_rerun_with_changed_inputs_starts_fresh(nodes, bridge, monkeypatch, chan
     run_name = f"changed_{change.replace(' ', '_')}"
     interrupted_run(nodes, bridge, monkeypatch, tiny, run_name, **RESUME_ARGS)
     overrides, reason = CHANGED_INPUTS[change]
-    if overrides == "checkpoint":
-        tiny, overrides = ct.tiny("flux", seed=12), {}
+    if overrides in ("checkpoint", "architecture"):
+        tiny, overrides = ct.tiny("flux" if overrides == "checkpoint" else "sd15", seed=12), {}
     with caplog.at_level("WARNING", logger="ecodiff"):
         mask, summary = learn(nodes, tiny, run_name, **{**RESUME_ARGS, **overrides}).args
     fresh = learn(nodes, tiny, run_name + "_fresh", **{**RESUME_ARGS, **overrides}).args[0]
