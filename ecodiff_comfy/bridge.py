@@ -611,8 +611,12 @@ def _rebuild_defects(load: Callable[[Path], Any]) -> Callable[[Path], Any]:
     def wrapper(path: Path) -> Any:
         try:
             return load(path)
-        except EcoDiffError:
+        except PrunedFileError:
             raise
+        except EcoDiffError as exc:  # e.g. the rebuilt model is no architecture we know
+            if Path(path).name in str(exc):
+                raise
+            raise PrunedFileError(f"{Path(path).name}: {exc}") from exc
         except torch.OutOfMemoryError:
             raise
         except (TypeError, KeyError, IndexError, AttributeError, ValueError, AssertionError, ArithmeticError,
