@@ -34,8 +34,7 @@ def learned(tmp_path_factory):
     with torch.no_grad():
         for p in learner.logits.values():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
-    learner.optimizer.step()  # creates no state without gradients: give it some
-    for p in learner.logits.values():
+    for p in learner.logits.values():  # one optimiser step, so the file holds AdamW state
         p.grad = torch.ones_like(p)
     learner.optimizer.step()
     state = learner.state
