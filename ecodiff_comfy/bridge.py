@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -34,9 +35,10 @@ from ..ecodiff_core.archs import find_layout
 from .attention_patches import fit_attention_patches
 from ..ecodiff_core.budget import PrunePlan, PruneTarget, plan_pruning
 from ..ecodiff_core.errors import EcoDiffError
-from ..ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo
+from ..ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo, run_inputs
 from ..ecodiff_core.maskfile import MaskState
 from ..ecodiff_core.prune import check_keep, physical_keep, prune_model
+from ..ecodiff_core.pruned_record import PrunedFileError, check_pruned_record, check_record_layout, check_state_dict
 from ..ecodiff_core.report import PruneReport
 from ..ecodiff_core.units import Layout, get_linear
 
@@ -325,7 +327,11 @@ def learn_mask(model: Any, conds: Sequence[tuple[list, list]], spec: SamplingSpe
                resume: MaskState | None = None, callback: Callable[[StepInfo], bool | None] | None = None,
                on_stop: Callable[[MaskState], None] | None = None) -> MaskState:
     """Learn a sparsity mask for ``model``.  If ``callback`` raises (ComfyUI's interrupt comes
-    through ProgressBar.update), ``on_stop`` receives the latest good state, then the error goes on."""
+    through ProgressBar.update), ``on_stop`` receives the latest good state, then the error goes on.
+
+    ``resume`` is continued only if it was learned from the same weights (as loaded, patches
+    included), conditioning, σ schedule, starting latents and settings; otherwise learning starts
+    fresh and the returned state's ``start_note`` says why."""
     layout = model_layout(model)
     if resume is not None:
         resume.check_layout(layout)
@@ -334,7 +340,10 @@ def learn_mask(model: Any, conds: Sequence[tuple[list, list]], spec: SamplingSpe
                                          optimizer={k: v.clone() for k, v in resume.optimizer.items()})
 
     def body(session: Session) -> MaskState:
-        learner = MaskLearner(session.module, layout, settings, resume=resume, grad_context=grad_context)
+        inputs = run_inputs(session.module, conds, settings, {
+            **dataclasses.asdict(spec), "sigmas": session.sigmas, "starts": [s.noise for s in session.samples]})
+        learner = MaskLearner(session.module, layout, settings, resume=resume, grad_context=grad_context,
+                              inputs=inputs)
         try:
             state = learner.learn(session.samples, session.sigmas, callback)
         except BaseException:
@@ -566,24 +575,68 @@ def _read_pruned(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
                            f"this version reads {PRUNED_FORMAT_VERSION}")
     try:
         record = json.loads(meta["record"])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise EcoDiffError(f"{path.name} has damaged metadata: {exc}") from exc
-    return sd, record
+    except (KeyError, json.JSONDecodeError, RecursionError) as exc:
+        raise PrunedFileError(f"{path.name} has damaged metadata: {type(exc).__name__}: {exc}") from exc
+    return sd, check_pruned_record(record, path.name)
 
 
+def _pruned_classes(path: Path, record: dict) -> tuple[type, type]:
+    """The ComfyUI model-config and model classes a checked record names.  Only real ones are
+    accepted (subclasses of ``supported_models_base.BASE`` / ``model_base.BaseModel``); nothing else
+    named in a file is looked up or called."""
+    import comfy.model_base
+    import comfy.supported_models
+    import comfy.supported_models_base
+
+    cfg_name, model_name = record["model_config_class"], record["model_class"]
+    cfg_cls = getattr(comfy.supported_models, cfg_name, None)
+    if not (isinstance(cfg_cls, type) and issubclass(cfg_cls, comfy.supported_models_base.BASE)):
+        raise PrunedFileError(f"{path.name} was pruned from a {cfg_name!r} model, which is not a model-config "
+                              "class this ComfyUI knows; update ComfyUI, or the file is damaged")
+    model_cls = getattr(comfy.model_base, model_name, None)
+    if not (isinstance(model_cls, type) and issubclass(model_cls, comfy.model_base.BaseModel)):
+        raise PrunedFileError(f"{path.name}: record 'model_class' {model_name!r} is not a model class this "
+                              "ComfyUI knows; update ComfyUI, or the file is damaged")
+    if record["model_type"] not in comfy.model_base.ModelType.__members__:
+        raise PrunedFileError(f"{path.name}: record 'model_type' {record['model_type']!r} is not one of "
+                              f"{', '.join(comfy.model_base.ModelType.__members__)}")
+    return cfg_cls, model_cls
+
+
+def _rebuild_defects(load: Callable[[Path], Any]) -> Callable[[Path], Any]:
+    """The record is checked before use (``_read_pruned``, ``_pruned_classes``); what ComfyUI's model
+    code still refuses while rebuilding from its config values becomes one PrunedFileError naming the
+    file, instead of a TypeError/KeyError/... from deep inside ComfyUI."""
+    @functools.wraps(load)
+    def wrapper(path: Path) -> Any:
+        try:
+            return load(path)
+        except PrunedFileError:
+            raise
+        except EcoDiffError as exc:  # e.g. the rebuilt model is no architecture we know
+            if Path(path).name in str(exc):
+                raise
+            raise PrunedFileError(f"{Path(path).name}: {exc}") from exc
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, KeyError, IndexError, AttributeError, ValueError, AssertionError, ArithmeticError,
+                RuntimeError) as exc:
+            raise PrunedFileError(f"{Path(path).name}: ComfyUI cannot rebuild the model its record describes "
+                                  f"({type(exc).__name__}: {exc}); the file is damaged or was written for "
+                                  "another ComfyUI version") from exc
+
+    return wrapper
+
+
+@_rebuild_defects
 def load_pruned_model(path: Path) -> Any:
     """Rebuild the slim module on the meta device (no full-size allocation), then load weights."""
     import comfy.model_base
     import comfy.model_management as mm
     import comfy.model_patcher
-    import comfy.supported_models
 
     sd, record = _read_pruned(path)
-    cfg_cls = getattr(comfy.supported_models, record["model_config_class"], None)
-    model_cls = getattr(comfy.model_base, record["model_class"], None)
-    if cfg_cls is None or model_cls is None:
-        raise EcoDiffError(f"{path.name} was pruned from a {record['model_config_class']} model, which this "
-                           "ComfyUI does not know; update ComfyUI")
+    cfg_cls, model_cls = _pruned_classes(path, record)
     cfg = cfg_cls(_from_jsonable(record["unet_config"]))
     cfg.unet_config = _from_jsonable(record["unet_config"])
     cfg.sampling_settings = _from_jsonable(record["sampling_settings"])
@@ -592,14 +645,10 @@ def load_pruned_model(path: Path) -> Any:
     model_type = comfy.model_base.ModelType[record["model_type"]]
     base = model_cls(cfg, model_type=model_type, device=torch.device("meta"))
     layout = find_layout(base.diffusion_model)
-    if layout.fingerprint() != record["fingerprint"]:
-        raise EcoDiffError(f"{path.name}: the rebuilt base model does not match the saved layout "
-                           "(ComfyUI's model code changed?)")
-    keep = {g.name: torch.zeros(g.count, dtype=torch.bool) for g in layout.groups}
-    for name, kept in record["kept"].items():
-        keep[name][kept] = True
+    keep = check_record_layout(record, layout, path.name)
     pruned = prune_model(base.diffusion_model, layout, keep)
     fit_attention_patches(pruned)
+    check_state_dict(pruned, sd, path.name)
     offload = mm.unet_offload_device()
     missing, unexpected = pruned.load_state_dict(sd, strict=False, assign=True)
     meta_left = [n for n, t in list(pruned.named_parameters()) + list(pruned.named_buffers()) if t.is_meta]

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..ecodiff_core.errors import EcoDiffError
+
 LABEL_HEIGHT = 28
 
 
@@ -36,7 +38,7 @@ def _labelled(image: Image.Image, label: str, height: int) -> Image.Image:
 def side_by_side(a: torch.Tensor, b: torch.Tensor, label_a: str, label_b: str, gap: int = 4) -> torch.Tensor:
     """One labelled A|B image per pair; the shorter batch repeats its last image."""
     if a.ndim != 4 or b.ndim != 4:
-        raise ValueError("compare needs two IMAGE batches (batch, height, width, channels)")
+        raise EcoDiffError("compare needs two IMAGE batches (batch, height, width, channels)")
     out = []
     for i in range(max(a.shape[0], b.shape[0])):
         ia, ib = to_pil(a[min(i, a.shape[0] - 1)]), to_pil(b[min(i, b.shape[0] - 1)])

@@ -1,15 +1,44 @@
-"""Command line: ``python -m ecodiff_core demo [options]``."""
+"""Command line: ``python -m ecodiff_core demo [options]``.
+
+Every bad argument ends in one ``error:`` line and exit code 2 (argparse's convention): the engine
+validates the settings before any work starts and its EcoDiffError goes to ``parser.error``.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 from .errors import EcoDiffError
 
 
-def _demo_parser(sub: argparse._SubParsersAction) -> None:
+def _at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+@contextlib.contextmanager
+def command_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """The engine's errors become ``prog: error: …`` and exit code 2; Ctrl-C exits 130 without a traceback."""
+    try:
+        yield
+    except EcoDiffError as exc:
+        parser.error(str(exc))
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="learn a mask on the embedded default model, prune it, measure the cost",
                        description="Learn an EcoDiff mask end to end on the shipped digits model (FLUX "
                                    "architecture), prune it physically, and compare original and pruned "
@@ -24,15 +53,16 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-steps", type=int, default=20, help="Euler steps when evaluating")
     p.add_argument("--output", type=Path, default=Path("ecodiff_output"), help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=_at_least_one, default=1,
                    help="CPU threads for torch (the default model is small; 1 avoids oversubscription)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ecodiff_core", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ecodiff_core", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _demo_parser(sub)
+    demo = _demo_parser(sub)
     args = parser.parse_args(argv)
     import torch
 
@@ -40,18 +70,16 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
 
-    settings = DemoSettings(sparsity=args.sparsity, steps=args.steps, prompts_per_class=args.prompts_per_class,
-                            eval_per_class=args.eval_per_class, eval_steps=args.eval_steps, seed=args.seed,
-                            output=args.output)
-    learn = replace(settings.learn, epochs=args.epochs)
-    if args.beta is not None:
-        learn = replace(learn, beta=args.beta)
-    settings.learn = learn
-    try:
+    with command_errors(demo):
+        settings = DemoSettings(sparsity=args.sparsity, steps=args.steps, prompts_per_class=args.prompts_per_class,
+                                eval_per_class=args.eval_per_class, eval_steps=args.eval_steps, seed=args.seed,
+                                output=args.output)
+        learn = replace(settings.learn, epochs=args.epochs)
+        if args.beta is not None:
+            learn = replace(learn, beta=args.beta)
+        settings.learn = learn
+        settings.validate()
         result = run_demo(settings, progress=not args.no_progress)
-    except EcoDiffError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     print(summary_text(result))
     print(f"\nwrote {settings.output / 'compare.png'}, report.txt, report.json, mask.safetensors")
     return 0

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import time
@@ -18,6 +19,7 @@ from torch import nn
 
 from .archs import find_layout
 from .budget import PrunePlan, PruneTarget, count_parameters, plan_pruning
+from .errors import EcoDiffError, SettingsError
 from .flops import total_flops
 from .gates import GateSettings
 from .learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo
@@ -58,10 +60,25 @@ class DemoSettings:
     learn: LearnSettings = field(default_factory=default_learn_settings)
 
     def validate(self) -> None:
+        """SettingsError naming the first bad setting (numbers, the output folder, then learning)."""
+        from .embedded.data import NUM_CLASSES, load_digit_split
+
         PruneTarget(params=self.sparsity)
         for name in ("steps", "prompts_per_class", "prompts_per_trajectory", "eval_per_class", "eval_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.cfg >= 0 and math.isfinite(self.cfg)):
+            raise SettingsError(f"cfg must be a finite number >= 0, got {self.cfg}")
+        available = int(torch.bincount(load_digit_split().train_labels, minlength=NUM_CLASSES).min())
+        if self.eval_per_class > available:
+            raise SettingsError(f"eval_per_class must be <= {available} (real digits per class the FD-judge "
+                                f"floor is measured on), got {self.eval_per_class}")
+        out = Path(self.output)
+        if out.exists() and not out.is_dir():
+            raise SettingsError(f"the output {out} is an existing file, not a folder; give a folder path")
+        blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise SettingsError(f"cannot create the output folder {out}: {blocking} is a file")
         self.learn.validate()
 
 
@@ -104,7 +121,7 @@ def learn_mask(
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
     if state.stop_reason:
-        raise RuntimeError(f"mask learning stopped early: {state.stop_reason}")
+        raise EcoDiffError(f"mask learning stopped early: {state.stop_reason}")
     return LearnRun(state, seconds, max(peak, 0.0))
 
 
@@ -159,7 +176,10 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict[str, Any]:
     settings.validate()
     torch.manual_seed(settings.seed)
     out = Path(settings.output)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
     model, judge = load_default_model(), load_judge()
     transformer = model.transformer
     layout = find_layout(transformer)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import SettingsError
 from .trajectory import Denoiser
 
 
@@ -43,7 +44,7 @@ class EpsSchedule:
     def karras(self, steps: int, rho: float = 7.0) -> torch.Tensor:
         """Karras et al. σ schedule between this schedule's σ_max and σ_min, ending at 0."""
         if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+            raise SettingsError(f"steps must be >= 1, got {steps}")
         lo, hi = self.sigmas[0].item() ** (1 / rho), self.sigmas[-1].item() ** (1 / rho)
         ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
         return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import SettingsError
+
 REGULARIZERS: tuple[str, ...] = ("l1", "sigmoid", "l0")
 
 
@@ -25,11 +27,11 @@ class GateSettings:
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
-            raise ValueError(f"gate temperature must be > 0, got {self.temperature}")
+            raise SettingsError(f"gate temperature must be > 0, got {self.temperature}")
         if not self.gamma < 0 < 1 < self.zeta:
-            raise ValueError(f"gate stretch needs gamma < 0 and zeta > 1, got ({self.gamma}, {self.zeta})")
+            raise SettingsError(f"gate stretch needs gamma < 0 and zeta > 1, got ({self.gamma}, {self.zeta})")
         if self.noise_offset < 0:
-            raise ValueError(f"gate noise_offset must be >= 0, got {self.noise_offset}")
+            raise SettingsError(f"gate noise_offset must be >= 0, got {self.noise_offset}")
 
 
 def _stretch(s: torch.Tensor, settings: GateSettings) -> torch.Tensor:
@@ -69,5 +71,5 @@ def regularizer(logits: list[torch.Tensor], kind: str, settings: GateSettings) -
         shift = settings.temperature * math.log(-settings.gamma / settings.zeta)
         per_group = [torch.sigmoid(lam - shift).mean() for lam in logits]
     else:
-        raise ValueError(f"unknown regularizer '{kind}'; choose one of {', '.join(REGULARIZERS)}")
+        raise SettingsError(f"unknown regularizer '{kind}'; choose one of {', '.join(REGULARIZERS)}")
     return torch.stack(per_group).mean()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Iterator, Literal, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from .trajectory import Denoiser, check_sigmas, per_step_gradient, sample, teach
 from .units import UNIT_KINDS, Layout
 
 Objective = Literal["end_to_end", "per_step"]
+log = logging.getLogger("ecodiff")
 
 
 @dataclass
@@ -122,12 +124,23 @@ class MaskLearner:
         settings: LearnSettings,
         resume: MaskState | None = None,
         grad_context: Callable[[], ContextManager] = contextlib.nullcontext,
+        inputs: dict[str, Any] | None = None,
     ) -> None:
+        """``inputs`` (from :func:`run_inputs`) fingerprints what this run learns from; with it, a
+        ``resume`` state recorded for other inputs is not continued: learning starts fresh and
+        ``state.start_note`` (and the ``ecodiff`` log) says why.  Without it, ``resume`` is trusted."""
         settings.validate()
         self.model, self.layout, self.settings = model, layout, settings
         self.grad_context = grad_context
+        self.start_note = ""
         if resume is not None:
             resume.check_layout(layout)
+            problem = resume_problem(resume, inputs) if inputs is not None else ""
+            if problem:
+                self.start_note = f"started fresh instead of resuming: {problem}"
+                log.warning("EcoDiff learning %s", self.start_note)
+                resume = None
+        self.inputs = dict(inputs) if inputs is not None else dict(resume.inputs) if resume is not None else {}
         start = resume or MaskState.fresh(layout, settings.gate.init_logit)
         self.history = list(start.history)
         self.progress = dict(start.progress)
@@ -178,6 +191,8 @@ class MaskLearner:
             history=list(self.history),
             optimizer=self._optimizer_tensors(),
             stop_reason=self.stop_reason,
+            inputs=dict(self.inputs),
+            start_note=self.start_note,
         )
 
     def sparsity(self) -> dict[str, float]:
@@ -304,3 +319,97 @@ class MaskLearner:
             sparsity,
             time.perf_counter() - start_time,
         )
+
+
+# -- what a run learns from: resume only when it is unchanged -------------------------------------
+RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = ("checkpointing",)  # trade memory for time; same result
+WEIGHT_SAMPLE = 4096  # elements hashed per weight tensor (evenly spaced), besides shape and dtype
+
+
+def digest(obj: Any, sample: int | None = None) -> str:
+    """A stable hash of nested tensors / dicts / lists / scalars (16 hex digits).
+
+    Tensors contribute shape, dtype and their bytes; with ``sample``, only ``sample`` evenly spaced
+    elements of larger tensors (on their own device, so GPU weights are not copied whole).  Objects
+    of other types contribute only their type name.
+    """
+    h = hashlib.sha256()
+    _feed(h, obj, sample)
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def _feed(h: "hashlib._Hash", obj: Any, sample: int | None) -> None:
+    if isinstance(obj, torch.Tensor):
+        flat = obj.detach().reshape(-1)
+        h.update(f"T{tuple(obj.shape)}{obj.dtype}".encode())
+        if sample is not None and flat.numel() > sample:
+            index = torch.linspace(0, flat.numel() - 1, sample, dtype=torch.float64).long().to(flat.device)
+            flat = flat.index_select(0, index)
+        h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for key in sorted(obj, key=str):
+            h.update(repr(str(key)).encode())
+            _feed(h, obj[key], sample)
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for value in obj:
+            _feed(h, value, sample)
+        h.update(b"]")
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        h.update(repr(obj).encode())
+    else:
+        h.update(f"<{type(obj).__module__}.{type(obj).__qualname__}>".encode())
+
+
+def weights_digest(model: nn.Module) -> str:
+    """Fingerprint of the weights a run reads: every parameter and buffer (names, shapes, dtypes and
+    an evenly spaced sample of values), cheap even for large models on the GPU."""
+    return digest(dict(model.state_dict(keep_vars=True)), sample=WEIGHT_SAMPLE)
+
+
+def run_inputs(model: nn.Module, conditioning: Any, settings: LearnSettings, sampling: dict[str, Any]) -> dict:
+    """What a learning run learns from, as a JSON-able dict stored in its MaskState.
+
+    ``conditioning``: the prompts' encodings (any nesting of tensors); ``sampling``: the trajectory
+    settings (size, steps, cfg, sampler, scheduler, seed...; tensor values such as the σ schedule or
+    the starting latents are stored as digests).  Settings that do not change the result
+    (``RESULT_NEUTRAL_SETTINGS``) are left out, so they may change between interrupt and resume.
+    """
+    learning = {k: v for k, v in settings.to_dict().items() if k not in RESULT_NEUTRAL_SETTINGS}
+    return {
+        "weights": weights_digest(model),
+        "conditioning": digest(conditioning),
+        "learning": learning,
+        "sampling": {k: v if v is None or isinstance(v, (bool, int, float, str)) else digest(v)
+                     for k, v in sampling.items()},
+    }
+
+
+def resume_problem(saved: MaskState, inputs: dict[str, Any]) -> str:
+    """Why ``saved`` must not be continued with ``inputs`` ("" when everything matches)."""
+    if not saved.inputs:
+        return "the saved run does not record what it was learned from (saved by an older version)"
+    problems = []
+    if saved.inputs.get("weights") != inputs.get("weights"):
+        problems.append("the model's weights differ from the saved run's")
+    if saved.inputs.get("conditioning") != inputs.get("conditioning"):
+        problems.append("the prompts (conditioning) differ from the saved run's")
+    for part in ("learning", "sampling"):
+        old, new = saved.inputs.get(part), inputs.get(part)
+        if old == new:
+            continue
+        if not (isinstance(old, dict) and isinstance(new, dict)):
+            problems.append(f"the {part} settings differ from the saved run's")
+            continue
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        problems.append(f"{part} settings changed: " + ", ".join(
+            f"{k} {_short(old.get(k))} → {_short(new.get(k))}" for k in changed))
+    return "; ".join(problems)
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else text[:21] + "..."

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import MaskFileError
-from .units import Layout
+from .units import UNIT_KINDS, Layout
 
 FORMAT = "ecodiff-mask"
 FORMAT_VERSION = 1
@@ -33,6 +34,10 @@ class MaskState:
     history: list[dict[str, float]] = field(default_factory=list)
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     stop_reason: str = ""
+    # what the run was learned from (see ``learn.run_inputs``): a rerun resumes only if they match
+    inputs: dict[str, Any] = field(default_factory=dict)
+    # how this run started (e.g. why a saved run was not resumed); shown in summaries, not saved
+    start_note: str = ""
 
     @classmethod
     def fresh(cls, layout: Layout, init_logit: float) -> "MaskState":
@@ -44,13 +49,18 @@ class MaskState:
         )
 
     def check_layout(self, layout: Layout) -> None:
-        if self.fingerprint == layout.fingerprint():
-            return
+        """MaskFileError unless this mask's groups, sizes and kinds are exactly ``layout``'s."""
         mine = {n: t.numel() for n, t in self.logits.items()}
         theirs = {g.name: g.count for g in layout.groups}
         missing = sorted(set(theirs) - set(mine))
         extra = sorted(set(mine) - set(theirs))
         resized = sorted(n for n in set(mine) & set(theirs) if mine[n] != theirs[n])
+        rekinded = sorted(g.name for g in layout.groups if g.name in self.kinds and self.kinds[g.name] != g.kind)
+        if self.fingerprint == layout.fingerprint():
+            if not (missing or extra or resized or rekinded):
+                return
+            raise MaskFileError(f"this mask's logits do not match its own layout fingerprint {self.fingerprint} "
+                                "(damaged or hand-edited mask); learn the mask again")
         details = []
         if missing:
             details.append(f"{len(missing)} groups of the model are not in the mask (e.g. {missing[0]})")
@@ -89,6 +99,7 @@ def save_mask(path: str | os.PathLike, state: MaskState) -> Path:
         "history": json.dumps(state.history),
         "loss_summary": json.dumps(state.summary()),
         "stop_reason": state.stop_reason,
+        "inputs": json.dumps(state.inputs),
         "package_version": __version__,
     }
     path = Path(path)
@@ -132,12 +143,65 @@ def load_mask(path: str | os.PathLike, layout: Layout | None = None) -> MaskStat
             history=json.loads(meta.get("history", "[]")),
             optimizer={k[len(_OPTIM):]: v for k, v in tensors.items() if k.startswith(_OPTIM)},
             stop_reason=meta.get("stop_reason", ""),
+            inputs=json.loads(meta.get("inputs", "{}")),
         )
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, json.JSONDecodeError, RecursionError) as exc:
         raise MaskFileError(f"{path} has damaged metadata ({type(exc).__name__}: {exc}); "
                             "re-save the mask or learn a new one") from exc
     if not isinstance(kinds, dict) or set(kinds) != set(state.logits):
         raise MaskFileError(f"{path} has damaged metadata: unit kinds do not match the stored logits")
+    problem = _state_problem(state, tensors)
+    if problem:
+        raise MaskFileError(f"{path} is damaged: {problem}; re-save the mask or learn a new one")
     if layout is not None:
         state.check_layout(layout)
     return state
+
+
+_PROGRESS_TYPES = {"epoch": int, "position": int, "step": int, "finished": bool}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _state_problem(state: MaskState, tensors: dict[str, torch.Tensor]) -> str:
+    """What is wrong with a mask read from a file ("" if nothing): every field's type and range."""
+    if not (isinstance(state.arch, str) and state.arch and isinstance(state.fingerprint, str) and state.fingerprint):
+        return "metadata 'arch' and 'fingerprint' must be non-empty strings"
+    if not state.logits:
+        return "it holds no logits"
+    odd = sorted(k for k in tensors if not k.startswith((_LOGIT, _OPTIM)))
+    if odd:
+        return f"unexpected tensor {odd[0]!r}"
+    for name, kind in state.kinds.items():
+        if kind not in UNIT_KINDS:
+            return f"group {name!r} has unit kind {kind!r}, not one of {', '.join(UNIT_KINDS)}"
+    for name, t in state.logits.items():
+        if t.ndim != 1 or t.numel() < 1 or not t.is_floating_point():
+            return f"the logits of {name!r} must be a non-empty 1-D float tensor, got {t.dtype} {tuple(t.shape)}"
+        if not bool(torch.isfinite(t).all()):
+            return f"the logits of {name!r} are not all finite"
+    for key, t in state.optimizer.items():
+        part, _, name = key.partition("/")
+        if not part or name not in state.logits:
+            return f"optimizer tensor {key!r} names no unit group of the mask"
+        if not t.is_floating_point() or tuple(t.shape) not in ((), tuple(state.logits[name].shape)):
+            return f"optimizer tensor {key!r} has {t.dtype} {tuple(t.shape)}, expected float () or " \
+                   f"{tuple(state.logits[name].shape)}"
+    if not isinstance(state.settings, dict):
+        return "metadata 'settings' must be a JSON object"
+    if not isinstance(state.inputs, dict):
+        return "metadata 'inputs' must be a JSON object"
+    if not isinstance(state.progress, dict):
+        return "metadata 'progress' must be a JSON object"
+    for key, kind in _PROGRESS_TYPES.items():
+        value = state.progress.get(key)
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
+            return f"progress {key!r} must be {'true/false' if kind is bool else 'an integer >= 0'}, got {value!r}"
+    if not isinstance(state.history, list) or not all(
+            isinstance(h, dict) and all(_is_number(v) and math.isfinite(v) for v in h.values()) for h in state.history):
+        return "metadata 'history' must be a list of objects of finite numbers"
+    if not isinstance(state.stop_reason, str):
+        return "metadata 'stop_reason' must be a string"
+    return ""

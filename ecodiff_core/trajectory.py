@@ -15,6 +15,8 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
+from .errors import SettingsError
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepHook = Callable[[int], None]
 
@@ -26,11 +28,11 @@ def euler_step(x: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, sigma_nex
 
 def check_sigmas(sigmas: torch.Tensor) -> None:
     if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(
+        raise SettingsError(
             f"sigmas must be a 1-D schedule with at least 2 values (1 step); got shape {tuple(sigmas.shape)}"
         )
     if not bool((sigmas[:-1] > 0).all()):
-        raise ValueError("every sigma except the last must be > 0")
+        raise SettingsError("every sigma except the last must be > 0")
 
 
 def sample(

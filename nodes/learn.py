@@ -1,6 +1,8 @@
 """Learn Sparsity Mask: EcoDiff's end-to-end mask learning on a MODEL."""
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io
 
 from ..ecodiff_comfy import bridge
@@ -27,7 +29,8 @@ class LearnSparsityMask(io.ComfyNode):
             description="Learns one gate per attention head, FFN neuron (and FLUX modulation channel) so that the "
                         "gated model's final latent matches the original's over whole sampling trajectories, with "
                         "a sparsity penalty. Interrupting keeps the latest mask in models/ecodiff_masks; running "
-                        "again with the same run_name resumes from it.",
+                        "again with the same run_name resumes from it when the model, prompts and settings "
+                        "are unchanged.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to learn a mask for (SD1.x, SD2, SDXL, SD3.x, FLUX.1). It is not modified."),
                 io.Clip.Input("clip", optional=True, tooltip="Text encoder used to encode the calibration prompts. Not needed when positive/negative conditionings are connected."),
@@ -50,14 +53,14 @@ class LearnSparsityMask(io.ComfyNode):
                 io.Float.Input("lr_channels", default=0.5, min=1e-6, max=10.0, step=0.01, tooltip="Learning rate of the FLUX modulation-channel logits (ignored for other models)."),
                 io.Boolean.Input("checkpointing", default=True, tooltip="Time-step gradient checkpointing: memory of one step whatever the step count, about one extra forward per step."),
                 io.String.Input("run_name", default="ecodiff_run", tooltip="Name of the mask file kept up to date in models/ecodiff_masks (after an interrupt, a rerun with the same name resumes)."),
-                io.Boolean.Input("resume", default=True, tooltip="Resume an unfinished run saved under run_name, if one exists for this model."),
-                MaskType.Input("resume_mask", optional=True, tooltip="Continue learning from this mask instead (it must come from the same model)."),
+                io.Boolean.Input("resume", default=True, tooltip="Resume an unfinished run saved under run_name if it was learned on the same model weights, prompts and settings; otherwise learning starts fresh and the summary says why."),
+                MaskType.Input("resume_mask", optional=True, tooltip="Continue learning from this mask instead (it must come from the same model; if its weights, prompts or settings differ, learning starts fresh and the summary says why)."),
                 io.Conditioning.Input("positive", optional=True, tooltip="Instead of CLIP + prompts: one positive conditioning (a single calibration prompt)."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Negative conditioning to go with 'positive'."),
             ],
             outputs=[
                 MaskType.Output(display_name="mask", tooltip="The learned logits (one per prunable unit); feed Apply Pruned Mask or Save Sparsity Mask."),
-                io.String.Output(display_name="summary", tooltip="Steps, first and last loss, and whether learning finished."),
+                io.String.Output(display_name="summary", tooltip="Steps, first and last loss, whether learning finished, and why a saved run was not resumed."),
             ],
             hidden=[io.Hidden.unique_id],
             not_idempotent=False,
@@ -77,7 +80,8 @@ class LearnSparsityMask(io.ComfyNode):
                                  checkpointing=checkpointing, seed=seed)
         layout = bridge.model_layout(model)
         path = bridge.folder(bridge.MASK_FOLDER) / bridge.safe_filename(run_name)
-        start = resume_mask if resume_mask is not None else (cls._unfinished(path, layout) if resume else None)
+        start, note = (resume_mask, "") if resume_mask is not None else (
+            cls._unfinished(path, layout) if resume else (None, ""))
         if start is not None:
             start.check_layout(layout)
         total = [0]
@@ -93,7 +97,8 @@ class LearnSparsityMask(io.ComfyNode):
         state = bridge.learn_mask(model, conds, spec, settings, resume=start, callback=callback,
                                   on_stop=lambda s: save_mask(path, s))
         save_mask(path, state)
-        text = mask_summary(state) + f"\nsaved to models/{bridge.MASK_FOLDER}/{path.name}"
+        text = "\n".join([mask_summary(state), *([note] if note else []),
+                          f"saved to models/{bridge.MASK_FOLDER}/{path.name}"])
         return io.NodeOutput(state, text, ui={"text": (text,)})
 
     @staticmethod
@@ -107,13 +112,17 @@ class LearnSparsityMask(io.ComfyNode):
         return bridge.encode_prompts(clip, lines, negative_prompt)
 
     @staticmethod
-    def _unfinished(path, layout) -> MaskState | None:
+    def _unfinished(path, layout) -> tuple[MaskState | None, str]:
+        """The unfinished run saved at ``path`` if it fits ``layout``; else None and why not."""
         if not path.is_file():
-            return None
+            return None, ""
         try:
             state = load_mask(path)
-        except MaskFileError:
-            return None
-        if state.progress.get("finished") or state.fingerprint != layout.fingerprint():
-            return None
-        return state
+            if state.progress.get("finished"):
+                return None, ""
+            state.check_layout(layout)
+        except MaskFileError as exc:  # damaged, or learned on another layout: start fresh
+            note = f"started fresh instead of resuming {path.name}: {exc}"
+            logging.getLogger("ecodiff").warning("EcoDiff learning %s", note)
+            return None, note
+        return state, ""

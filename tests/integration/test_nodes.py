@@ -57,10 +57,10 @@ def test_learn_runs_on_every_architecture(arch, nodes):
     assert all(torch.isfinite(t).all() for t in mask.logits.values())
 
 
-def test_interrupt_keeps_mask_and_rerun_resumes(nodes, bridge, monkeypatch):
+def test_interrupt_keeps_mask_and_rerun_resumes(flux_run, nodes, bridge, monkeypatch):
     import comfy.model_management
 
-    tiny = ct.tiny("flux", seed=6)
+    tiny = flux_run[0]
     calls = {"n": 0}
     original = bridge.Progress.update
 
@@ -81,9 +81,65 @@ def test_interrupt_keeps_mask_and_rerun_resumes(nodes, bridge, monkeypatch):
     assert saved.progress["step"] == 2 and not saved.progress["finished"]
     assert "interrupted" in saved.stop_reason
 
-    mask = learn(nodes, tiny, "flux_interrupt").args[0]
+    mask, summary = learn(nodes, tiny, "flux_interrupt").args
     assert mask.progress["finished"] and mask.progress["step"] == 6
     assert [h["step"] for h in mask.history] == [1, 2, 3, 4, 5, 6]
+    assert "started fresh" not in summary
+    straight = flux_run[1].args[0]  # the same inputs, uninterrupted: resuming changes nothing
+    for name in straight.logits:
+        torch.testing.assert_close(mask.logits[name], straight.logits[name], rtol=0, atol=1e-6)
+
+
+def interrupted_run(nodes, bridge, monkeypatch, tiny, run_name, **overrides):
+    """Learn until the second progress update, then interrupt as POST /interrupt does."""
+    import comfy.model_management
+
+    calls = {"n": 0}
+    original = bridge.Progress.update
+
+    def interrupting_update(self, value, total=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            bridge.interrupt_processing(True)
+        original(self, value, total)
+
+    monkeypatch.setattr(bridge.Progress, "update", interrupting_update)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            learn(nodes, tiny, run_name, **overrides)
+    finally:
+        bridge.interrupt_processing(False)
+        monkeypatch.setattr(bridge.Progress, "update", original)
+
+
+RESUME_ARGS = dict(steps=2, epochs=1)
+CHANGED_INPUTS = {
+    "other checkpoint": ("checkpoint", "weights differ"),
+    "other architecture": ("architecture", "different model layout"),
+    "other prompts": (dict(prompts="a castle\na ship"), "prompts (conditioning) differ"),
+    "beta": (dict(beta=0.3), "beta 0.1 → 0.3"),
+    "sampling steps": (dict(steps=3), "steps 2 → 3"),
+    "size": (dict(width=48), "width 64 → 48"),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGED_INPUTS))
+def test_rerun_with_changed_inputs_starts_fresh(nodes, bridge, monkeypatch, change, caplog):
+    """An unfinished run under run_name is not continued for another checkpoint of the same
+    architecture, other prompts or other settings: the result is a fresh run's and the summary says why."""
+    tiny = ct.tiny("flux", seed=11)
+    run_name = f"changed_{change.replace(' ', '_')}"
+    interrupted_run(nodes, bridge, monkeypatch, tiny, run_name, **RESUME_ARGS)
+    overrides, reason = CHANGED_INPUTS[change]
+    if overrides in ("checkpoint", "architecture"):
+        tiny, overrides = ct.tiny("flux" if overrides == "checkpoint" else "sd15", seed=12), {}
+    with caplog.at_level("WARNING", logger="ecodiff"):
+        mask, summary = learn(nodes, tiny, run_name, **{**RESUME_ARGS, **overrides}).args
+    fresh = learn(nodes, tiny, run_name + "_fresh", **{**RESUME_ARGS, **overrides}).args[0]
+    assert all(torch.equal(mask.logits[k], fresh.logits[k]) for k in fresh.logits)
+    assert mask.history == fresh.history and mask.progress == fresh.progress
+    assert "started fresh" in summary and reason in summary, summary
+    assert any(reason in r.getMessage() for r in caplog.records if r.name == "ecodiff")
 
 
 def test_apply_prune_and_soft_sample_alike(flux_run, nodes, bridge):

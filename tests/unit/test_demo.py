@@ -13,6 +13,7 @@ from ecodiff_core.demo import DemoSettings, default_learn_settings, prune_to, ru
 from ecodiff_core.embedded.evaluation import EvalSettings, evaluate_model
 from ecodiff_core.embedded.judge import load_judge
 from ecodiff_core.embedded.model import load_default_model
+from ecodiff_core.errors import SettingsError
 from ecodiff_core.maskfile import load_mask
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,8 +65,52 @@ def test_cli_rejects_bad_sparsity(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ecodiff_core", "demo", "--sparsity", "1.5", "--output",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "0.95" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith(
+        "python -m ecodiff_core demo: error: ")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "steps must be >= 1, got 0"),
+    (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--eval-steps", "-1"], "eval_steps must be >= 1, got -1"),
+    (["--prompts-per-class", "0"], "prompts_per_class must be >= 1"),
+    (["--eval-per-class", "0"], "eval_per_class must be >= 1"),
+    (["--eval-per-class", "100000"], "eval_per_class must be <= 145"),
+    (["--sparsity", "20"], r"\[0, 0.95\], got 20"),
+    (["--sparsity", "nan"], "must be a number, got nan"),
+    (["--beta", "-1"], "beta .* >= 0, got -1"),
+    (["--beta", "inf"], "finite number"),
+    (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (["--steps", "two"], "argument --steps: invalid int value"),
+    (["--output", "{file}"], "is an existing file, not a folder"),
+    (["--output", "{file}/inside"], "cannot create the output folder"),
+    (["--unknown"], "unrecognized arguments"),
+])
+def test_cli_bad_argument_is_one_error_line(args, message, tmp_path, capsys, monkeypatch):
+    """Each bad argument: exit code 2, usage and one `error:` line naming the problem; nothing runs."""
+    import re
+
+    import torch
+
+    from ecodiff_core import __main__ as cli
+
+    existing = tmp_path / "a_file"
+    existing.write_text("x")
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr("ecodiff_core.demo.run_demo", lambda *a, **k: pytest.fail("the demo ran"))
+    argv = ["demo", "--no-progress", *(a.format(file=existing) for a in args)]
+    if "--output" not in args:
+        argv += ["--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert exit_info.value.code == 2 and len(errors) == 1, err
+    assert re.match(r"python -m ecodiff_core( demo)?: error: ", errors[0]) and re.search(message, errors[0]), err
 
 
 def test_bad_demo_settings(tmp_path):
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(SettingsError, match="steps"):
+        run_demo(replace(quick(tmp_path), steps=0), progress=False)
+    with pytest.raises(ValueError, match="steps"):  # SettingsError stays a ValueError for older callers
         run_demo(replace(quick(tmp_path), steps=0), progress=False)

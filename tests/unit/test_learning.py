@@ -11,7 +11,15 @@ from ecodiff_core.denoisers import EpsSchedule, flux_flow_denoiser, unet_eps_den
 from ecodiff_core.errors import SettingsError
 from ecodiff_core.gates import GateSettings, sample_gate, uniform_noise
 from ecodiff_core.gating import GateController
-from ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner, frozen_weights
+from ecodiff_core.learn import (
+    CalibrationSample,
+    LearnSettings,
+    MaskLearner,
+    digest,
+    frozen_weights,
+    run_inputs,
+    weights_digest,
+)
 from ecodiff_core.maskfile import load_mask, save_mask
 from ecodiff_core.trajectory import trajectory_gradient
 
@@ -162,6 +170,104 @@ def test_resume_gives_the_same_result(tmp_path, checkpointing):
     assert resumed.progress["finished"] and resumed.progress["step"] == straight.progress["step"] == 4
     for name in straight.logits:
         torch.testing.assert_close(resumed.logits[name], straight.logits[name], rtol=0, atol=1e-6)
+
+
+RESUME_CHANGES = {
+    "nothing": {},
+    "checkpointing only": {"settings": {"checkpointing": False}},  # memory/time only: still resumes
+    "other weights": {"weights": True},
+    "other prompts": {"conditioning": torch.ones(1, 4, 8)},
+    "beta": {"settings": {"beta": 0.1}},
+    "learning rate": {"settings": {"lr": {"head": 0.4, "neuron": 0.5, "channel": 0.5}}},
+    "epochs": {"settings": {"epochs": 3}},
+    "sampling steps": {"sampling": {"steps": 3}},
+    "sigma schedule": {"sampling": {"sigmas": torch.linspace(1, 0, 3) ** 2}},
+}
+
+
+@pytest.mark.parametrize("change", list(RESUME_CHANGES))
+def test_resume_only_with_the_same_inputs(tmp_path, change, caplog):
+    """An unfinished run is continued only for the inputs it recorded; otherwise the result is exactly
+    a fresh run's and the state (and the ecodiff log) says why."""
+    import copy
+
+    model, layout, samples, sigmas = samples_for("flux", 3)
+    settings = LearnSettings(**FAST)
+    conditioning = torch.zeros(1, 4, 8)
+    sampling = {"steps": 2, "cfg": 2.5, "sigmas": sigmas}
+    first = MaskLearner(model, layout, settings, inputs=run_inputs(model, conditioning, settings, sampling))
+    half = first.learn(samples, sigmas, callback=lambda info: info.step < 2)
+    saved = load_mask(save_mask(tmp_path / "partial.safetensors", half), layout)
+    assert saved.inputs == json_round_trip(half.inputs) and not saved.progress["finished"]
+
+    spec = RESUME_CHANGES[change]
+    if spec.get("weights"):
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            next(model.parameters()).mul_(1.001)
+    settings = dataclasses_replace(settings, **spec.get("settings", {}))
+    conditioning = spec.get("conditioning", conditioning)
+    sampling = {**sampling, **spec.get("sampling", {})}
+    inputs = run_inputs(model, conditioning, settings, sampling)
+    with caplog.at_level("WARNING", logger="ecodiff"):
+        resumed = MaskLearner(model, layout, settings, resume=saved, inputs=inputs).learn(samples, sigmas)
+    if change in ("nothing", "checkpointing only"):
+        straight = MaskLearner(model, layout, settings).learn(samples, sigmas)
+        assert resumed.start_note == "" and not caplog.records
+        assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
+        for name in straight.logits:
+            torch.testing.assert_close(resumed.logits[name], straight.logits[name], rtol=0, atol=1e-6)
+        return
+    fresh = MaskLearner(model, layout, settings, inputs=inputs).learn(samples, sigmas)
+    assert all(torch.equal(resumed.logits[n], fresh.logits[n]) for n in fresh.logits)
+    assert resumed.history == fresh.history and resumed.inputs == inputs
+    reason = {"other weights": "weights differ", "other prompts": "prompts (conditioning) differ",
+              "beta": "beta 0.05 → 0.1",
+              "learning rate": "lr ", "epochs": "epochs 2 → 3", "sampling steps": "steps 2 → 3",
+              "sigma schedule": "sampling settings changed: sigmas"}[change]
+    assert resumed.start_note.startswith("started fresh") and reason in resumed.start_note, resumed.start_note
+    assert any(reason in r.getMessage() for r in caplog.records if r.name == "ecodiff")
+
+
+def test_resume_without_recorded_inputs_starts_fresh(tmp_path):
+    model, layout, samples, sigmas = samples_for("sd15", 2)
+    settings = LearnSettings(**FAST)
+    half = MaskLearner(model, layout, settings).learn(samples, sigmas, callback=lambda info: False)
+    assert half.inputs == {}
+    inputs = run_inputs(model, None, settings, {})
+    learner = MaskLearner(model, layout, settings, resume=half, inputs=inputs)
+    assert "does not record" in learner.start_note and learner.progress["step"] == 0
+
+
+def test_weights_digest_sees_every_tensor_and_is_stable():
+    import copy
+
+    model, _ = build("sd15", torch.float32)
+    base = weights_digest(model)
+    assert weights_digest(copy.deepcopy(model)) == base and len(base) == 16
+    for name, p in list(model.named_parameters())[::9]:  # a small dense change of one tensor is seen
+        original = p.detach().clone()
+        with torch.no_grad():
+            p.add_(1e-4)
+            assert weights_digest(model) != base, name
+            p.copy_(original)
+    assert weights_digest(model) == base
+    assert weights_digest(copy.deepcopy(model).half()) != base
+    with torch.inference_mode():
+        fp8 = torch.randn(5000).to(torch.float8_e4m3fn)
+    assert digest(fp8, sample=64) == digest(fp8.clone(), sample=64) != digest(fp8[:4999], sample=64)
+
+
+def json_round_trip(obj):
+    import json
+
+    return json.loads(json.dumps(obj))
+
+
+def dataclasses_replace(settings, **changes):
+    import dataclasses
+
+    return dataclasses.replace(settings, **changes)
 
 
 def test_non_finite_loss_stops_with_last_good_state():

@@ -1,0 +1,159 @@
+"""The pruning record of a pruned-model file: its schema, checked before any of it is used.
+
+A pruned-model file (see ``ecodiff_comfy.bridge.save_pruned_model``) carries a JSON ``record`` that
+says how to rebuild the slim module: the base architecture's config and, per unit group, which units
+were kept.  Files come from disk (downloads, hand edits), so every field is checked here before the
+host rebuilds anything from it; ComfyUI-specific checks (that the class names are real ComfyUI
+model-config / model classes) live in the bridge.  Unknown extra keys are accepted (newer writers
+may add fields); a known key must have its type.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import EcoDiffError
+from .units import Layout
+
+
+class PrunedFileError(EcoDiffError):
+    """A pruned-model file is damaged, hand-edited into an inconsistent state, or not ours."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_identifier(value: Any) -> bool:
+    return isinstance(value, str) and value.isidentifier() and not value.startswith("_")
+
+
+def _is_json_config(value: Any, depth: int = 0) -> bool:
+    """JSON values as ``bridge._jsonable`` writes them: scalars, lists, str-keyed dicts, and
+    ``{"__dtype__": name}`` for torch dtypes (the name must be a real torch dtype)."""
+    if depth > 16:
+        return False
+    if isinstance(value, dict):
+        if "__dtype__" in value:
+            name = value["__dtype__"]
+            return set(value) == {"__dtype__"} and _is_identifier(name) and isinstance(
+                getattr(torch, name, None), torch.dtype)
+        return all(isinstance(k, str) and _is_json_config(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_is_json_config(v, depth + 1) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, (str, int, bool))
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_counts(value: Any) -> bool:
+    return isinstance(value, dict) and all(_is_int(v) and v >= 1 for v in value.values())
+
+
+def _is_kept(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, list) and all(_is_int(i) for i in v) for v in value.values())
+
+
+# key → (check, what the value must be).  Writers may add keys; these must be there and be right.
+RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "arch": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "fingerprint": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "model_config_class": (_is_identifier, "the name of a ComfyUI model-config class"),
+    "model_class": (_is_identifier, "the name of a ComfyUI model class"),
+    "model_type": (_is_identifier, "the name of a ComfyUI ModelType"),
+    "unet_config": (lambda v: isinstance(v, dict) and _is_json_config(v), "a JSON object (the model config)"),
+    "sampling_settings": (lambda v: isinstance(v, dict) and _is_json_config(v), "a JSON object"),
+    "kept": (_is_kept, "an object mapping each unit group to a list of integer unit indices"),
+    "counts": (_is_counts, "an object mapping each unit group to its unit count (an integer >= 1)"),
+    "silenced": (_is_str_list, "a list of unit-group names"),
+}
+# Optional keys: checked when present (other fields of newer writers are passed through unchecked).
+OPTIONAL_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {}
+
+
+def check_pruned_record(record: Any, source: str) -> dict:
+    """Check a pruning record's schema and inner consistency; returns it unchanged.
+
+    Every key's type, the kept indices (integers, unique, within ``counts``), and the silenced
+    groups.  ``source`` (the file name) starts every message.  Raises PrunedFileError.
+    """
+    if not isinstance(record, dict):
+        raise PrunedFileError(f"{source}: the pruning record is a {type(record).__name__}, not a JSON object; "
+                              "the file is damaged; save the pruned model again")
+    missing = [k for k in RECORD_FIELDS if k not in record]
+    if missing:
+        raise PrunedFileError(f"{source}: the pruning record lacks {', '.join(repr(k) for k in missing)}; "
+                              "the file is damaged or was not written by Save Pruned Model")
+    for key, (ok, what) in {**RECORD_FIELDS, **{k: v for k, v in OPTIONAL_FIELDS.items() if k in record}}.items():
+        if not ok(record[key]):
+            raise PrunedFileError(f"{source}: record field '{key}' must be {what}, got {_show(record[key])}")
+    counts, kept = record["counts"], record["kept"]
+    if set(kept) != set(counts):
+        odd = sorted(set(kept) ^ set(counts))
+        raise PrunedFileError(f"{source}: record 'kept' and 'counts' name different unit groups (e.g. {odd[0]!r})")
+    for name, indices in kept.items():
+        bad = [i for i in indices if not 0 <= i < counts[name]]
+        if bad:
+            raise PrunedFileError(f"{source}: group {name!r} keeps unit {bad[0]}, outside 0..{counts[name] - 1}")
+        if len(set(indices)) != len(indices):
+            raise PrunedFileError(f"{source}: group {name!r} lists a kept unit more than once")
+    for name in record["silenced"]:
+        if name not in counts:
+            raise PrunedFileError(f"{source}: record 'silenced' names {name!r}, which is not a unit group")
+        if len(kept[name]) != 1:
+            raise PrunedFileError(f"{source}: silenced group {name!r} must keep exactly one unit, "
+                                  f"keeps {len(kept[name])}")
+    return record
+
+
+def check_record_layout(record: dict, layout: Layout, source: str) -> dict[str, torch.Tensor]:
+    """The checked record against the layout rebuilt from its config; returns the keep masks.
+
+    The layout fingerprint and every group's count must match what the record says.
+    Raises PrunedFileError.
+    """
+    theirs = {g.name: g.count for g in layout.groups}
+    if record["counts"] != theirs:
+        odd = sorted(n for n in set(theirs) | set(record["counts"]) if theirs.get(n) != record["counts"].get(n))
+        raise PrunedFileError(
+            f"{source}: the record's unit counts do not match the model its config rebuilds "
+            f"(group {odd[0]!r}: record {record['counts'].get(odd[0])}, model {theirs.get(odd[0])}); "
+            "the file is damaged or ComfyUI's model code changed")
+    if layout.fingerprint() != record["fingerprint"]:
+        raise PrunedFileError(f"{source}: the rebuilt base model does not match the saved layout "
+                              "(ComfyUI's model code changed?)")
+    keep = {g.name: torch.zeros(g.count, dtype=torch.bool) for g in layout.groups}
+    for name, kept in record["kept"].items():
+        keep[name][kept] = True
+    return keep
+
+
+def check_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """The file's tensors against the rebuilt (meta-device) pruned module: same names, same shapes,
+    floating point where the module has floating point.  Raises PrunedFileError."""
+    expected = module.state_dict(keep_vars=True)
+    unexpected = sorted(set(state_dict) - set(expected))
+    missing = sorted(set(expected) - set(state_dict))
+    if unexpected or missing:
+        raise PrunedFileError(f"{source} does not fit the rebuilt model: unexpected {unexpected[:3]}, "
+                              f"missing {missing[:3]}")
+    for name, tensor in state_dict.items():
+        want = expected[name]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise PrunedFileError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the rebuilt model "
+                                  f"needs {tuple(want.shape)}")
+        if tensor.is_floating_point() != want.is_floating_point():
+            raise PrunedFileError(f"{source}: tensor {name} has dtype {tensor.dtype}, the rebuilt model needs "
+                                  f"{want.dtype}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,129 @@
+"""Fuzzing Load Pruned Model on a real (tiny) ComfyUI pruned-model file: truncations, bit flips and
+edited record metadata end either in a model that samples like the saved one or in an EcoDiffError
+naming the file -- never another exception type, and nothing named in the file is called unless it
+is a real ComfyUI model-config / model class."""
+from __future__ import annotations
+
+import json
+import random
+import struct
+
+import comfy_tiny as ct
+import pytest
+import torch
+from comfy_pack import sub
+
+
+@pytest.fixture(scope="module")
+def saved(bridge, tmp_path_factory):
+    """A tiny SD1.5 pruned with a random mask, saved; its bytes and reference sample."""
+    nodes = sub("nodes")
+    tiny = ct.tiny("sd15", seed=5)
+    layout = bridge.model_layout(tiny.model)
+    gen = torch.Generator().manual_seed(0)
+    state = sub("ecodiff_core.maskfile").MaskState.fresh(layout, 0.0)
+    state.logits = {g.name: torch.randn(g.count, generator=gen) for g in layout.groups}
+    with torch.inference_mode():
+        pruned = nodes.ApplyPrunedMask.execute(tiny.model, state, "params", 0.2, "", "prune").args[0]
+        path = bridge.save_pruned_model(pruned, tmp_path_factory.mktemp("pruned") / "good.safetensors")
+        reference = ct.sample(pruned, tiny.positive, tiny.negative, seed=1, steps=2)
+    return tiny, path.read_bytes(), reference
+
+
+def _header(data: bytes) -> tuple[dict, bytes]:
+    """The safetensors JSON header and the tensor bytes after it."""
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def _with_record(good: bytes, tmp_path, edit) -> bytes:
+    """``good`` with its record metadata replaced by ``edit(record)`` (or the text ``edit``)."""
+    header, body = _header(good)
+    record = json.loads(header["__metadata__"]["record"])
+    new = edit(record) if callable(edit) else edit
+    header["__metadata__"] = {**header["__metadata__"], "record": new if isinstance(new, str) else json.dumps(new)}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + body
+
+
+def _variants(good: bytes, tmp_path):
+    rng = random.Random(7)
+    header_end = 8 + struct.unpack("<Q", good[:8])[0]
+    for cut in sorted({0, 5, 8, 100, header_end - 1, header_end, header_end + 7, len(good) - 1,
+                       *rng.sample(range(len(good)), 6)}):
+        yield f"truncated at {cut}", good[:cut]
+    for k in range(24):
+        pos = rng.randrange(header_end) if k % 4 else rng.randrange(len(good))
+        flipped = bytearray(good)
+        flipped[pos] ^= 1 << rng.randrange(8)
+        yield f"bit flip at {pos}", bytes(flipped)
+    record = json.loads(_header(good)[0]["__metadata__"]["record"])
+    for key in record:
+        yield f"without {key}", _with_record(good, tmp_path,
+                                             lambda r, key=key: {k: v for k, v in r.items() if k != key})
+        for value in (None, 1, "x", [], {}):
+            yield f"{key}={value!r}", _with_record(good, tmp_path, lambda r, key=key, value=value: {**r, key: value})
+    yield "record a list", _with_record(good, tmp_path, "[1, 2]")
+    yield "record not json", _with_record(good, tmp_path, "{record")
+    names = {
+        "model_config_class": ["torch", "BASE", "os", "__class__", "supported_models_base", "SDXL", "models",
+                               "Flux"],
+        "model_class": ["torch", "ModelType", "BaseModel", "Flux", "__class__", "model_sampling"],
+        "model_type": ["FLUX", "EPS ", "__class__"],
+    }
+    for key, values in names.items():
+        for value in values:
+            yield f"{key}={value}", _with_record(good, tmp_path, lambda r, key=key, value=value: {**r, key: value})
+    cfg_keys = sorted(record["unet_config"])
+    for key in rng.sample(cfg_keys, min(5, len(cfg_keys))):
+        for value in (None, "x", -1, 0, [1], {"__dtype__": "float16"}):
+            yield f"unet_config {key}={value!r}", _with_record(
+                good, tmp_path, lambda r, key=key, value=value: {**r, "unet_config": {**r["unet_config"], key: value}})
+    for key in sorted(record["sampling_settings"]):
+        for value in (None, "x", -1.0, []):
+            yield f"sampling {key}={value!r}", _with_record(
+                good, tmp_path,
+                lambda r, key=key, value=value: {**r, "sampling_settings": {**r["sampling_settings"], key: value}})
+    group = sorted(record["counts"])[0]
+    kept_edits = {"kept 999": [0, 999], "kept -1": [-1], "kept dup": [0, 0], "kept float": [0.0], "kept str": ["0"],
+                  "kept none": [], "kept all": list(range(record["counts"][group]))}
+    for label, value in kept_edits.items():
+        yield label, _with_record(good, tmp_path, lambda r, value=value: {**r, "kept": {**r["kept"], group: value}})
+    yield "count +1", _with_record(good, tmp_path,
+                                   lambda r: {**r, "counts": {**r["counts"], group: r["counts"][group] + 1}})
+    yield "extra keys", _with_record(good, tmp_path, lambda r: {**r, "weight_dtype": "float16", "note": [1]})
+
+
+def test_damaged_pruned_files_load_or_give_a_clear_error(saved, bridge, core, tmp_path):
+    tiny, good, reference = saved
+    path = tmp_path / "fuzz.safetensors"
+    outcomes, loaded = {}, []
+    import comfy.supported_models
+
+    variants = dict(_variants(good, tmp_path))
+    for label, data in variants.items():
+        path.write_bytes(data)
+        try:
+            with torch.inference_mode():
+                model = bridge.load_pruned_model(path)
+        except core.errors.EcoDiffError as exc:
+            assert path.name in str(exc), (label, str(exc))
+            outcomes[label] = "error"
+            continue
+        outcomes[label] = "ok"
+        assert isinstance(model.model.model_config, comfy.supported_models.supported_models_base.BASE), label
+        if not label.startswith("bit flip"):
+            loaded.append(label)
+    # edits that keep the record valid load (and sample like the saved model); all others are refused
+    assert "extra keys" in loaded and "kept 999" not in loaded and "model_config_class=torch" not in loaded
+    for label in ("extra keys",):
+        path.write_bytes(variants[label])
+        with torch.inference_mode():
+            model = bridge.load_pruned_model(path)
+            assert torch.equal(ct.sample(model, tiny.positive, tiny.negative, seed=1, steps=2), reference)
+    refused = [label for label, outcome in outcomes.items() if outcome == "error"]
+    assert all(label in refused for label in ("record a list", "record not json", "kept dup", "kept -1",
+                                              "kept float", "count +1", "model_config_class=os",
+                                              "model_class=ModelType", "model_type=EPS "))
+    assert len(refused) > len(outcomes) // 2
