@@ -103,6 +103,61 @@ def diffusion_module(model: Any) -> nn.Module:
     return module
 
 
+# --------------------------------------------------------------------------------------------
+# a MODEL's own weights (clones share one nn.Module)
+# --------------------------------------------------------------------------------------------
+def _own_weights_problem(model: Any, partial_ok: bool) -> str | None:
+    """Why the shared module does not hold exactly ``model``'s weights (None when it does).
+
+    ComfyUI keeps the last loaded clone's weight patches in the module its clones share;
+    ``current_weight_patches_uuid`` names them and ``backup`` (shared by all clones) holds the
+    originals of every weight patched in place.  Features are looked up with hasattr so another
+    ComfyUI version answers with a clear error instead of silently wrong weights."""
+    base = model.model
+    if hasattr(base, "current_weight_patches_uuid") and hasattr(model, "patches_uuid") \
+            and base.current_weight_patches_uuid != model.patches_uuid:
+        return "another MODEL clone's weight patches (LoRA…) are loaded in the shared module"
+    if getattr(base, "model_lowvram", False):
+        return None if partial_ok else "ComfyUI loaded the model only partially (low VRAM), weight patches are not merged"
+    patches, backup = getattr(model, "patches", None), getattr(model, "backup", None)
+    if isinstance(patches, dict) and isinstance(backup, dict):
+        foreign = sorted(set(backup) - set(patches))
+        if foreign:
+            return f"weights patched for another MODEL clone are still in place ({foreign[0]}…)"
+    return None
+
+
+def require_own_weights(model: Any, partial_ok: bool = False) -> nn.Module:
+    """The denoiser module of ``model``, checked to hold exactly ``model``'s weights right now
+    (``partial_ok``: a low-VRAM load, where ComfyUI's weight functions patch at compute time,
+    is accepted).  Raises EcoDiffError otherwise."""
+    problem = _own_weights_problem(model, partial_ok)
+    if problem is not None:
+        raise EcoDiffError(f"cannot read this MODEL's own weights: {problem}. Please report this with your "
+                           "ComfyUI version; as a workaround run the EcoDiff node before sampling other "
+                           "variants of the model")
+    return diffusion_module(model)
+
+
+@contextlib.contextmanager
+def own_weights(model: Any) -> Iterator[nn.Module]:
+    """The denoiser module of ``model`` holding exactly the weights of ``model``: its own weight
+    patches (LoRA…) merged, none of another clone's.  The ONE way the pack reads weights.
+
+    MODEL clones share one nn.Module and ComfyUI leaves the last loaded clone's patches in it, so
+    ``model`` is loaded through ComfyUI's own machinery (``load_models_gpu``, which unpatches the
+    other clone from the shared backups and patches this one; fully, so no patch is deferred to
+    low-VRAM weight functions) and checked on entry and on exit (no other clone may be loaded
+    while the block reads).  Weight wrappers (``add_weight_wrapper``) are compute-time functions
+    and stay out of the values read here.  Raises EcoDiffError where that cannot be guaranteed."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    module = require_own_weights(model)
+    yield module
+    require_own_weights(model)
+
+
 def model_layout(model: Any) -> Layout:
     """The prunable units of a MODEL; UnsupportedArchitectureError names the supported ones."""
     return find_layout(diffusion_module(model))
@@ -192,15 +247,17 @@ class _CopyWeight:
 
 
 def _trainable_patcher(model: Any) -> Any:
-    """A clone whose comfy.ops layers read non-inference copies of inference-tensor weights."""
+    """A clone whose comfy.ops layers read non-inference copies of inference-tensor weights.
+
+    Every weight/bias of a comfy.ops layer gets the wrapper: which tensors are inference tensors is
+    only known once the clone is loaded (the shared module may hold another clone's weights now)."""
     patcher = model.clone()
     module = diffusion_module(model)
     for name, sub in module.named_modules():
         if not hasattr(sub, "weight_function"):
             continue
         for attr in ("weight", "bias"):
-            p = getattr(sub, attr, None)
-            if isinstance(p, torch.Tensor) and p.is_inference():
+            if isinstance(getattr(sub, attr, None), torch.Tensor):
                 patcher.add_weight_wrapper(f"diffusion_model.{name}.{attr}", _CopyWeight())
     return patcher
 
@@ -296,6 +353,7 @@ def run_with_denoisers(model: Any, conds: Sequence[tuple[list, list]], spec: Sam
                 x_noise = comfy.sample.prepare_noise(latent, spec.seed + i).to(device)
                 x_t = ms.noise_scaling(dev_sigmas[0], x_noise, latent_image, max_denoise)
                 samples.append(CalibrationSample(_denoiser(guider, processed, extra_args, spec.seed + i), x_t))
+            require_own_weights(patcher, partial_ok=True)  # the guider loaded exactly this clone's weights
             with _plain_tensors(module):
                 return body(Session(module, samples, dev_sigmas, device))
 
@@ -427,15 +485,6 @@ def soft_preview(model: Any, layout: Layout, plan: PrunePlan) -> tuple[Any, Prun
     return soft_gated_model(model, layout, plan.keep), report
 
 
-def _source_module(model: Any) -> nn.Module:
-    """The module whose weights we slice; with weight patches (LoRA…) it is loaded so they are merged."""
-    import comfy.model_management
-
-    if getattr(model, "patches", None):
-        comfy.model_management.load_models_gpu([model], force_full_load=True)
-    return diffusion_module(model)
-
-
 def _new_base_model(model: Any, pruned: nn.Module, record: dict) -> Any:
     """A new ``comfy.model_base`` object around ``pruned``; the input's objects are not touched."""
     base = model.model
@@ -470,8 +519,7 @@ def build_pruned_model(model: Any, layout: Layout, keep: dict[str, torch.Tensor]
     """A NEW, physically smaller MODEL; ``model`` and its module stay as they were."""
     keep = check_keep(layout, keep)
     adjusted, silenced = keep_one_head(layout, keep, logits)
-    with torch.inference_mode(False):
-        source = _source_module(model)
+    with torch.inference_mode(False), own_weights(model) as source:
         pruned = prune_model(source, layout, adjusted)
         silence_heads(pruned, layout, silenced)
         report = PruneReport.build(source, pruned, layout, adjusted)
@@ -534,10 +582,8 @@ def save_pruned_model(model: Any, path: Path) -> Path:
     if record is None:
         raise EcoDiffError("Save Pruned Model needs a MODEL from Apply Pruned Mask (or Load Pruned Model); "
                            "unpruned models are saved with ComfyUI's own checkpoint savers")
-    import comfy.model_management
-
-    comfy.model_management.load_models_gpu([model], force_full_load=True)  # merge weight patches
-    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in diffusion_module(model).state_dict().items()}
+    with own_weights(model) as module:
+        sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
     dtype = next(iter(sd.values())).dtype if sd else torch.float32
     metadata = {"format": PRUNED_FORMAT, "format_version": str(PRUNED_FORMAT_VERSION),
                 "record": json.dumps(record), "dtype": str(dtype).removeprefix("torch.")}
