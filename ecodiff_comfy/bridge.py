@@ -546,7 +546,71 @@ def pruning_record(model: Any, layout: Layout, keep: dict[str, torch.Tensor], si
         "kept": {name: torch.nonzero(k).reshape(-1).tolist() for name, k in keep.items()},
         "counts": {g.name: g.count for g in layout.groups},
         "silenced": list(silenced),
+        **precision_record(model),
     }
+
+
+def precision_record(model: Any) -> dict:
+    """How ComfyUI stores and computes the weights of ``model``: ``weight_dtype`` (what the model
+    config builds layers in), ``manual_cast_dtype`` (compute dtype of ComfyUI's manual cast, None
+    when weights compute in their own dtype), ``scaled_fp8`` (weight dtype of scaled-fp8 layers,
+    else None) and ``fp8_optimizations``; dtypes as torch names ("float8_e4m3fn")."""
+    base, cfg = model.model, model.model.model_config
+    weight = cfg.unet_config.get("dtype")
+    if not isinstance(weight, torch.dtype):
+        weight = base.get_dtype() if hasattr(base, "get_dtype") else None
+    return {
+        "weight_dtype": _dtype_name(weight),
+        "manual_cast_dtype": _dtype_name(getattr(base, "manual_cast_dtype", None)),
+        "scaled_fp8": _dtype_name(getattr(cfg, "scaled_fp8", None)),
+        "fp8_optimizations": bool(getattr(cfg, "optimizations", {}).get("fp8", False)),
+    }
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else None
+
+
+def _dtype_from_name(name: Any, what: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise EcoDiffError(f"the pruned model's record has {what} {name!r}, which is not a floating-point torch "
+                           "dtype; the file is damaged: prune and save the model again")
+    return dtype
+
+
+def _set_precision(cfg: Any, record: dict, sd: dict[str, torch.Tensor]) -> None:
+    """Build ``cfg`` with the saved model's weight dtype and manual cast, as ComfyUI's loaders do
+    (``set_inference_dtype``).  Records written before these were stored: the weight dtype of the
+    record's unet_config (else the state dict's dominant one), the manual cast ComfyUI picks for
+    that dtype on this device (``unet_manual_cast``), scaled fp8 when the layers carry scales."""
+    import comfy.model_management as mm
+
+    if "weight_dtype" in record:
+        weight = _dtype_from_name(record["weight_dtype"], "weight_dtype")
+        cast = _dtype_from_name(record.get("manual_cast_dtype"), "manual_cast_dtype")
+        scaled = _dtype_from_name(record.get("scaled_fp8"), "scaled_fp8")
+        fp8_optimizations = bool(record.get("fp8_optimizations", False))
+    else:
+        weight = cfg.unet_config.get("dtype")
+        if not isinstance(weight, torch.dtype):
+            counts: dict[torch.dtype, int] = {}
+            for t in sd.values():
+                if t.is_floating_point():
+                    counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+            weight = max(counts, key=counts.get) if counts else torch.float32
+        supported = getattr(cfg, "supported_inference_dtypes", [torch.float16, torch.bfloat16, torch.float32])
+        cast = mm.unet_manual_cast(weight, mm.get_torch_device(), supported)
+        scaled = next((sd[k[:-len("scale_weight")] + "weight"].dtype for k in sd
+                       if k.endswith(".scale_weight") and k[:-len("scale_weight")] + "weight" in sd), None)
+        fp8_optimizations = False
+    cfg.set_inference_dtype(weight, cast)
+    if scaled is not None:
+        cfg.scaled_fp8 = scaled
+    if fp8_optimizations:
+        cfg.optimizations = dict(getattr(cfg, "optimizations", {}), fp8=True)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -584,9 +648,9 @@ def save_pruned_model(model: Any, path: Path) -> Path:
                            "unpruned models are saved with ComfyUI's own checkpoint savers")
     with own_weights(model) as module:
         sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
-    dtype = next(iter(sd.values())).dtype if sd else torch.float32
+    dtype = record.get("weight_dtype") or (str(next(iter(sd.values())).dtype) if sd else "float32")
     metadata = {"format": PRUNED_FORMAT, "format_version": str(PRUNED_FORMAT_VERSION),
-                "record": json.dumps(record), "dtype": str(dtype).removeprefix("torch.")}
+                "record": json.dumps(record), "dtype": dtype.removeprefix("torch.")}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     safetensors.torch.save_file(sd, str(tmp), metadata=metadata)
@@ -633,8 +697,7 @@ def load_pruned_model(path: Path) -> Any:
     cfg = cfg_cls(_from_jsonable(record["unet_config"]))
     cfg.unet_config = _from_jsonable(record["unet_config"])
     cfg.sampling_settings = _from_jsonable(record["sampling_settings"])
-    dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
-    cfg.set_inference_dtype(dtype, None)
+    _set_precision(cfg, record, sd)
     model_type = comfy.model_base.ModelType[record["model_type"]]
     base = model_cls(cfg, model_type=model_type, device=torch.device("meta"))
     layout = find_layout(base.diffusion_model)
