@@ -9,7 +9,8 @@ Facts this relies on (ComfyUI 0.3.64, checked again in ``tests/integration``):
   tensors, which autograd may not save; learning runs in ``inference_mode(False)`` with copies;
 - ``ModelPatcher.clone()`` shares the ``nn.Module``: nothing here mutates an input MODEL's module
   (learning hooks live only inside ``MaskLearner.learn``; weight copies and soft gates are
-  patcher-scoped weight wrappers);
+  patcher-scoped weight wrappers); ComfyUI leaves the last loaded clone's weight patches in that
+  module, so every weight read goes through ``own_weights`` (loads this clone, checks it);
 - ``CFGGuider`` prepares the model (loading through model_management, conds through
   ``process_conds``) and its ``__call__`` is the CFG-combined x0 prediction in σ-space, so one Euler
   loop serves EPS, V and flow models alike;
