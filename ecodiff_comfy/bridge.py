@@ -512,6 +512,8 @@ def _wrap(model: Any, base: Any) -> Any:
     for key, obj in model.object_patches.items():
         if not key.startswith("diffusion_model."):
             patcher.add_object_patch(key, obj)
+    if hasattr(model, "force_cast_weights"):  # ModelComputeDtype: layers cast to the patched compute dtype
+        patcher.force_cast_weights = model.force_cast_weights
     return patcher
 
 
@@ -562,7 +564,8 @@ def precision_record(model: Any) -> dict:
         weight = base.get_dtype() if hasattr(base, "get_dtype") else None
     return {
         "weight_dtype": _dtype_name(weight),
-        "manual_cast_dtype": _dtype_name(getattr(base, "manual_cast_dtype", None)),
+        "manual_cast_dtype": _dtype_name(model.get_model_object("manual_cast_dtype") if hasattr(model, "get_model_object")
+                                         else getattr(base, "manual_cast_dtype", None)),
         "scaled_fp8": _dtype_name(getattr(cfg, "scaled_fp8", None)),
         "fp8_optimizations": bool(getattr(cfg, "optimizations", {}).get("fp8", False)),
     }

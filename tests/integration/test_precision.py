@@ -137,3 +137,24 @@ def test_damaged_precision_key_is_a_clear_error(bridge, core, tmp_path):
     safetensors.torch.save_file(safetensors.torch.load_file(str(path)), str(path), metadata=meta)
     with pytest.raises(core.errors.EcoDiffError, match="manual_cast_dtype 'int8'"):
         bridge.load_pruned_model(path)
+
+
+@pytest.mark.parametrize("arch,precision,compute", [("flux", "fp32", BF16), ("sd15", "fp32", BF16),
+                                                    ("flux", "fp8e4m3-cast-fp32", BF16)])
+def test_model_compute_dtype_carries_to_the_pruned_and_reloaded_model(arch, precision, compute, bridge, tmp_path):
+    """ComfyUI's ModelComputeDtype (``set_model_compute_dtype``: an object patch plus forced weight
+    casting) is the pruned MODEL's compute dtype in memory and after reloading."""
+    _, ctx, pooled = ct.dims(arch)
+    pos, neg = ct.make_conditioning(arch, ctx, pooled, 10), ct.make_conditioning(arch, ctx, pooled, 11)
+    with torch.inference_mode():
+        model = build(arch, precision).clone()
+        model.set_model_compute_dtype(compute)
+        pruned = prune(bridge, model)
+        loaded = bridge.load_pruned_model(bridge.save_pruned_model(pruned, tmp_path / "p.safetensors"))
+        a = ct.sample(pruned, pos, neg, seed=3, steps=2)
+        b = ct.sample(loaded, pos, neg, seed=3, steps=2)
+        unpruned = ct.sample(model, pos, neg, seed=3, steps=2)
+    assert torch.isfinite(a).all() and rel_err(a, unpruned) > 1e-4
+    assert torch.equal(a, b)
+    assert loaded.model.manual_cast_dtype == compute
+    assert bridge.pruning_info(loaded)["manual_cast_dtype"] == str(compute).removeprefix("torch.")
