@@ -9,7 +9,8 @@ Facts this relies on (ComfyUI 0.3.64, checked again in ``tests/integration``):
   tensors, which autograd may not save; learning runs in ``inference_mode(False)`` with copies;
 - ``ModelPatcher.clone()`` shares the ``nn.Module``: nothing here mutates an input MODEL's module
   (learning hooks live only inside ``MaskLearner.learn``; weight copies and soft gates are
-  patcher-scoped weight wrappers);
+  patcher-scoped weight wrappers); ComfyUI leaves the last loaded clone's weight patches in that
+  module, so every weight read goes through ``own_weights`` (loads this clone, checks it);
 - ``CFGGuider`` prepares the model (loading through model_management, conds through
   ``process_conds``) and its ``__call__`` is the CFG-combined x0 prediction in σ-space, so one Euler
   loop serves EPS, V and flow models alike;
@@ -105,6 +106,61 @@ def diffusion_module(model: Any) -> nn.Module:
     return module
 
 
+# --------------------------------------------------------------------------------------------
+# a MODEL's own weights (clones share one nn.Module)
+# --------------------------------------------------------------------------------------------
+def _own_weights_problem(model: Any, partial_ok: bool) -> str | None:
+    """Why the shared module does not hold exactly ``model``'s weights (None when it does).
+
+    ComfyUI keeps the last loaded clone's weight patches in the module its clones share;
+    ``current_weight_patches_uuid`` names them and ``backup`` (shared by all clones) holds the
+    originals of every weight patched in place.  Features are looked up with hasattr so another
+    ComfyUI version answers with a clear error instead of silently wrong weights."""
+    base = model.model
+    if hasattr(base, "current_weight_patches_uuid") and hasattr(model, "patches_uuid") \
+            and base.current_weight_patches_uuid != model.patches_uuid:
+        return "another MODEL clone's weight patches (LoRA…) are loaded in the shared module"
+    if getattr(base, "model_lowvram", False):
+        return None if partial_ok else "ComfyUI loaded the model only partially (low VRAM), weight patches are not merged"
+    patches, backup = getattr(model, "patches", None), getattr(model, "backup", None)
+    if isinstance(patches, dict) and isinstance(backup, dict):
+        foreign = sorted(set(backup) - set(patches))
+        if foreign:
+            return f"weights patched for another MODEL clone are still in place ({foreign[0]}…)"
+    return None
+
+
+def require_own_weights(model: Any, partial_ok: bool = False) -> nn.Module:
+    """The denoiser module of ``model``, checked to hold exactly ``model``'s weights right now
+    (``partial_ok``: a low-VRAM load, where ComfyUI's weight functions patch at compute time,
+    is accepted).  Raises EcoDiffError otherwise."""
+    problem = _own_weights_problem(model, partial_ok)
+    if problem is not None:
+        raise EcoDiffError(f"cannot read this MODEL's own weights: {problem}. Please report this with your "
+                           "ComfyUI version; as a workaround run the EcoDiff node before sampling other "
+                           "variants of the model")
+    return diffusion_module(model)
+
+
+@contextlib.contextmanager
+def own_weights(model: Any) -> Iterator[nn.Module]:
+    """The denoiser module of ``model`` holding exactly the weights of ``model``: its own weight
+    patches (LoRA…) merged, none of another clone's.  The ONE way the pack reads weights.
+
+    MODEL clones share one nn.Module and ComfyUI leaves the last loaded clone's patches in it, so
+    ``model`` is loaded through ComfyUI's own machinery (``load_models_gpu``, which unpatches the
+    other clone from the shared backups and patches this one; fully, so no patch is deferred to
+    low-VRAM weight functions) and checked on entry and on exit (no other clone may be loaded
+    while the block reads).  Weight wrappers (``add_weight_wrapper``) are compute-time functions
+    and stay out of the values read here.  Raises EcoDiffError where that cannot be guaranteed."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    module = require_own_weights(model)
+    yield module
+    require_own_weights(model)
+
+
 def model_layout(model: Any) -> Layout:
     """The prunable units of a MODEL; UnsupportedArchitectureError names the supported ones."""
     return find_layout(diffusion_module(model))
@@ -194,15 +250,17 @@ class _CopyWeight:
 
 
 def _trainable_patcher(model: Any) -> Any:
-    """A clone whose comfy.ops layers read non-inference copies of inference-tensor weights."""
+    """A clone whose comfy.ops layers read non-inference copies of inference-tensor weights.
+
+    Every weight/bias of a comfy.ops layer gets the wrapper: which tensors are inference tensors is
+    only known once the clone is loaded (the shared module may hold another clone's weights now)."""
     patcher = model.clone()
     module = diffusion_module(model)
     for name, sub in module.named_modules():
         if not hasattr(sub, "weight_function"):
             continue
         for attr in ("weight", "bias"):
-            p = getattr(sub, attr, None)
-            if isinstance(p, torch.Tensor) and p.is_inference():
+            if isinstance(getattr(sub, attr, None), torch.Tensor):
                 patcher.add_weight_wrapper(f"diffusion_model.{name}.{attr}", _CopyWeight())
     return patcher
 
@@ -298,6 +356,7 @@ def run_with_denoisers(model: Any, conds: Sequence[tuple[list, list]], spec: Sam
                 x_noise = comfy.sample.prepare_noise(latent, spec.seed + i).to(device)
                 x_t = ms.noise_scaling(dev_sigmas[0], x_noise, latent_image, max_denoise)
                 samples.append(CalibrationSample(_denoiser(guider, processed, extra_args, spec.seed + i), x_t))
+            require_own_weights(patcher, partial_ok=True)  # the guider loaded exactly this clone's weights
             with _plain_tensors(module):
                 return body(Session(module, samples, dev_sigmas, device))
 
@@ -435,15 +494,6 @@ def soft_preview(model: Any, layout: Layout, plan: PrunePlan) -> tuple[Any, Prun
     return soft_gated_model(model, layout, plan.keep), report
 
 
-def _source_module(model: Any) -> nn.Module:
-    """The module whose weights we slice; with weight patches (LoRA…) it is loaded so they are merged."""
-    import comfy.model_management
-
-    if getattr(model, "patches", None):
-        comfy.model_management.load_models_gpu([model], force_full_load=True)
-    return diffusion_module(model)
-
-
 def _new_base_model(model: Any, pruned: nn.Module, record: dict) -> Any:
     """A new ``comfy.model_base`` object around ``pruned``; the input's objects are not touched."""
     base = model.model
@@ -470,6 +520,8 @@ def _wrap(model: Any, base: Any) -> Any:
     for key, obj in model.object_patches.items():
         if not key.startswith("diffusion_model."):
             patcher.add_object_patch(key, obj)
+    if hasattr(model, "force_cast_weights"):  # ModelComputeDtype: layers cast to the patched compute dtype
+        patcher.force_cast_weights = model.force_cast_weights
     return patcher
 
 
@@ -479,8 +531,7 @@ def build_pruned_model(model: Any, layout: Layout, keep: dict[str, torch.Tensor]
     stay although ``keep`` removes them (``min_keep``) stay silenced: the highest-``logits`` ones."""
     keep = check_keep(layout, keep)
     adjusted, silenced = physical_keep(layout, keep, logits)
-    with torch.inference_mode(False):
-        source = _source_module(model)
+    with torch.inference_mode(False), own_weights(model) as source:
         pruned = prune_model(source, layout, keep, logits)
         fit_attention_patches(pruned)
         report = PruneReport.build(source, pruned, layout, keep)
@@ -507,7 +558,72 @@ def pruning_record(model: Any, layout: Layout, keep: dict[str, torch.Tensor], si
         "kept": {name: torch.nonzero(k).reshape(-1).tolist() for name, k in keep.items()},
         "counts": {g.name: g.count for g in layout.groups},
         "silenced": list(silenced),
+        **precision_record(model),
     }
+
+
+def precision_record(model: Any) -> dict:
+    """How ComfyUI stores and computes the weights of ``model``: ``weight_dtype`` (what the model
+    config builds layers in), ``manual_cast_dtype`` (compute dtype of ComfyUI's manual cast, None
+    when weights compute in their own dtype), ``scaled_fp8`` (weight dtype of scaled-fp8 layers,
+    else None) and ``fp8_optimizations``; dtypes as torch names ("float8_e4m3fn")."""
+    base, cfg = model.model, model.model.model_config
+    weight = cfg.unet_config.get("dtype")
+    if not isinstance(weight, torch.dtype):
+        weight = base.get_dtype() if hasattr(base, "get_dtype") else None
+    return {
+        "weight_dtype": _dtype_name(weight),
+        "manual_cast_dtype": _dtype_name(model.get_model_object("manual_cast_dtype") if hasattr(model, "get_model_object")
+                                         else getattr(base, "manual_cast_dtype", None)),
+        "scaled_fp8": _dtype_name(getattr(cfg, "scaled_fp8", None)),
+        "fp8_optimizations": bool(getattr(cfg, "optimizations", {}).get("fp8", False)),
+    }
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else None
+
+
+def _dtype_from_name(name: Any, what: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise EcoDiffError(f"the pruned model's record has {what} {name!r}, which is not a floating-point torch "
+                           "dtype; the file is damaged: prune and save the model again")
+    return dtype
+
+
+def _set_precision(cfg: Any, record: dict, sd: dict[str, torch.Tensor]) -> None:
+    """Build ``cfg`` with the saved model's weight dtype and manual cast, as ComfyUI's loaders do
+    (``set_inference_dtype``).  Records written before these were stored: the weight dtype of the
+    record's unet_config (else the state dict's dominant one), the manual cast ComfyUI picks for
+    that dtype on this device (``unet_manual_cast``), scaled fp8 when the layers carry scales."""
+    import comfy.model_management as mm
+
+    if "weight_dtype" in record:
+        weight = _dtype_from_name(record["weight_dtype"], "weight_dtype")
+        cast = _dtype_from_name(record.get("manual_cast_dtype"), "manual_cast_dtype")
+        scaled = _dtype_from_name(record.get("scaled_fp8"), "scaled_fp8")
+        fp8_optimizations = bool(record.get("fp8_optimizations", False))
+    else:
+        weight = cfg.unet_config.get("dtype")
+        if not isinstance(weight, torch.dtype):
+            counts: dict[torch.dtype, int] = {}
+            for t in sd.values():
+                if t.is_floating_point():
+                    counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+            weight = max(counts, key=counts.get) if counts else torch.float32
+        supported = getattr(cfg, "supported_inference_dtypes", [torch.float16, torch.bfloat16, torch.float32])
+        cast = mm.unet_manual_cast(weight, mm.get_torch_device(), supported)
+        scaled = next((sd[k[:-len("scale_weight")] + "weight"].dtype for k in sd
+                       if k.endswith(".scale_weight") and k[:-len("scale_weight")] + "weight" in sd), None)
+        fp8_optimizations = False
+    cfg.set_inference_dtype(weight, cast)
+    if scaled is not None:
+        cfg.scaled_fp8 = scaled
+    if fp8_optimizations:
+        cfg.optimizations = dict(getattr(cfg, "optimizations", {}), fp8=True)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -543,13 +659,11 @@ def save_pruned_model(model: Any, path: Path) -> Path:
     if record is None:
         raise EcoDiffError("Save Pruned Model needs a MODEL from Apply Pruned Mask (or Load Pruned Model); "
                            "unpruned models are saved with ComfyUI's own checkpoint savers")
-    import comfy.model_management
-
-    comfy.model_management.load_models_gpu([model], force_full_load=True)  # merge weight patches
-    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in diffusion_module(model).state_dict().items()}
-    dtype = next(iter(sd.values())).dtype if sd else torch.float32
+    with own_weights(model) as module:
+        sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    dtype = record.get("weight_dtype") or (str(next(iter(sd.values())).dtype) if sd else "float32")
     metadata = {"format": PRUNED_FORMAT, "format_version": str(PRUNED_FORMAT_VERSION),
-                "record": json.dumps(record), "dtype": str(dtype).removeprefix("torch.")}
+                "record": json.dumps(record), "dtype": dtype.removeprefix("torch.")}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     safetensors.torch.save_file(sd, str(tmp), metadata=metadata)
@@ -640,8 +754,7 @@ def load_pruned_model(path: Path) -> Any:
     cfg = cfg_cls(_from_jsonable(record["unet_config"]))
     cfg.unet_config = _from_jsonable(record["unet_config"])
     cfg.sampling_settings = _from_jsonable(record["sampling_settings"])
-    dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
-    cfg.set_inference_dtype(dtype, None)
+    _set_precision(cfg, record, sd)
     model_type = comfy.model_base.ModelType[record["model_type"]]
     base = model_cls(cfg, model_type=model_type, device=torch.device("meta"))
     layout = find_layout(base.diffusion_model)

@@ -75,7 +75,20 @@ RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "silenced": (_is_str_list, "a list of unit-group names"),
 }
 # Optional keys: checked when present (other fields of newer writers are passed through unchecked).
-OPTIONAL_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {}
+def _is_float_dtype_name(value: Any) -> bool:
+    if value is None:
+        return True
+    dtype = getattr(torch, value, None) if _is_identifier(value) else None
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
+_DTYPE_OR_NULL = (_is_float_dtype_name, "null or the name of a floating-point torch dtype (e.g. \"float8_e4m3fn\")")
+OPTIONAL_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "weight_dtype": _DTYPE_OR_NULL,
+    "manual_cast_dtype": _DTYPE_OR_NULL,
+    "scaled_fp8": _DTYPE_OR_NULL,
+    "fp8_optimizations": (lambda v: isinstance(v, bool), "true or false"),
+}
 
 
 def check_pruned_record(record: Any, source: str) -> dict:

@@ -207,3 +207,31 @@ def sample(mp: Any, positive: list, negative: list, seed: int = 0, steps: int = 
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(mp, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
                                denoise=1.0, disable_pbar=True, seed=seed)
+
+
+def build_model_precision(arch: str, seed: int, weight_dtype: torch.dtype, manual_cast: torch.dtype | None = None,
+                          scaled_fp8: torch.dtype | None = None) -> Any:
+    """Like ``build_model`` with weights stored as ComfyUI's loaders store them: in ``weight_dtype``
+    (fp8 included), computed in ``manual_cast`` (None: in their own dtype), optionally as scaled fp8
+    (Linear weights in ``scaled_fp8`` with float32 ``scale_weight``).  Filled in float32, then cast."""
+    bootstrap()
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    cfg = model_config(arch)
+    cfg.scaled_fp8 = scaled_fp8
+    cfg.set_inference_dtype(weight_dtype, manual_cast)
+    model = cfg.get_model({}, "", device=torch.device("cpu"))
+    module = model.diffusion_model
+    dtypes = {name: p.dtype for name, p in module.named_parameters()}
+    for p in module.parameters():
+        p.data = p.data.to(torch.float32)
+    for b in module.buffers():
+        if b.is_floating_point():
+            b.data = b.data.to(torch.float32)
+    init_weights(module, seed)
+    for name, p in module.named_parameters():
+        p.data = p.data.to(dtypes[name])
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())

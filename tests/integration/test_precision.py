@@ -1,0 +1,160 @@
+"""Pruned models stored in low precision (fp16, bf16, fp8 e4m3fn / e5m2, scaled fp8, mixed dtypes)
+and computed through ComfyUI's manual cast: Save Pruned Model -> Load Pruned Model rebuilds the same
+layers, keeps every tensor's dtype on disk and samples exactly like the in-memory pruned model."""
+from __future__ import annotations
+
+import json
+
+import comfy_tiny as ct
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+from comfy_checks import random_keep, rel_err
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+# (weight dtype, manual cast dtype, scaled fp8, float32 1-D parameters)
+PRECISIONS = {
+    "fp32": (F32, None, None, False),
+    "fp16-cast-fp32": (F16, F32, None, False),
+    "bf16": (BF16, None, None, False),
+    "bf16-cast-fp32": (BF16, F32, None, False),
+    "fp8e4m3-cast-fp32": (E4M3, F32, None, False),
+    "fp8e5m2-cast-fp32": (E5M2, F32, None, False),
+    "fp8e4m3-cast-bf16": (E4M3, BF16, None, False),
+    "fp8e4m3-fp32-norms": (E4M3, F32, None, True),
+    "scaled-fp8e4m3": (BF16, F32, E4M3, False),
+}
+# every precision on FLUX (cheap); the UNets' conv/norm layers on the usual checkpoint precisions
+CASES = [("flux", p) for p in PRECISIONS] + \
+        [("sd15", p) for p in ("fp16-cast-fp32", "bf16", "fp8e4m3-cast-fp32", "scaled-fp8e4m3")] + \
+        [("sdxl", "fp8e5m2-cast-fp32"), ("sd3", "fp8e4m3-cast-fp32")]
+
+
+def build(arch: str, precision: str):
+    weight, cast, scaled, fp32_1d = PRECISIONS[precision]
+    model = ct.build_model_precision(arch, 1, weight, cast, scaled)
+    for name, p in model.model.diffusion_model.named_parameters():
+        if name.endswith("scale_weight"):  # scaled fp8: the matrices are stored divided by these
+            p.data.fill_(0.75)
+    if fp32_1d:  # fp8 matrices beside float32 norms and biases, as mixed checkpoints store them
+        for p in model.model.diffusion_model.parameters():
+            if p.ndim <= 1:
+                p.data = p.data.float()
+    return model
+
+
+def prune(bridge, model, seed: int = 4):
+    layout = bridge.model_layout(model)
+    keep = random_keep(layout, seed=seed)
+    pruned, _ = bridge.build_pruned_model(model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
+    return pruned
+
+
+def dtypes(module: torch.nn.Module) -> dict[str, torch.dtype]:
+    return {k: v.dtype for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch,precision", CASES)
+def test_reloaded_pruned_model_samples_like_the_in_memory_one(arch, precision, bridge, tmp_path):
+    weight, cast, scaled, _ = PRECISIONS[precision]
+    _, ctx, pooled = ct.dims(arch)
+    pos, neg = ct.make_conditioning(arch, ctx, pooled, 10), ct.make_conditioning(arch, ctx, pooled, 11)
+    with torch.inference_mode():
+        model = build(arch, precision)
+        pruned = prune(bridge, model)
+        path = bridge.save_pruned_model(pruned, tmp_path / f"{arch}_{precision}.safetensors")
+        loaded = bridge.load_pruned_model(path)
+        a = ct.sample(pruned, pos, neg, seed=3, steps=2)
+        b = ct.sample(loaded, pos, neg, seed=3, steps=2)
+        unpruned = ct.sample(model, pos, neg, seed=3, steps=2)
+
+    assert torch.isfinite(a).all()
+    assert torch.equal(a, b) or rel_err(b, a) <= 1e-6
+    assert rel_err(a, unpruned) > 1e-4  # pruning did change the model
+    # on disk and after reloading: every tensor in its own dtype (fp8 stays fp8, scales stay fp32)
+    expected = dtypes(pruned.model.diffusion_model)
+    assert {k: v.dtype for k, v in safetensors.torch.load_file(str(path)).items()} == expected
+    assert dtypes(loaded.model.diffusion_model) == expected
+    matrices = {v for k, v in expected.items() if k.endswith("weight") and pruned.model.diffusion_model.get_parameter(k).ndim == 2}
+    assert matrices == {scaled or weight}
+    assert loaded.model.manual_cast_dtype == pruned.model.manual_cast_dtype == cast
+    assert loaded.model.get_dtype() == pruned.model.get_dtype()
+    record = bridge.pruning_info(loaded)
+    assert record["weight_dtype"] == str(weight).removeprefix("torch.")
+    assert record["manual_cast_dtype"] == (None if cast is None else str(cast).removeprefix("torch."))
+    assert record["scaled_fp8"] == (None if scaled is None else str(scaled).removeprefix("torch."))
+
+
+def _without_precision_keys(path, out):
+    """The file as the previous version wrote it: a record without the precision keys."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    sd = safetensors.torch.load_file(str(path))
+    record = json.loads(meta["record"])
+    for key in ("weight_dtype", "manual_cast_dtype", "scaled_fp8", "fp8_optimizations"):
+        del record[key]
+    meta["record"] = json.dumps(record)
+    safetensors.torch.save_file(sd, str(out), metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize("arch,precision", [("flux", "fp8e4m3-cast-fp32"), ("flux", "fp16-cast-fp32"),
+                                            ("flux", "fp32"), ("flux", "scaled-fp8e4m3"),
+                                            ("sdxl", "fp8e4m3-cast-fp32")])
+def test_records_without_precision_keys_still_load(arch, precision, bridge, tmp_path):
+    """Older records: weight dtype from the record's unet_config, manual cast as ComfyUI's loaders
+    pick it for this device (on CPU: float32 for every low-precision dtype), scales found in the file."""
+    import comfy.model_management as mm
+
+    weight, cast, scaled, _ = PRECISIONS[precision]
+    _, ctx, pooled = ct.dims(arch)
+    pos, neg = ct.make_conditioning(arch, ctx, pooled, 10), ct.make_conditioning(arch, ctx, pooled, 11)
+    with torch.inference_mode():
+        pruned = prune(bridge, build(arch, precision))
+        path = bridge.save_pruned_model(pruned, tmp_path / "new.safetensors")
+        loaded = bridge.load_pruned_model(_without_precision_keys(path, tmp_path / "old.safetensors"))
+        expected_cast = mm.unet_manual_cast(weight, mm.get_torch_device())
+        assert loaded.model.manual_cast_dtype == expected_cast
+        assert dtypes(loaded.model.diffusion_model) == dtypes(pruned.model.diffusion_model)
+        b = ct.sample(loaded, pos, neg, seed=3, steps=2)
+        if expected_cast == cast:  # the device picks what the in-memory model used: identical samples
+            assert torch.equal(ct.sample(pruned, pos, neg, seed=3, steps=2), b)
+    assert torch.isfinite(b).all()
+
+
+def test_damaged_precision_key_is_a_clear_error(bridge, core, tmp_path):
+    with torch.inference_mode():
+        pruned = prune(bridge, build("sd15", "bf16"))
+    path = bridge.save_pruned_model(pruned, tmp_path / "p.safetensors")
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    record = json.loads(meta["record"])
+    record["manual_cast_dtype"] = "int8"
+    meta["record"] = json.dumps(record)
+    safetensors.torch.save_file(safetensors.torch.load_file(str(path)), str(path), metadata=meta)
+    with pytest.raises(core.errors.EcoDiffError, match="manual_cast_dtype 'int8'"):
+        bridge.load_pruned_model(path)
+
+
+@pytest.mark.parametrize("arch,precision,compute", [("flux", "fp32", BF16), ("sd15", "fp32", BF16),
+                                                    ("flux", "fp8e4m3-cast-fp32", BF16)])
+def test_model_compute_dtype_carries_to_the_pruned_and_reloaded_model(arch, precision, compute, bridge, tmp_path):
+    """ComfyUI's ModelComputeDtype (``set_model_compute_dtype``: an object patch plus forced weight
+    casting) is the pruned MODEL's compute dtype in memory and after reloading."""
+    _, ctx, pooled = ct.dims(arch)
+    pos, neg = ct.make_conditioning(arch, ctx, pooled, 10), ct.make_conditioning(arch, ctx, pooled, 11)
+    with torch.inference_mode():
+        model = build(arch, precision).clone()
+        model.set_model_compute_dtype(compute)
+        pruned = prune(bridge, model)
+        loaded = bridge.load_pruned_model(bridge.save_pruned_model(pruned, tmp_path / "p.safetensors"))
+        a = ct.sample(pruned, pos, neg, seed=3, steps=2)
+        b = ct.sample(loaded, pos, neg, seed=3, steps=2)
+        unpruned = ct.sample(model, pos, neg, seed=3, steps=2)
+    assert torch.isfinite(a).all() and rel_err(a, unpruned) > 1e-4
+    assert torch.equal(a, b)
+    assert loaded.model.manual_cast_dtype == compute
+    assert bridge.pruning_info(loaded)["manual_cast_dtype"] == str(compute).removeprefix("torch.")
