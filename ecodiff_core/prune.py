@@ -23,26 +23,39 @@ class ScatterLinear(nn.Module):
     """A Linear that computes only ``rows`` of its output and scatters them into zeros.
 
     Used where a gate sits on output rows (AdaLN modulation channels): parameters and FLOPs shrink,
-    the output keeps its full width, so the consumer (chunk into shift/scale/gate) is unchanged.
+    the output keeps its full width ``out_features``, so the consumer (chunk into shift/scale/gate)
+    is unchanged.  A pruned Linear keeps its own class, with this class mixed in (``scatter_rows``):
+    whatever the host's layer does with its weight (ComfyUI's manual cast, scaled fp8
+    ``scale_weight``, patched weight functions) still happens; only the output is scattered.
+    ``weight`` holds the kept rows, in the order of ``rows``.
     """
 
-    def __init__(self, in_features: int, out_features: int, rows: torch.Tensor,
-                 weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("rows", rows.to(torch.long).clone())
-        self.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=bias.requires_grad)
+    rows: torch.Tensor
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = F.linear(x, self.weight.to(x.dtype), bias)
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = super().forward(x, *args, **kwargs)
         out = y.new_zeros((*y.shape[:-1], self.out_features))
         return out.index_copy(-1, self.rows.to(y.device), y)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"computed_rows={self.rows.numel()}, bias={self.bias is not None}")
+        return f"{super().extra_repr()}, computed_rows={self.rows.numel()}"
+
+
+_SCATTER_CLASSES: dict[type, type] = {}
+
+
+def scatter_rows(linear: nn.Linear, rows: torch.Tensor, out_features: int) -> nn.Linear:
+    """Make ``linear`` (whose weight and bias already hold only ``rows``) a ScatterLinear of full
+    width ``out_features``, in place: its class becomes ``ScatterLinear`` mixed into its own class,
+    and ``rows`` a buffer (state-dict key ``<path>.rows``).  Returns ``linear``."""
+    cls = type(linear)
+    if not issubclass(cls, ScatterLinear):
+        if cls not in _SCATTER_CLASSES:
+            _SCATTER_CLASSES[cls] = type(f"Scatter{cls.__name__}", (ScatterLinear, cls), {"__module__": __name__})
+        linear.__class__ = _SCATTER_CLASSES[cls]
+    linear.register_buffer("rows", torch.as_tensor(rows, dtype=torch.long).clone())
+    linear.in_features, linear.out_features = linear.weight.shape[1], int(out_features)
+    return linear
 
 
 @dataclass
@@ -168,21 +181,20 @@ def prune_model(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor],
     for g in replaced:
         memo[id(model.get_submodule(g.owner))] = g.empty(model.get_submodule(g.owner))
     plans = linear_plans(model, layout, keep, skip)
+    scattered: dict[str, tuple[torch.Tensor, int]] = {}
     for path, plan in plans.items():
         lin = get_linear(model, path)
         weight, bias, rows = _sliced(lin, plan)
-        if plan.scatter:
-            memo[id(lin)] = ScatterLinear(int(plan.in_keep.sum()), lin.out_features, rows,
-                                          _param(weight, lin.weight),
-                                          None if bias is None else _param(bias, lin.bias))
-        else:
-            memo[id(lin.weight)] = _param(weight, lin.weight)
-            if bias is not None:
-                memo[id(lin.bias)] = _param(bias, lin.bias)
+        memo[id(lin.weight)] = _param(weight, lin.weight)
+        if bias is not None:
+            memo[id(lin.bias)] = _param(bias, lin.bias)
+        scattered[path] = (rows, lin.out_features)
     pruned = copy.deepcopy(model, memo)
     for path, plan in plans.items():
-        if not plan.scatter:
-            new = pruned.get_submodule(path)
+        new = pruned.get_submodule(path)
+        if plan.scatter:
+            scatter_rows(new, *scattered[path])
+        else:
             new.in_features, new.out_features = new.weight.shape[1], new.weight.shape[0]
     _set_counts(pruned, layout, keep, skip)
     _silence(pruned, layout, plans, keep, gate_closed, silenced)

@@ -158,3 +158,21 @@ def test_model_compute_dtype_carries_to_the_pruned_and_reloaded_model(arch, prec
     assert torch.equal(a, b)
     assert loaded.model.manual_cast_dtype == compute
     assert bridge.pruning_info(loaded)["manual_cast_dtype"] == str(compute).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("arch,precision", CASES)
+def test_pruned_model_computes_what_hard_masking_computes(arch, precision, bridge):
+    """Slicing == hard masking in every storage precision: the pruned layers keep their host class,
+    so manual cast and scaled-fp8 weight scales apply to what remains (modulation rows included)."""
+    weight, cast, scaled, _ = PRECISIONS[precision]
+    _, ctx, pooled = ct.dims(arch)
+    pos, neg = ct.make_conditioning(arch, ctx, pooled, 10), ct.make_conditioning(arch, ctx, pooled, 11)
+    with torch.inference_mode():
+        model = build(arch, precision)
+        layout = bridge.model_layout(model)
+        keep = random_keep(layout, seed=4)
+        pruned, _ = bridge.build_pruned_model(model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
+        a = ct.sample(pruned, pos, neg, seed=3, steps=2)
+        b = ct.sample(bridge.soft_gated_model(model, layout, keep), pos, neg, seed=3, steps=2)
+    compute = cast or weight
+    assert rel_err(a, b) <= (1e-5 if compute == F32 else 2e-2)

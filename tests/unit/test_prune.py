@@ -13,7 +13,7 @@ from tests.pruned_shapes import check_counts_match_shapes
 from ecodiff_core.archs import find_layout
 from ecodiff_core.empty import EmptyAttention, EmptyFluxJointAttention, EmptyPreOnlyAttention
 from ecodiff_core.errors import EcoDiffError
-from ecodiff_core.prune import ScatterLinear, physical_keep, prune_model
+from ecodiff_core.prune import ScatterLinear, physical_keep, prune_model, scatter_rows
 from ecodiff_core.units import Layout, parameter_costs
 
 
@@ -189,7 +189,12 @@ def test_scatter_linear_equals_masked_rows() -> None:
     torch.manual_seed(0)
     lin = nn.Linear(5, 7).double()
     rows = torch.tensor([0, 3, 6])
-    scatter = ScatterLinear(5, 7, rows, lin.weight.detach()[rows].clone(), lin.bias.detach()[rows].clone())
+    sliced = nn.Linear(5, 3).double()
+    with torch.no_grad():
+        sliced.weight.copy_(lin.weight[rows])
+        sliced.bias.copy_(lin.bias[rows])
+    scatter = scatter_rows(sliced, rows, 7)
+    assert isinstance(scatter, ScatterLinear) and isinstance(scatter, nn.Linear) and scatter.out_features == 7
     x = torch.randn(2, 4, 5, dtype=torch.float64)
     mask = torch.zeros(7, dtype=torch.float64)
     mask[rows] = 1
