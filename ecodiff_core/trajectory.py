@@ -68,21 +68,24 @@ def trajectory_gradient(
     before_step: StepHook,
     checkpointing: bool = True,
     grad_context: Callable[[], ContextManager] = contextlib.nullcontext,
+    step_context: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> TrajectoryGradient:
     """Gradient of MSE(final latent, target) w.r.t. ``params``.
 
     ``before_step(i)`` must make step ``i`` a deterministic function of ``params`` (e.g. install gates
     sampled from replayed noise): the checkpointed path calls it twice per step and relies on the
-    recomputed step being the one of the rollout.
+    recomputed step being the one of the rollout.  ``step_context`` is entered around every forward
+    with grad and its backward (e.g. ``block_checkpoint.checkpointed_blocks``).
     """
     check_sigmas(sigmas)
     if checkpointing:
-        return _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_context)
-    return _through_graph(denoise, noise, sigmas, target, params, before_step, grad_context)
+        return _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_context, step_context)
+    return _through_graph(denoise, noise, sigmas, target, params, before_step, grad_context, step_context)
 
 
-def _through_graph(denoise, noise, sigmas, target, params, before_step, grad_context) -> TrajectoryGradient:
-    with torch.enable_grad(), grad_context():
+def _through_graph(denoise, noise, sigmas, target, params, before_step, grad_context,
+                   step_context=contextlib.nullcontext) -> TrajectoryGradient:
+    with torch.enable_grad(), grad_context(), step_context():
         x = noise
         for i in range(len(sigmas) - 1):
             before_step(i)
@@ -94,7 +97,8 @@ def _through_graph(denoise, noise, sigmas, target, params, before_step, grad_con
     return TrajectoryGradient(loss.item(), x.detach(), total)
 
 
-def _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_context) -> TrajectoryGradient:
+def _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_context,
+                  step_context=contextlib.nullcontext) -> TrajectoryGradient:
     inputs: list[torch.Tensor] = []
     x = noise
     with torch.no_grad():
@@ -107,7 +111,7 @@ def _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_cont
     upstream = 2.0 * (final - target) / final.numel()
     total = [torch.zeros_like(p) for p in params]
     for i in reversed(range(len(sigmas) - 1)):
-        with torch.enable_grad(), grad_context():
+        with torch.enable_grad(), grad_context(), step_context():
             x = inputs[i].detach().requires_grad_(i > 0)
             before_step(i)
             out = euler_step(x, denoise(x, sigmas[i]), sigmas[i], sigmas[i + 1])
@@ -141,6 +145,7 @@ def per_step_gradient(
     params: Sequence[torch.Tensor],
     before_step: StepHook,
     grad_context: Callable[[], ContextManager] = contextlib.nullcontext,
+    step_context: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> TrajectoryGradient:
     """The local baseline: mean over steps of MSE(gated x0, ungated x0) on the teacher's own inputs."""
     inputs, x0s = teacher
@@ -148,7 +153,7 @@ def per_step_gradient(
     total = [torch.zeros_like(p) for p in params]
     loss = 0.0
     for i in range(steps):
-        with torch.enable_grad(), grad_context():
+        with torch.enable_grad(), grad_context(), step_context():
             before_step(i)
             step_loss = torch.nn.functional.mse_loss(denoise(inputs[i], sigmas[i]), x0s[i]) / steps
             grads = torch.autograd.grad(step_loss, list(params), allow_unused=True)
