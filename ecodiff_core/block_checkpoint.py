@@ -10,7 +10,9 @@ Gates are replayed exactly: when a block runs, the gate tensors the ``GateContro
 moment are captured, and the block's recomputation runs with those very tensors (the same objects,
 so no noise is resampled and the gradient reaches λ through the same graph).  Tensor inputs are
 cloned inside the checkpointed function, so blocks that add residuals in place (ComfyUI FLUX's
-``img += …``, MMDiT's ``x += …``) cannot corrupt the inputs the recomputation starts from.
+``img += …``, MMDiT's ``x += …``) cannot corrupt the inputs the recomputation starts from.  Torch
+function modes active at the forward (e.g. the memory preflight's kernels) are re-entered for the
+recomputation, which the autograd engine would otherwise run without them.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import _get_current_function_mode_stack
 from torch.utils.checkpoint import checkpoint
 
 from .errors import EcoDiffError
@@ -46,10 +49,15 @@ def _wrapped_forward(forward, controller):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         gates = controller.current() if controller is not None else None
+        modes = _get_current_function_mode_stack()
 
         def block(*a, **k):
-            replay = controller.replaying(gates) if controller is not None else contextlib.nullcontext()
-            with replay:
+            with contextlib.ExitStack() as stack:
+                if controller is not None:
+                    stack.enter_context(controller.replaying(gates))
+                if modes and not _get_current_function_mode_stack():
+                    for mode in modes:  # the backward does not carry torch-function modes over
+                        stack.enter_context(mode)
                 return forward(*_fresh(a), **_fresh(k))
 
         return checkpoint(block, *args, use_reentrant=False, **kwargs)

@@ -111,16 +111,41 @@ def _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_cont
     upstream = 2.0 * (final - target) / final.numel()
     total = [torch.zeros_like(p) for p in params]
     for i in reversed(range(len(sigmas) - 1)):
-        with torch.enable_grad(), grad_context(), step_context():
-            x = inputs[i].detach().requires_grad_(i > 0)
-            before_step(i)
-            out = euler_step(x, denoise(x, sigmas[i]), sigmas[i], sigmas[i + 1])
-            wrt = ([x] if i > 0 else []) + list(params)
-            grads = torch.autograd.grad(out, wrt, upstream, allow_unused=True)
+        x_grad, grads = step_vjp(denoise, inputs[i], sigmas, i, upstream, params, before_step, i > 0,
+                                 grad_context, step_context)
         if i > 0:
-            upstream, grads = grads[0], grads[1:]
+            upstream = x_grad
         _accumulate(total, grads)
     return TrajectoryGradient(loss.item(), final, total)
+
+
+def step_vjp(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    i: int,
+    upstream: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    before_step: StepHook,
+    input_grad: bool = True,
+    grad_context: Callable[[], ContextManager] = contextlib.nullcontext,
+    step_context: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> tuple[torch.Tensor | None, Sequence[torch.Tensor | None]]:
+    """One recomputed step: Euler step ``i`` from ``x`` with grad, then one vector-Jacobian product
+    of ``upstream`` (shape of x) for the step's input (if ``input_grad``) and ``params``.
+
+    Returns (gradient w.r.t. x or None, gradients w.r.t. params, None where unused).  This is the
+    unit of work — and of memory — of time-step checkpointing; the memory preflight traces it.
+    """
+    with torch.enable_grad(), grad_context(), step_context():
+        x = x.detach().requires_grad_(input_grad)
+        before_step(i)
+        out = euler_step(x, denoise(x, sigmas[i]), sigmas[i], sigmas[i + 1])
+        wrt = ([x] if input_grad else []) + list(params)
+        grads = torch.autograd.grad(out, wrt, upstream, allow_unused=True)
+    if input_grad:
+        return grads[0], grads[1:]
+    return None, grads
 
 
 def teacher_steps(
