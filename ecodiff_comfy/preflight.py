@@ -101,9 +101,11 @@ def weight_dtype_name(module: nn.Module) -> str:
     return "fp16" if torch.float16 in dtypes else "bf16" if torch.bfloat16 in dtypes else "fp32"
 
 
-def estimate(model: Any, spec: Any, conds: Sequence[tuple[list, list]]) -> StepMemory:
-    """Weights and activation peaks (without / with block checkpointing) of one learning step of
-    ``model`` for the latent size, CFG and prompts of ``spec``/``conds``; cached per layout and shape.
+def estimate(model: Any, spec: Any, conds: Sequence[tuple[list, list]],
+             modes: tuple[bool, ...] = (False, True)) -> StepMemory:
+    """Weights and activation peaks (without / with block checkpointing, the ``modes`` asked for) of
+    one learning step of ``model`` for the latent size, CFG and prompts of ``spec``/``conds``; cached
+    per layout and shape.
 
     Raises EcoDiffError for a model the preflight cannot trace.
     """
@@ -118,7 +120,7 @@ def estimate(model: Any, spec: Any, conds: Sequence[tuple[list, list]]) -> StepM
             return measure_learning_step(copy, layout, denoise, x, sigmas, block_checkpointing,
                                          grad_context=bridge.grad_context)
 
-        return estimate_step(key, lambda: weight_bytes(module), measure)
+        return estimate_step(key, lambda: weight_bytes(module), measure, modes)
 
 
 def free_memory(model: Any) -> tuple[int, torch.device]:
@@ -139,7 +141,7 @@ def check(model: Any, spec: Any, conds: Sequence[tuple[list, list]], settings: L
     settings.validate()
     spec.validate()
     try:
-        memory = estimate(model, spec, conds)
+        memory = estimate(model, spec, conds, (True,) if settings.block_checkpointing == "on" else (False, True))
     except EcoDiffError:
         raise
     except Exception as exc:  # noqa: BLE001 — a model the trace cannot run: learning reports its own error

@@ -51,12 +51,14 @@ def memory_command(args: argparse.Namespace) -> int:
     """``python -m ecodiff_core memory``: print the preflight's estimate for a full-size model."""
     from .fullsize import memory_table, step_memory
 
+    mode = None if args.block_checkpointing is None else args.block_checkpointing == "on"
+    # "off" also traces "on", to show what block checkpointing would save
+    modes = (True,) if mode is True else (False, True)
     try:
-        report = step_memory(args.arch, args.width, args.height, args.batch, args.cfg, args.weight_dtype)
+        report = step_memory(args.arch, args.width, args.height, args.batch, args.cfg, args.weight_dtype, modes)
     except EcoDiffError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    mode = None if args.block_checkpointing is None else args.block_checkpointing == "on"
     print(memory_table(report, mode))
     return 0
 

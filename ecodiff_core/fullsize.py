@@ -193,11 +193,12 @@ class MemoryReport:
 
 
 def step_memory(arch: str, width: int = 1024, height: int = 1024, batch: int = 1, cfg: bool = False,
-                weight_dtype: str = "bf16") -> MemoryReport:
-    """Weights and activation peaks (plain, block-checkpointed) of one learning step of ``arch``.
+                weight_dtype: str = "bf16", modes: tuple[bool, ...] = (False, True)) -> MemoryReport:
+    """Weights and activation peaks (plain, block-checkpointed: the ``modes`` asked for) of one
+    learning step of ``arch``.
 
-    Traced on the meta device; cached per (arch, size, batch, CFG, weight dtype).  ``seconds`` is the
-    wall time of building and tracing (0 when cached).
+    Traced on the meta device; cached per (arch, size, batch, CFG, weight dtype, mode).  ``seconds``
+    is the wall time of building and tracing.
     """
     if batch < 1:
         raise EcoDiffError(f"batch must be >= 1, got {batch}")
@@ -209,7 +210,7 @@ def step_memory(arch: str, width: int = 1024, height: int = 1024, batch: int = 1
         return measure_learning_step(model, layout, denoise, x, sigmas, block_checkpointing, block_paths=blocks)
 
     key = ("fullsize", arch, layout.fingerprint(), tuple(x.shape), batch, cfg, weight_dtype)
-    memory = estimate_step(key, lambda: weight_bytes(model), measure)
+    memory = estimate_step(key, lambda: weight_bytes(model), measure, modes)
     return MemoryReport(arch, width, height, batch, cfg, weight_dtype, memory, time.perf_counter() - start)
 
 
@@ -223,10 +224,13 @@ def memory_table(report: MemoryReport, block_checkpointing: bool | None) -> str:
     lines = [head, f"  weights:      {m.weights / GB:6.2f} GB"]
     modes = [False, True] if block_checkpointing is None else [block_checkpointing]
     for mode in modes:
+        if (m.activations_blocks if mode else m.activations_plain) is None:
+            continue
         label = "block checkpointing " + ("on" if mode else "off")
         lines.append(f"  activations:  {m.activations(mode) / GB:6.2f} GB  ({label})")
         lines.append(f"  total:        {m.total(mode) / GB:6.2f} GB  ({label})")
-    if block_checkpointing is False and m.activations_blocks < m.activations_plain:
+    if block_checkpointing is False and m.activations_blocks is not None and \
+            m.activations_blocks < m.activations_plain:
         lines.append(f"  with block checkpointing on: {m.total(True) / GB:.2f} GB "
                      f"(activations {m.activations_blocks / GB:.2f} GB instead of {m.activations_plain / GB:.2f} GB)")
     lines.append(f"  (estimated from a meta-device trace in {report.seconds:.1f} s; add CUDA context/allocator "

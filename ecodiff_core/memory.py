@@ -38,14 +38,18 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 @dataclass(frozen=True)
 class StepMemory:
-    """Bytes of one learning step: weights, and the activation peak without / with block checkpointing."""
+    """Bytes of one learning step: weights, and the activation peak without / with block
+    checkpointing (None for a mode that was not traced)."""
 
     weights: int
-    activations_plain: int
-    activations_blocks: int
+    activations_plain: int | None
+    activations_blocks: int | None
 
     def activations(self, block_checkpointing: bool) -> int:
-        return self.activations_blocks if block_checkpointing else self.activations_plain
+        value = self.activations_blocks if block_checkpointing else self.activations_plain
+        if value is None:
+            raise EcoDiffError(f"block checkpointing {'on' if block_checkpointing else 'off'} was not traced")
+        return value
 
     def total(self, block_checkpointing: bool) -> int:
         return self.weights + self.activations(block_checkpointing)
@@ -184,15 +188,20 @@ def measure_learning_step(model: nn.Module, layout: Any, denoise: Callable, x: t
     return counter.peak
 
 
-_CACHE: dict[tuple, StepMemory] = {}
+_CACHE: dict[tuple, int] = {}
 
 
-def estimate_step(key: tuple, weights: Callable[[], int], measure: Callable[[bool], int]) -> StepMemory:
-    """``StepMemory`` for ``key`` (model layout fingerprint, shapes, dtypes, CFG), traced once:
-    ``measure(block_checkpointing)`` gives an activation peak, ``weights()`` the weight bytes."""
-    if key not in _CACHE:
-        _CACHE[key] = StepMemory(weights(), measure(False), measure(True))
-    return _CACHE[key]
+def estimate_step(key: tuple, weights: Callable[[], int], measure: Callable[[bool], int],
+                  modes: tuple[bool, ...] = (False, True)) -> StepMemory:
+    """``StepMemory`` for ``key`` (model layout fingerprint, shapes, dtypes, CFG), each mode traced
+    once: ``measure(block_checkpointing)`` gives an activation peak, ``weights()`` the weight bytes.
+    Only the block-checkpointing ``modes`` asked for are traced (and filled in)."""
+    for mode in modes:
+        if (key, mode) not in _CACHE:
+            _CACHE[(key, mode)] = measure(mode)
+    if (key, "weights") not in _CACHE:
+        _CACHE[(key, "weights")] = weights()
+    return StepMemory(_CACHE[(key, "weights")], _CACHE.get((key, False)), _CACHE.get((key, True)))
 
 
 @contextlib.contextmanager

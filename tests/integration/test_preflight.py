@@ -73,7 +73,7 @@ def test_estimate_is_cached_per_layout_and_shape(bridge, preflight, monkeypatch)
     memory = sub("ecodiff_core.memory")
     first = preflight.estimate(tiny.model, spec_for(bridge, 96), conds)
     monkeypatch.setattr(preflight, "measure_learning_step", lambda *a, **k: pytest.fail("traced again"))
-    assert preflight.estimate(tiny.model, spec_for(bridge, 96), conds) is first
+    assert preflight.estimate(tiny.model, spec_for(bridge, 96), conds) == first
     with memory.no_cache():
         monkeypatch.undo()
         bigger = preflight.estimate(tiny.model, spec_for(bridge, 192), conds)
