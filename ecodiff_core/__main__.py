@@ -59,11 +59,46 @@ def _demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _memory_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .fullsize import ARCHS, WEIGHT_DTYPES
+
+    p = sub.add_parser("memory", help="estimate the GPU memory of one learning step of a full-size model",
+                       description="Trace one learning step (gated forward with grad + vector-Jacobian "
+                                   "product) of a full-size model on the meta device (no download, no GPU) "
+                                   "and print weights, activations and total in GB, with and without "
+                                   "block checkpointing.")
+    p.add_argument("--arch", required=True, choices=list(ARCHS), help="the published model")
+    p.add_argument("--width", type=int, default=1024, help="image width in pixels")
+    p.add_argument("--height", type=int, default=1024, help="image height in pixels")
+    p.add_argument("--batch", type=int, default=1, help="images per step")
+    p.add_argument("--cfg", action="store_true", help="classifier-free guidance (doubles the batch)")
+    p.add_argument("--weight-dtype", default="bf16", choices=list(WEIGHT_DTYPES), help="stored weight dtype")
+    p.add_argument("--block-checkpointing", choices=("on", "off"), default=None,
+                   help="show only this mode (default: both)")
+    return p
+
+
+def memory_command(args: argparse.Namespace) -> int:
+    """``python -m ecodiff_core memory``: print the preflight's estimate for a full-size model."""
+    from .fullsize import memory_table, step_memory
+
+    mode = None if args.block_checkpointing is None else args.block_checkpointing == "on"
+    # "off" also traces "on", to show what block checkpointing would save
+    modes = (True,) if mode is True else (False, True)
+    report = step_memory(args.arch, args.width, args.height, args.batch, args.cfg, args.weight_dtype, modes)
+    print(memory_table(report, mode))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ecodiff_core", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = _demo_parser(sub)
+    memory = _memory_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "memory":
+        with command_errors(memory):
+            return memory_command(args)
     import torch
 
     from .demo import DemoSettings, run_demo, summary_text

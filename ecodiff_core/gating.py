@@ -35,6 +35,21 @@ class GateController:
                 raise KeyError(f"no gate values for {len(missing)} groups, e.g. {missing[0]}")
         self._values = values
 
+    def current(self) -> dict[str, torch.Tensor] | None:
+        """The gate tensors in use now (the same objects, not copies); None when gating is off."""
+        return self._values
+
+    @contextmanager
+    def replaying(self, values: dict[str, torch.Tensor] | None) -> Iterator[None]:
+        """Use exactly ``values`` (as returned by ``current()``) inside, then put back what was set:
+        a block recomputed during the backward sees the gates of its forward, not the latest ones."""
+        saved = self._values
+        self._values = values
+        try:
+            yield
+        finally:
+            self._values = saved
+
     def _scale(self, module: nn.Linear, side: str, entries: list[tuple[UnitGroup, Slice]],
                like: torch.Tensor) -> torch.Tensor:
         width = module.in_features if side == "in" else module.out_features

@@ -9,17 +9,23 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 
+from .archs import checkpoint_block_paths
+from .block_checkpoint import MODES as BLOCK_MODES
+from .block_checkpoint import checkpointed_blocks
 from .errors import SettingsError
 from .gates import REGULARIZERS, GateSettings, regularizer, sample_gate, uniform_noise
 from .gating import GateController
 from .maskfile import MaskState
 from .trajectory import Denoiser, check_sigmas, per_step_gradient, sample, teacher_steps, trajectory_gradient
 from .units import UNIT_KINDS, Layout
+
+if TYPE_CHECKING:
+    from .memory import StepMemory
 
 Objective = Literal["end_to_end", "per_step"]
 log = logging.getLogger("ecodiff")
@@ -37,6 +43,7 @@ class LearnSettings:
     weight_decay: float = 0.01
     gate: GateSettings = field(default_factory=GateSettings)
     checkpointing: bool = True
+    block_checkpointing: str = "auto"
     objective: Objective = "end_to_end"
     seed: int = 0
 
@@ -49,6 +56,9 @@ class LearnSettings:
             raise SettingsError(f"beta (sparsity weight) must be a finite number >= 0, got {self.beta}")
         if self.regularizer not in REGULARIZERS:
             raise SettingsError(f"regularizer must be one of {', '.join(REGULARIZERS)}, got '{self.regularizer}'")
+        if self.block_checkpointing not in BLOCK_MODES:
+            raise SettingsError(f"block_checkpointing must be one of {', '.join(BLOCK_MODES)}, "
+                                f"got '{self.block_checkpointing}'")
         if self.objective not in ("end_to_end", "per_step"):
             raise SettingsError(f"objective must be 'end_to_end' or 'per_step', got '{self.objective}'")
         for kind, lr in self.lr.items():
@@ -109,6 +119,17 @@ def frozen_weights(model: nn.Module) -> Iterator[None]:
                 p.requires_grad_(True)
 
 
+def use_block_checkpointing(mode: str, step_memory: "StepMemory | None", free_memory: int | None,
+                            device: torch.device) -> bool:
+    """"on"/"off" as given; "auto" is on only when the preflight's plain-step estimate exceeds the
+    free memory of a non-CPU device (off on CPU or when either figure is unknown)."""
+    if mode != "auto":
+        return mode == "on"
+    if torch.device(device).type in ("cpu", "meta") or step_memory is None or free_memory is None:
+        return False
+    return step_memory.total(block_checkpointing=False) > free_memory
+
+
 def _seed(*parts: int) -> int:
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -125,10 +146,14 @@ class MaskLearner:
         resume: MaskState | None = None,
         grad_context: Callable[[], ContextManager] = contextlib.nullcontext,
         inputs: dict[str, Any] | None = None,
+        step_memory: "StepMemory | None" = None,
+        free_memory: int | None = None,
     ) -> None:
         """``inputs`` (from :func:`run_inputs`) fingerprints what this run learns from; with it, a
         ``resume`` state recorded for other inputs is not continued: learning starts fresh and
-        ``state.start_note`` (and the ``ecodiff`` log) says why.  Without it, ``resume`` is trusted."""
+        ``state.start_note`` (and the ``ecodiff`` log) says why.  Without it, ``resume`` is trusted.
+        ``step_memory`` (the preflight's estimate of one step) and ``free_memory`` (bytes free on
+        the device) decide ``block_checkpointing="auto"``; without either, auto means off."""
         settings.validate()
         self.model, self.layout, self.settings = model, layout, settings
         self.grad_context = grad_context
@@ -153,6 +178,9 @@ class MaskLearner:
         if resume is not None and resume.optimizer:
             self._load_optimizer(resume.optimizer)
         self.controller = GateController(model, layout)
+        self.block_checkpointing = use_block_checkpointing(
+            settings.block_checkpointing, step_memory, free_memory, device)
+        self.block_paths = checkpoint_block_paths(model, layout.arch) if self.block_checkpointing else []
 
     # -- optimiser -----------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -236,13 +264,21 @@ class MaskLearner:
             if self.settings.objective == "per_step" and s.teacher is None:
                 s.teacher = teacher_steps(s.denoise, s.noise, sigmas)
 
+    def _step_context(self) -> ContextManager:
+        """Block checkpointing around each step with grad (gates replayed from the controller)."""
+        if not self.block_paths:
+            return contextlib.nullcontext()
+        return checkpointed_blocks(self.model, self.block_paths, self.controller)
+
     def _sample_gradient(self, s: CalibrationSample, sigmas: torch.Tensor, noise_seed: int):
         params = list(self.logits.values())
         before_step = self._gate_setter(noise_seed)
         if self.settings.objective == "per_step":
-            return per_step_gradient(s.denoise, sigmas, s.teacher, params, before_step, self.grad_context)
+            return per_step_gradient(s.denoise, sigmas, s.teacher, params, before_step, self.grad_context,
+                                     self._step_context)
         return trajectory_gradient(
-            s.denoise, s.noise, sigmas, s.target, params, before_step, self.settings.checkpointing, self.grad_context
+            s.denoise, s.noise, sigmas, s.target, params, before_step, self.settings.checkpointing, self.grad_context,
+            self._step_context,
         )
 
     def learn(
@@ -322,7 +358,7 @@ class MaskLearner:
 
 
 # -- what a run learns from: resume only when it is unchanged -------------------------------------
-RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = ("checkpointing",)  # trade memory for time; same result
+RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = ("checkpointing", "block_checkpointing")  # memory vs time; same result
 WEIGHT_SAMPLE = 4096  # elements hashed per weight tensor (evenly spaced), besides shape and dtype
 
 

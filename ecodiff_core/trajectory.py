@@ -70,21 +70,24 @@ def trajectory_gradient(
     before_step: StepHook,
     checkpointing: bool = True,
     grad_context: Callable[[], ContextManager] = contextlib.nullcontext,
+    step_context: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> TrajectoryGradient:
     """Gradient of MSE(final latent, target) w.r.t. ``params``.
 
     ``before_step(i)`` must make step ``i`` a deterministic function of ``params`` (e.g. install gates
     sampled from replayed noise): the checkpointed path calls it twice per step and relies on the
-    recomputed step being the one of the rollout.
+    recomputed step being the one of the rollout.  ``step_context`` is entered around every forward
+    with grad and its backward (e.g. ``block_checkpoint.checkpointed_blocks``).
     """
     check_sigmas(sigmas)
     if checkpointing:
-        return _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_context)
-    return _through_graph(denoise, noise, sigmas, target, params, before_step, grad_context)
+        return _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_context, step_context)
+    return _through_graph(denoise, noise, sigmas, target, params, before_step, grad_context, step_context)
 
 
-def _through_graph(denoise, noise, sigmas, target, params, before_step, grad_context) -> TrajectoryGradient:
-    with torch.enable_grad(), grad_context():
+def _through_graph(denoise, noise, sigmas, target, params, before_step, grad_context,
+                   step_context=contextlib.nullcontext) -> TrajectoryGradient:
+    with torch.enable_grad(), grad_context(), step_context():
         x = noise
         for i in range(len(sigmas) - 1):
             before_step(i)
@@ -96,7 +99,8 @@ def _through_graph(denoise, noise, sigmas, target, params, before_step, grad_con
     return TrajectoryGradient(loss.item(), x.detach(), total)
 
 
-def _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_context) -> TrajectoryGradient:
+def _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_context,
+                  step_context=contextlib.nullcontext) -> TrajectoryGradient:
     inputs: list[torch.Tensor] = []
     x = noise
     with torch.no_grad():
@@ -109,16 +113,41 @@ def _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_cont
     upstream = 2.0 * (final - target) / final.numel()
     total = [torch.zeros_like(p) for p in params]
     for i in reversed(range(len(sigmas) - 1)):
-        with torch.enable_grad(), grad_context():
-            x = inputs[i].detach().requires_grad_(i > 0)
-            before_step(i)
-            out = euler_step(x, denoise(x, sigmas[i]), sigmas[i], sigmas[i + 1])
-            wrt = ([x] if i > 0 else []) + list(params)
-            grads = torch.autograd.grad(out, wrt, upstream, allow_unused=True)
+        x_grad, grads = step_vjp(denoise, inputs[i], sigmas, i, upstream, params, before_step, i > 0,
+                                 grad_context, step_context)
         if i > 0:
-            upstream, grads = grads[0], grads[1:]
+            upstream = x_grad
         _accumulate(total, grads)
     return TrajectoryGradient(loss.item(), final, total)
+
+
+def step_vjp(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    i: int,
+    upstream: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    before_step: StepHook,
+    input_grad: bool = True,
+    grad_context: Callable[[], ContextManager] = contextlib.nullcontext,
+    step_context: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> tuple[torch.Tensor | None, Sequence[torch.Tensor | None]]:
+    """One recomputed step: Euler step ``i`` from ``x`` with grad, then one vector-Jacobian product
+    of ``upstream`` (shape of x) for the step's input (if ``input_grad``) and ``params``.
+
+    Returns (gradient w.r.t. x or None, gradients w.r.t. params, None where unused).  This is the
+    unit of work — and of memory — of time-step checkpointing; the memory preflight traces it.
+    """
+    with torch.enable_grad(), grad_context(), step_context():
+        x = x.detach().requires_grad_(input_grad)
+        before_step(i)
+        out = euler_step(x, denoise(x, sigmas[i]), sigmas[i], sigmas[i + 1])
+        wrt = ([x] if input_grad else []) + list(params)
+        grads = torch.autograd.grad(out, wrt, upstream, allow_unused=True)
+    if input_grad:
+        return grads[0], grads[1:]
+    return None, grads
 
 
 def teacher_steps(
@@ -143,6 +172,7 @@ def per_step_gradient(
     params: Sequence[torch.Tensor],
     before_step: StepHook,
     grad_context: Callable[[], ContextManager] = contextlib.nullcontext,
+    step_context: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> TrajectoryGradient:
     """The local baseline: mean over steps of MSE(gated x0, ungated x0) on the teacher's own inputs."""
     inputs, x0s = teacher
@@ -150,7 +180,7 @@ def per_step_gradient(
     total = [torch.zeros_like(p) for p in params]
     loss = 0.0
     for i in range(steps):
-        with torch.enable_grad(), grad_context():
+        with torch.enable_grad(), grad_context(), step_context():
             before_step(i)
             step_loss = torch.nn.functional.mse_loss(denoise(inputs[i], sigmas[i]), x0s[i]) / steps
             grads = torch.autograd.grad(step_loss, list(params), allow_unused=True)

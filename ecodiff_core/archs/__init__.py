@@ -85,3 +85,11 @@ def validate_layout(model: nn.Module, layout: Layout) -> None:
         if len(roles) > 1:
             raise EcoDiffError(f"'{module}' has output rows that are gated by one group and produced for "
                                "another; a Linear's outputs are either scattered or shrunk, not both")
+
+
+def checkpoint_block_paths(model: nn.Module, arch_id: str) -> list[str]:
+    """Module paths of ``model`` that block checkpointing wraps, from the table's ``CHECKPOINT_BLOCKS``
+    (class names); an empty list for a table that names none."""
+    from ..block_checkpoint import blocks_of_classes
+
+    return blocks_of_classes(model, getattr(table_for(arch_id), "CHECKPOINT_BLOCKS", ()))

@@ -21,6 +21,9 @@ from .diffusers_common import has_class, join, modulation_group
 
 ARCH_ID = "comfy_flux"
 DESCRIPTION = "ComfyUI Flux (FLUX.1 dev / schnell)"
+# Activation checkpointing inside the recomputed learning step wraps every double- and single-stream block
+# (outermost modules of these classes; see ecodiff_core.block_checkpoint).
+CHECKPOINT_BLOCKS: tuple[str, ...] = ("DoubleStreamBlock", "SingleStreamBlock")
 
 
 def matches(model: nn.Module) -> bool:

@@ -20,6 +20,9 @@ from .diffusers_common import has_class, join
 
 ARCH_ID = "comfy_mmdit"
 DESCRIPTION = "ComfyUI MMDiT (SD3, SD3.5)"
+# Activation checkpointing inside the recomputed learning step wraps every joint block
+# (outermost modules of these classes; see ecodiff_core.block_checkpoint).
+CHECKPOINT_BLOCKS: tuple[str, ...] = ("JointBlock",)
 
 
 def matches(model: nn.Module) -> bool:

@@ -23,6 +23,9 @@ from .diffusers_common import has_class, join
 
 ARCH_ID = "comfy_unet"
 DESCRIPTION = "ComfyUI UNetModel (SD1.x, SD2.x, SDXL)"
+# Activation checkpointing inside the recomputed learning step wraps ResNet blocks and the transformer blocks inside each SpatialTransformer
+# (outermost modules of these classes; see ecodiff_core.block_checkpoint).
+CHECKPOINT_BLOCKS: tuple[str, ...] = ("ResBlock", "BasicTransformerBlock")
 
 
 def matches(model: nn.Module) -> bool:

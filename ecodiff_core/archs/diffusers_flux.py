@@ -16,6 +16,9 @@ from .diffusers_common import feedforward_group, has_class, head_dim_of, join, m
 
 ARCH_ID = "diffusers_flux"
 DESCRIPTION = "diffusers FluxTransformer2DModel (FLUX.1)"
+# Activation checkpointing inside the recomputed learning step wraps every double- and single-stream block
+# (outermost modules of these classes; see ecodiff_core.block_checkpoint).
+CHECKPOINT_BLOCKS: tuple[str, ...] = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
 
 def matches(model: nn.Module) -> bool:

@@ -8,6 +8,9 @@ from .diffusers_common import attention_group, block_label, feedforward_group, h
 
 ARCH_ID = "diffusers_unet"
 DESCRIPTION = "diffusers UNet2DConditionModel (SD1.x, SD2.x, SDXL)"
+# Activation checkpointing inside the recomputed learning step wraps ResNet blocks and the transformer blocks inside each Transformer2DModel
+# (outermost modules of these classes; see ecodiff_core.block_checkpoint).
+CHECKPOINT_BLOCKS: tuple[str, ...] = ("ResnetBlock2D", "BasicTransformerBlock")
 
 
 def matches(model: nn.Module) -> bool:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from tiny_models import MODEL_NAMES, build
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.denoisers import EpsSchedule, flux_flow_denoiser, unet_eps_denoiser
@@ -21,12 +22,17 @@ from ecodiff_core.learn import (
     weights_digest,
 )
 from ecodiff_core.maskfile import load_mask, save_mask
+from ecodiff_core.memory import meta_copy
 from ecodiff_core.trajectory import trajectory_gradient
 
 
-def make_problem(name: str, steps: int, cfg: bool, dtype=torch.float64, seed: int = 0):
-    """(model, layout, denoiser, noise, sigmas) for one prompt of a tiny model."""
+def make_problem(name: str, steps: int, cfg: bool, dtype=torch.float64, seed: int = 0, meta: bool = False):
+    """(model, layout, denoiser, noise, sigmas) for one prompt of a tiny model (``meta``: a meta-device
+    copy of the model and meta inputs of the same shapes, for memory traces)."""
     model, inputs = build(name, dtype)
+    if meta:
+        model = meta_copy(model)
+        inputs = tree_map(lambda t: torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t, inputs)
     half = {k: (v[:1], v[1:]) for k, v in inputs.items()
             if k in ("encoder_hidden_states", "pooled_projections")}
     cond = {k: v[0] for k, v in half.items()}
@@ -49,6 +55,8 @@ def make_problem(name: str, steps: int, cfg: bool, dtype=torch.float64, seed: in
         denoise = unet_eps_denoiser(model, schedule, cond, uncond, cfg=2.5)
         sigmas = schedule.karras(steps).to(dtype)
         noise = torch.randn(1, 4, 8, 8, generator=g, dtype=dtype) * sigmas[0]
+    if meta:
+        noise, sigmas = noise.to("meta"), sigmas.to("meta")
     return model, find_layout(model), denoise, noise, sigmas
 
 
