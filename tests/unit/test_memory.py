@@ -97,8 +97,11 @@ def test_memory_cli_small_model_both_modes(capsys):
     (["--arch", "sd15", "--batch", "0"], "batch"),
 ])
 def test_memory_cli_rejects_bad_sizes(capsys, args, message):
-    assert main(["memory", *args]) == 2
-    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["memory", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("error:") == 1 and "Traceback" not in err
 
 
 def test_unknown_arch_is_an_ecodiff_error():
