@@ -571,6 +571,13 @@ def _read_pruned(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return sd, record
 
 
+def _pack_model_configs() -> dict[str, type]:
+    """Model-config classes the pack defines itself (the demo digits model), by class name."""
+    from .demo_model import model_config_classes
+
+    return model_config_classes()
+
+
 def load_pruned_model(path: Path) -> Any:
     """Rebuild the slim module on the meta device (no full-size allocation), then load weights."""
     import comfy.model_base
@@ -579,7 +586,8 @@ def load_pruned_model(path: Path) -> Any:
     import comfy.supported_models
 
     sd, record = _read_pruned(path)
-    cfg_cls = getattr(comfy.supported_models, record["model_config_class"], None)
+    cfg_cls = getattr(comfy.supported_models, record["model_config_class"], None) \
+        or _pack_model_configs().get(record["model_config_class"])
     model_cls = getattr(comfy.model_base, record["model_class"], None)
     if cfg_cls is None or model_cls is None:
         raise EcoDiffError(f"{path.name} was pruned from a {record['model_config_class']} model, which this "
