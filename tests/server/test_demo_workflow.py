@@ -6,15 +6,38 @@ Skipped unless COMFYUI_PATH points at a ComfyUI checkout.  CPU only; a few minut
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
 
+import comfy_server
+import pytest
 import workflow_tools as wt
 
 WORKFLOW = Path(__file__).resolve().parent.parent.parent / "example_workflows" / "demo_digits_learn_prune_compare.json"
 RUN_TIMEOUT = 1800.0  # generous: the suite's machines are shared; a quiet 2-core CPU needs a few minutes
 MIN_ACCURACY = {"original": 0.99, "pruned": 0.97}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A fresh server for this module, with one intra-op thread unless OMP_NUM_THREADS says otherwise: the
+    2.3 M-parameter model gains nothing from more, and on a shared CPU spinning OpenMP threads cost 10x."""
+    if comfy_server.comfy_path() is None:
+        pytest.skip(comfy_server.SKIP_NO_COMFYUI)
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = saved or "1"
+    srv = comfy_server.ComfyServer(tmp_path_factory.mktemp("comfy_demo_server"))
+    try:
+        srv.start()
+    finally:
+        if saved is None:
+            del os.environ["OMP_NUM_THREADS"]
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 def judge_scores(text: str) -> tuple[int, int, float]:
