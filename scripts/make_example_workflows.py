@@ -201,9 +201,9 @@ image *i* gets line *i* mod 10) from the same seed, and **EcoDiff Judge Digits**
 shipped digit judge: accuracy of the requested digit and FD-judge (Fréchet distance in the judge's feature
 space vs real digits, not FID; lower is better).
 
-Measured on a fresh ComfyUI, CPU only: {timing}. Expect the pruned model to keep an accuracy of about
-0.97–1.00 (the original ≈ 0.99–1.00)."""
-DEMO_TIMING = "about N minutes"
+Measured on a fresh ComfyUI, CPU only: {timing}."""
+DEMO_TIMING = ("198 s for the whole graph (learning 120 optimiser steps, pruning, 2 × 100 digits at 10 steps), "
+               "one thread on a busy 2-core machine; judge: original 1.000, pruned 0.990 at −30 %")
 DEMO_BATCH = 100
 DEMO_LEARN = {"max_prompts": 20, "epochs": 6, "accumulate": 1, "steps": 10}
 
