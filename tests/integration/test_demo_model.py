@@ -70,8 +70,9 @@ def test_ksampler_simple_schedule_is_the_models_schedule(loaded, emb):
 
 def test_clip_encodes_like_the_shipped_text_encoder(loaded, reference):
     clip = loaded[1]
-    for text, lines in (("the digit 7", ["the digit 7"]), ("a handwritten seven\n\n  the number 3 \n", 
-                                                           ["a handwritten seven", "the number 3"]), ("", [""])):
+    cases = [("the digit 7", ["the digit 7"]), ("", [""]),
+             ("a handwritten seven\n\n  the number 3 \n", ["a handwritten seven", "the number 3"])]
+    for text, lines in cases:
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(text))
         tokens, pooled = reference.encode(lines)
         assert len(cond) == 1 and cond[0][0].shape == (len(lines), 10, 64)
