@@ -694,6 +694,13 @@ def _read_pruned(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return sd, check_pruned_record(record, path.name)
 
 
+def _pack_model_configs() -> dict[str, type]:
+    """Model-config classes the pack defines itself (the demo digits model), by class name."""
+    from .demo_model import model_config_classes
+
+    return model_config_classes()
+
+
 def _pruned_classes(path: Path, record: dict) -> tuple[type, type]:
     """The ComfyUI model-config and model classes a checked record names.  Only real ones are
     accepted (subclasses of ``supported_models_base.BASE`` / ``model_base.BaseModel``); nothing else
@@ -703,7 +710,7 @@ def _pruned_classes(path: Path, record: dict) -> tuple[type, type]:
     import comfy.supported_models_base
 
     cfg_name, model_name = record["model_config_class"], record["model_class"]
-    cfg_cls = getattr(comfy.supported_models, cfg_name, None)
+    cfg_cls = getattr(comfy.supported_models, cfg_name, None) or _pack_model_configs().get(cfg_name)
     if not (isinstance(cfg_cls, type) and issubclass(cfg_cls, comfy.supported_models_base.BASE)):
         raise PrunedFileError(f"{path.name} was pruned from a {cfg_name!r} model, which is not a model-config "
                               "class this ComfyUI knows; update ComfyUI, or the file is damaged")

@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from ..ecodiff_comfy import bridge
 from .apply import ApplyPrunedMask
 from .compare import CompareImages
+from .demo import DemoModel, JudgeDigits
 from .learn import LearnSparsityMask
 from .mask_files import LoadSparsityMask, SaveSparsityMask
 from .pruned_files import LoadPrunedModel, SavePrunedModel
@@ -14,6 +15,7 @@ from .report import PruningReport
 NODES: list[type[io.ComfyNode]] = [
     LearnSparsityMask, ApplyPrunedMask, SaveSparsityMask, LoadSparsityMask,
     SavePrunedModel, LoadPrunedModel, CompareImages, PruningReport,
+    DemoModel, JudgeDigits,
 ]
 
 

@@ -17,7 +17,8 @@ from comfy_server import learn_inputs, learn_prune_compare_graph
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ECODIFF_NODES = ("EcoDiffLearnMask", "EcoDiffApplyMask", "EcoDiffSaveMask", "EcoDiffLoadMask",
-                 "EcoDiffSavePrunedModel", "EcoDiffLoadPrunedModel", "EcoDiffCompare", "EcoDiffPruningReport")
+                 "EcoDiffSavePrunedModel", "EcoDiffLoadPrunedModel", "EcoDiffCompare", "EcoDiffPruningReport",
+                 "EcoDiffDemoModel", "EcoDiffJudgeDigits")
 #: which tiny architecture stands in for each example workflow's model
 EXAMPLE_ARCH = {
     "sdxl_learn_prune_compare": "sdxl",
@@ -26,6 +27,7 @@ EXAMPLE_ARCH = {
     "flux_dev_learn_prune_compare": "flux",
     "sd35_large_learn_prune_compare": "sd3",
     "shared_mask_apply_sample": "sdxl",
+    "demo_digits_learn_prune_compare": "demo",  # the shipped digits model itself (no loader to swap)
 }
 LOADER_SWAP = {
     "CheckpointLoaderSimple": "EcoDiffTinyCheckpointLoader",

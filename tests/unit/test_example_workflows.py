@@ -21,7 +21,8 @@ import workflow_tools as wt
 PATHS = wt.example_paths()
 LEARN_FLOWS = [p for p in PATHS if "learn" in p.stem]
 EXPECTED = {"sdxl_learn_prune_compare", "sd15_learn_prune_compare", "flux_schnell_learn_prune_compare",
-            "flux_dev_learn_prune_compare", "sd35_large_learn_prune_compare", "shared_mask_apply_sample"}
+            "flux_dev_learn_prune_compare", "sd35_large_learn_prune_compare", "shared_mask_apply_sample",
+            "demo_digits_learn_prune_compare"}
 
 
 def by_type(wf: dict, kind: str) -> list[dict]:
