@@ -34,6 +34,7 @@ from torch import nn
 
 from ..ecodiff_core.archs import find_layout
 from .attention_patches import fit_attention_patches
+from .lora_on_pruned import pruned_patcher
 from ..ecodiff_core.budget import PrunePlan, PruneTarget, plan_pruning
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo, run_inputs
@@ -514,7 +515,7 @@ def _wrap(model: Any, base: Any) -> Any:
     """A new ModelPatcher for ``base`` carrying over ``model``'s options and non-weight object patches."""
     import comfy.model_patcher
 
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=model.load_device, offload_device=model.offload_device)
+    patcher = pruned_patcher(base, diffusion_module(model), model.load_device, model.offload_device)
     patcher.model_options = comfy.model_patcher.create_model_options_clone(model.model_options) \
         if hasattr(comfy.model_patcher, "create_model_options_clone") else copy.deepcopy(model.model_options)
     for key, obj in model.object_patches.items():
@@ -775,9 +776,9 @@ def load_pruned_model(path: Path) -> Any:
     if unexpected or meta_left:
         raise EcoDiffError(f"{path.name} does not fit the rebuilt model: unexpected {unexpected[:3]}, "
                            f"missing {meta_left[:3]}")
-    base.diffusion_model = pruned.to(offload)
+    full, base.diffusion_model = base.diffusion_model, pruned.to(offload)
     base.ecodiff_pruning = record
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=offload)
+    return pruned_patcher(base, full, mm.get_torch_device(), offload)
 
 
 # --------------------------------------------------------------------------------------------

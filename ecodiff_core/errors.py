@@ -16,3 +16,7 @@ class MaskFileError(EcoDiffError):
 
 class SettingsError(EcoDiffError):
     """A setting is out of range; the message names it and the allowed range."""
+
+
+class LoraSliceError(EcoDiffError):
+    """A weight patch (LoRA, LoHa, LoKr, diff…) made for the full model cannot be fitted to a pruned one."""
