@@ -35,6 +35,7 @@ from torch import nn
 from ..ecodiff_core.archs import find_layout
 from ..ecodiff_core.errors import EcoDiffError, LoraSliceError
 from ..ecodiff_core.lora_slice import WeightCut, silenced_units, weight_cuts
+from ..ecodiff_core.pruned_record import check_record_layout
 
 CUTS_ATTR = "ecodiff_weight_cuts"
 PREFIX = "diffusion_model."
@@ -59,11 +60,7 @@ def attach_cuts(base: Any, full: nn.Module) -> dict[str, WeightCut]:
     if record is None:
         raise EcoDiffError("internal: a pruned model needs its pruning record before its LoRA cuts")
     layout = find_layout(full)
-    if layout.fingerprint() != record["fingerprint"]:
-        raise EcoDiffError("internal: the full-size model does not match the pruning record's layout")
-    keep = {g.name: torch.zeros(g.count, dtype=torch.bool) for g in layout.groups}
-    for name, kept in record["kept"].items():
-        keep[name][torch.as_tensor(kept, dtype=torch.long)] = True
+    keep = check_record_layout(record, layout, "the pruned model")
     cuts = weight_cuts(full, layout, keep, silenced_units(keep, list(record.get("silenced", []))))
     setattr(base, CUTS_ATTR, cuts)
     return cuts
