@@ -51,7 +51,17 @@ def pruned_patcher(base: Any, full: nn.Module, load_device: Any, offload_device:
     ``meta`` copy is enough: only shapes are read)."""
     attach_cuts(base, full)
     install_key_map()
+    clear_load_flags(base.diffusion_model)
     return patcher_class()(base, load_device=load_device, offload_device=offload_device)
+
+
+def clear_load_flags(module: nn.Module) -> None:
+    """Drop ComfyUI's per-module "weight patches merged" flag that a pruned module inherits when it
+    is copied from a loaded one: ComfyUI would skip this model's own weight patches (LoRAs) on
+    load.  ``ModelPatcher.unpatch_model`` removes the flag the same way."""
+    for sub in module.modules():
+        if hasattr(sub, "comfy_patched_weights"):
+            del sub.comfy_patched_weights
 
 
 def attach_cuts(base: Any, full: nn.Module) -> dict[str, WeightCut]:
