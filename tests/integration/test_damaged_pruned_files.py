@@ -92,7 +92,7 @@ def _variants(good: bytes, tmp_path):
         yield label, _with_record(good, tmp_path, lambda r, value=value: {**r, "kept": {**r["kept"], group: value}})
     yield "count +1", _with_record(good, tmp_path,
                                    lambda r: {**r, "counts": {**r["counts"], group: r["counts"][group] + 1}})
-    yield "extra keys", _with_record(good, tmp_path, lambda r: {**r, "weight_dtype": "float16", "note": [1]})
+    yield "extra keys", _with_record(good, tmp_path, lambda r: {**r, "written_by_a_newer_version": "x", "note": [1]})
 
 
 def test_damaged_pruned_files_load_or_give_a_clear_error(saved, bridge, core, tmp_path):
