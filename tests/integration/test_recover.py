@@ -27,6 +27,15 @@ def host():
 
 
 @pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread avoids oversubscription on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
 def lora_dirs(tmp_path_factory):
     """models/loras and models/ecodiff_recover of this test module (never the user's)."""
     import folder_paths

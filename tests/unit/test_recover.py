@@ -168,3 +168,26 @@ def test_non_finite_loss_stops_with_the_last_good_lora(model, pruned):
         state = LoraRecoverer(lora, settings, layout.arch, "fp").train(probs)
     assert "non-finite" in state.stop_reason and state.progress["step"] == 0
     assert all(torch.equal(v, torch.zeros_like(v)) for k, v in state.lora.items() if "lora_up" in k)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rank", "0"], "rank must be"), (["--lr", "0"], "learning rate"), (["--batch", "0"], "batch must be"),
+])
+def test_command_line_refuses_bad_settings(argv, message, capsys):
+    from ecodiff_core.__main__ import main
+
+    assert main(["recover", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_command_line_defaults_are_the_engine_defaults():
+    import argparse
+
+    from ecodiff_core.__main__ import _recover_parser
+
+    parser = argparse.ArgumentParser()
+    _recover_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["recover"])
+    d = RecoverSettings()
+    assert (args.rank, args.alpha, args.targets, args.steps, args.lr, args.batch, args.states) == \
+        (d.rank, d.alpha, d.targets, d.steps, d.lr, d.batch, d.states)
