@@ -144,8 +144,8 @@ def recover_lora(original: Any, pruned: Any, conds: Sequence[tuple[list, list]],
             return out
         return body
 
-    if settings.states == "pruned":
-        states = bridge.run_with_denoisers(student, conds, spec, states_body)
+    if settings.states == "pruned":  # the pruned model without the LoRA: a resumed run sees the same states
+        states = bridge.run_with_denoisers(pruned, conds, spec, states_body)
     else:
         states = [None] * len(conds)
     data = bridge.run_with_denoisers(original, conds, spec, targets_body(states))
