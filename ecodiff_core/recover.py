@@ -51,7 +51,9 @@ class RecoverSettings:
              "attention_ffn" (plus feed-forward layers) or "all_linear".
     steps    optimiser steps.      lr: AdamW learning rate.     batch: states per optimiser step.
     seed     seeds the LoRA initialisation and the draw of states.
-    states   whose trajectories give the states x_t: "pruned" (the student's own) or "original".
+    states   whose trajectories give the states x_t: "original" (default: on the embedded model it
+             recovered better, docs/benchmarks.md, and in ComfyUI it saves one pass) or "pruned"
+             (the student's own, without the LoRA).
     """
 
     rank: int = 16
@@ -61,7 +63,7 @@ class RecoverSettings:
     lr: float = 2e-3
     batch: int = 4
     seed: int = 0
-    states: str = "pruned"
+    states: str = "original"
 
     def __post_init__(self) -> None:
         self.validate()

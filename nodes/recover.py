@@ -37,7 +37,7 @@ class LoraRecover(io.ComfyNode):
                 io.Int.Input("sample_steps", default=20, min=1, max=200, tooltip="Euler steps of each calibration trajectory; its step inputs are the training states."),
                 io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.1, tooltip="Classifier-free guidance scale of the trajectories and targets (use 1.0 for FLUX)."),
                 io.Combo.Input("scheduler", options=_schedulers(), default="normal", tooltip="Scheduler giving the σ schedule."),
-                io.Combo.Input("states", options=list(STATE_SOURCES), default=_D.states, tooltip="Whose trajectories give the states: 'pruned' = the pruned model's own (the states it meets when sampling), 'original' = the full model's."),
+                io.Combo.Input("states", options=list(STATE_SOURCES), default=_D.states, tooltip="Whose trajectories give the training states: 'original' = the full model's (default; recovered better on the embedded model and needs one pass fewer), 'pruned' = the pruned model's own, without the LoRA (the states it meets when sampling)."),
                 io.Int.Input("rank", default=_D.rank, min=1, max=4096, tooltip="LoRA rank."),
                 io.Float.Input("alpha", default=_D.alpha, min=0.001, max=4096.0, step=0.5, tooltip="LoRA alpha: the update is alpha/rank · up·down."),
                 io.Combo.Input("target_modules", options=list(TARGET_MODULES), default=_D.targets, tooltip="Which Linear layers get a LoRA: attention, attention + feed-forward, or every Linear."),

@@ -218,7 +218,7 @@ def learn_settings(run_name: str, **kw) -> dict:
 
 
 def recover_settings(lora_name: str, **kw) -> dict:
-    base = {"negative_prompt": "", "max_prompts": 0, "scheduler": "normal", "states": "pruned", "rank": 16,
+    base = {"negative_prompt": "", "max_prompts": 0, "scheduler": "normal", "states": "original", "rank": 16,
             "alpha": 16.0, "target_modules": "attention_ffn", "train_steps": 300, "learning_rate": 0.002,
             "batch": 4, "seed": 44, "lora_name": lora_name, "resume": True}
     base.update(kw)
