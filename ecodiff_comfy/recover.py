@@ -85,6 +85,41 @@ def pruned_fingerprint(record: dict) -> str:
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
+def _weights_digest(model: Any, h: "hashlib._Hash") -> None:
+    """A cheap digest of a MODEL's weights: shape and sum of a spread of its parameters."""
+    params = list(bridge.diffusion_module(model).state_dict().items())
+    for name, t in params[:: max(1, len(params) // 16)] + params[-1:]:
+        h.update(f"{name}{tuple(t.shape)}{float(t.detach().float().sum()):.6e}".encode())
+
+
+def _conds_digest(obj: Any, h: "hashlib._Hash") -> None:
+    if isinstance(obj, torch.Tensor):
+        h.update(obj.detach().float().cpu().contiguous().numpy().tobytes())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            _conds_digest(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _conds_digest(v, h)
+    else:
+        h.update(repr(obj).encode())
+
+
+def run_fingerprint(original: Any, pruned: Any, record: dict, conds: Sequence[tuple[list, list]],
+                    spec: "bridge.SamplingSpec", settings: RecoverSettings) -> str:
+    """Identifies a recovery run's inputs: both models (shapes and weights), the calibration
+    conditionings, the trajectories and the settings that shape training (not ``steps``)."""
+    h = hashlib.sha256(pruned_fingerprint(record).encode())
+    with torch.inference_mode(False):
+        _weights_digest(original, h)
+        _weights_digest(pruned, h)
+        _conds_digest(list(conds), h)
+    fixed = {k: v for k, v in settings.to_dict().items() if k != "steps"}
+    h.update(json.dumps([vars(spec), fixed], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
 def lora_patched(model: Any, lora: LoraWeights) -> Any:
     """A clone of ``model`` whose target Linear weights read W + ΔW (training wrappers)."""
     patcher = model.clone()
@@ -117,7 +152,7 @@ def recover_lora(original: Any, pruned: Any, conds: Sequence[tuple[list, list]],
 
     settings.validate()
     layout, record = check_models(original, pruned)
-    fingerprint = pruned_fingerprint(record)
+    fingerprint = run_fingerprint(original, pruned, record, conds, spec, settings)
     with torch.inference_mode(False):
         module = bridge.diffusion_module(pruned)
         paths = lora_target_paths(module, layout, settings.targets)
@@ -202,16 +237,20 @@ def apply_lora(model: Any, tensors: dict[str, torch.Tensor], strength: float = 1
     return patched
 
 
-def unfinished_state(path: Path, fingerprint: str) -> RecoverState | None:
-    """A saved, unfinished state of the same pruned model at ``path``; None otherwise."""
+def unfinished_state(path: Path, fingerprint: str) -> tuple[RecoverState | None, str]:
+    """(the saved, unfinished state of the same run at ``path`` or None, a note when one was passed
+    over because it belongs to other inputs or cannot be read)."""
     from ..ecodiff_core.recover import load_recover_state
 
     if not path.is_file():
-        return None
+        return None, ""
     try:
         state = load_recover_state(path)
-    except EcoDiffError:
-        return None
-    if state.progress.get("finished") or state.fingerprint != fingerprint:
-        return None
-    return state
+    except EcoDiffError as exc:
+        return None, f"the saved state {path.name} could not be read ({exc}); started afresh"
+    if state.progress.get("finished"):
+        return None, ""
+    if state.fingerprint != fingerprint:
+        return None, (f"the unfinished run saved as {path.name} was for other inputs (models, prompts, "
+                      "trajectories or settings); started afresh")
+    return state, f"resumed from step {state.progress.get('step', 0)}"

@@ -16,6 +16,7 @@ import torch
 
 from .archs import find_layout
 from .budget import PruneTarget, count_parameters
+from .errors import SettingsError
 from .learn import frozen_weights
 from .recover import (DistillProblem, LoraRecoverer, LoraWeights, RecoverSettings, distillation_loss,
                       lora_target_paths, rollout_states, teacher_targets)
@@ -36,10 +37,15 @@ class RecoverDemoSettings:
     recover: RecoverSettings = field(default_factory=RecoverSettings)
 
     def validate(self) -> None:
+        """SettingsError (the command line prints it as one line) for every bad value."""
         PruneTarget(params=self.sparsity)
         for name in ("steps", "prompts_per_class", "prompts_per_trajectory", "eval_per_class", "eval_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise SettingsError(f"{'state-steps' if name == 'steps' else name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if Path(self.output).exists() and not Path(self.output).is_dir():
+            raise SettingsError(f"--output {self.output} is a file; give a folder (it is created if missing)")
+        if self.mask is not None and not Path(self.mask).is_file():
+            raise SettingsError(f"--mask {self.mask} does not exist; give a mask file written by the demo")
         self.recover.validate()
 
 

@@ -70,7 +70,8 @@ class LoraRecover(io.ComfyNode):
                                    seed=seed)
         stem = bridge.safe_filename(lora_name, "")
         state_path = host.folder(host.RECOVER_FOLDER) / f"{stem}.safetensors"
-        start = host.unfinished_state(state_path, host.pruned_fingerprint(record)) if resume else None
+        fingerprint = host.run_fingerprint(original_model, model, record, conds, spec, settings)
+        start, note = host.unfinished_state(state_path, fingerprint) if resume else (None, "")
         progress = bridge.Progress(train_steps, getattr(cls.hidden, "unique_id", None) if cls.hidden else None)
 
         def callback(info: RecoverStepInfo) -> None:
@@ -88,5 +89,5 @@ class LoraRecover(io.ComfyNode):
         done = "finished" if result.state.progress.get("finished") else f"stopped ({result.state.stop_reason})"
         loss = f"loss {losses[0]:.5g} → {losses[-1]:.5g}" if losses else "no steps"
         text = (f"LoRA Recover: {len(result.lora.paths)} layers, rank {rank}, {len(losses)} steps, {loss}, {done}\n"
-                f"saved to models/{host.LORA_FOLDER}/{path.name}")
+                + (f"{note}\n" if note else "") + f"saved to models/{host.LORA_FOLDER}/{path.name}")
         return io.NodeOutput(out, text, ui={"text": (text,)})

@@ -194,3 +194,30 @@ def test_wrong_inputs_are_refused(nodes, bridge, host, core):
         with pytest.raises(core.errors.SettingsError, match="rank"):
             nodes.LoraRecover.execute(pruned, tiny.model, clip=ct.TinyClip("flux"), lora_name="x",
                                       **dict(RECOVER_ARGS, rank=0))
+
+
+@pytest.mark.parametrize("change", ["prompts", "rank"])
+def test_unfinished_run_for_other_inputs_is_not_resumed(change, nodes, bridge, host, lora_dirs, monkeypatch):
+    import comfy.model_management
+
+    rec = sub("ecodiff_core.recover")
+    tiny, pruned = pruned_pair("sd3", nodes, bridge, seed=13)
+    real_update = bridge.Progress.update
+
+    def interrupting(self, value, total=None):
+        if value == 2:
+            comfy.model_management.interrupt_current_processing(True)
+        return real_update(self, value, total)
+
+    args = dict(RECOVER_ARGS, lora_name=f"changed_{change}", train_steps=4)
+    monkeypatch.setattr(bridge.Progress, "update", interrupting)
+    with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
+        nodes.LoraRecover.execute(pruned, tiny.model, clip=ct.TinyClip("sd3"), **args)
+    comfy.model_management.interrupt_current_processing(False)
+    monkeypatch.setattr(bridge.Progress, "update", real_update)
+    changed = dict(args, prompts="a castle on a hill") if change == "prompts" else dict(args, rank=2)
+    with torch.inference_mode():
+        summary = nodes.LoraRecover.execute(pruned, tiny.model, clip=ct.TinyClip("sd3"), **changed).args[1]
+    assert "started afresh" in summary
+    state = rec.load_recover_state(lora_dirs / "ecodiff_recover" / f"changed_{change}.safetensors")
+    assert [h["step"] for h in state.history] == [1, 2, 3, 4] and state.progress["finished"]

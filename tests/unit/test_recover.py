@@ -191,3 +191,23 @@ def test_command_line_defaults_are_the_engine_defaults():
     d = RecoverSettings()
     assert (args.rank, args.alpha, args.targets, args.steps, args.lr, args.batch, args.states) == \
         (d.rank, d.alpha, d.targets, d.steps, d.lr, d.batch, d.states)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--state-steps", "0"], "state-steps must be"), (["--sparsity", "20"], "fraction"),
+    (["--eval-per-class", "-1"], "eval-per-class"), (["--mask", "no/such/mask.safetensors"], "does not exist"),
+])
+def test_command_line_refuses_bad_run_arguments(argv, message, capsys):
+    from ecodiff_core.__main__ import main
+
+    assert main(["recover", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_command_line_refuses_a_file_as_output(tmp_path, capsys):
+    from ecodiff_core.__main__ import main
+
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    assert main(["recover", "--output", str(target)]) == 2
+    assert "is a file" in capsys.readouterr().err
