@@ -10,11 +10,12 @@ from .demo import DemoModel, JudgeDigits
 from .learn import LearnSparsityMask
 from .mask_files import LoadSparsityMask, SaveSparsityMask
 from .pruned_files import LoadPrunedModel, SavePrunedModel
+from .recover import LoraRecover
 from .report import PruningReport
 
 NODES: list[type[io.ComfyNode]] = [
     LearnSparsityMask, ApplyPrunedMask, SaveSparsityMask, LoadSparsityMask,
-    SavePrunedModel, LoadPrunedModel, CompareImages, PruningReport,
+    SavePrunedModel, LoadPrunedModel, CompareImages, PruningReport, LoraRecover,
     DemoModel, JudgeDigits,
 ]
 

@@ -82,6 +82,18 @@ A mask learned on another model is refused with a clear error. To keep the prune
 **Save Pruned Model** after Apply Pruned Mask (ComfyUI's checkpoint loaders cannot read width-pruned weights:
 load it back with Load Pruned Model)."""
 
+SD15_RECOVER_NOTE = """# EcoDiff on SD1.5: learn, prune 30 %, recover with a LoRA, compare
+
+1. Learn Sparsity Mask learns which attention heads and FFN neurons matter (calibration prompts).
+2. Apply Pruned Mask removes 30 % of the UNet's parameters (a smaller model, not a masked one).
+3. EcoDiff LoRA Recover trains a rank-16 LoRA on the pruned model so that its predictions match the
+   original model's along the calibration trajectories (no images needed), applies it, and saves it
+   to models/loras/sd15_ecodiff_recover.safetensors. LoraLoaderModelOnly applies that file to the
+   same pruned model later (Save Pruned Model / Load Pruned Model keep the pruned model).
+4. Both KSamplers use the same seed and settings: Compare shows original vs pruned + LoRA.
+Interrupting LoRA Recover keeps its state; queue again to resume.
+"""
+
 POSITIVE = "a red fox standing in a snowy birch forest at golden hour, detailed fur, soft light, photograph"
 NEGATIVE = "blurry, low quality, deformed, watermark"
 
@@ -92,6 +104,7 @@ SIZES = {
     "KSampler": (315, 262), "VAEDecode": (210, 46), "EcoDiffLearnMask": (420, 720), "EcoDiffApplyMask": (340, 170),
     "EcoDiffSaveMask": (340, 60), "EcoDiffLoadMask": (340, 82), "EcoDiffPruningReport": (420, 420),
     "EcoDiffCompare": (720, 520), "EcoDiffDemoModel": (315, 98), "EcoDiffJudgeDigits": (400, 200),
+    "EcoDiffLoraRecover": (420, 760),
 }
 
 
@@ -122,7 +135,7 @@ def sampling_tail(b, model_original, model_pruned, positive, negative, latent, v
 
 def learn_workflow(info: dict, *, loaders: str, note: str, learn: dict, sampler: dict, size: int,
                    sparsity: float = 0.2, mask_file: str | None = None, guidance: float | None = None,
-                   models: dict) -> dict:
+                   models: dict, recover: dict | None = None) -> dict:
     b = wt.WorkflowBuilder(info)
     b.note(note, (0, 0), (440, 380))
     if loaders == "checkpoint":
@@ -164,8 +177,16 @@ def learn_workflow(info: dict, *, loaders: str, note: str, learn: dict, sampler:
         b.connect(ln, "mask", sm, "mask")
     rp = add(b, "EcoDiffPruningReport", (1420, 340))
     b.connect(ap, "report", rp, "report")
-    sampling_tail(b, model, (ap, "model"), positive, (neg, "CONDITIONING"), (lat, "LATENT"), vae, sampler)
-    return b.to_json(str(uuid.uuid5(uuid.NAMESPACE_URL, "ecodiff/" + learn["run_name"])))
+    pruned = (ap, "model")
+    if recover is not None:
+        rc = add(b, "EcoDiffLoraRecover", (1420, 800), dict(recover, width=size, height=size))
+        b.connect(ap, "model", rc, "model")
+        b.connect(model[0], model[1], rc, "original_model")
+        b.connect(clip[0], clip[1], rc, "clip")
+        pruned = (rc, "model")
+    sampling_tail(b, model, pruned, positive, (neg, "CONDITIONING"), (lat, "LATENT"), vae, sampler)
+    key = learn["run_name"] + ("_recover" if recover is not None else "")
+    return b.to_json(str(uuid.uuid5(uuid.NAMESPACE_URL, "ecodiff/" + key)))
 
 
 def shared_mask_workflow(info: dict) -> dict:
@@ -262,6 +283,14 @@ def learn_settings(run_name: str, **kw) -> dict:
     return base
 
 
+def recover_settings(lora_name: str, **kw) -> dict:
+    base = {"negative_prompt": "", "max_prompts": 0, "scheduler": "normal", "states": "original", "rank": 16,
+            "alpha": 16.0, "target_modules": "attention_ffn", "train_steps": 300, "learning_rate": 0.002,
+            "batch": 4, "seed": 44, "lora_name": lora_name, "resume": True}
+    base.update(kw)
+    return base
+
+
 def build_all(info: dict) -> dict[str, dict]:
     ks = {"seed": 123456, "sampler_name": "euler", "denoise": 1.0}
     return {
@@ -297,6 +326,12 @@ def build_all(info: dict) -> dict[str, dict]:
             learn=learn_settings("sd35_large_ecodiff", steps=20, cfg=4.5, scheduler="sgm_uniform", lr_heads=0.2,
                                  lr_neurons=0.2),
             sampler=dict(ks, steps=28, cfg=4.5, scheduler="sgm_uniform")),
+        "sd15_learn_prune_recover_compare": learn_workflow(
+            info, loaders="checkpoint", note=SD15_RECOVER_NOTE, size=512, sparsity=0.3,
+            models={"ckpt": "v1-5-pruned-emaonly-fp16.safetensors"},
+            learn=learn_settings("sd15_ecodiff", steps=20, cfg=7.0, lr_heads=0.2, lr_neurons=0.2),
+            recover=recover_settings("sd15_ecodiff_recover", sample_steps=20, cfg=7.0),
+            sampler=dict(ks, steps=25, cfg=7.0, scheduler="normal")),
         "shared_mask_apply_sample": shared_mask_workflow(info),
         "demo_digits_learn_prune_compare": demo_workflow(info),
     }

@@ -4,6 +4,8 @@
 //   the sparsity per unit kind while the mask is learned.  Data comes from the websocket event
 //   "ecodiff.learn" that the node sends after every optimiser step:
 //     {node, step, total, loss, recon, reg, sparsity: {head: 0.12, neuron: 0.3, ...}}
+//   EcoDiff LoRA Recover (EcoDiffLoraRecover) sends the same event with its distillation loss and
+//   an empty sparsity, and gets the same chart.
 // * Compare Images (EcoDiffCompare): a "slider compare" button that opens an overlay with the A and B
 //   images on top of each other and a draggable divider (the stitched side-by-side image stays in the
 //   node, drawn by ComfyUI itself from the node's ui "images").
@@ -15,6 +17,8 @@ import { api } from "../../scripts/api.js";
 const EXTENSION = "EcoDiff.UI";
 const VERSION = "0.1.0";
 const LEARN_NODE = "EcoDiffLearnMask";
+const RECOVER_NODE = "EcoDiffLoraRecover"; // sends the same event (loss only, no sparsity)
+const CHART_NODES = new Set([LEARN_NODE, RECOVER_NODE]);
 const COMPARE_NODE = "EcoDiffCompare";
 const LEARN_EVENT = "ecodiff.learn";
 const CHART_WIDGET = "ecodiff_chart";
@@ -91,8 +95,8 @@ function addChart(node) {
 function onLearnEvent(detail) {
   if (!detail || typeof detail !== "object") return null;
   let node = resolveNode(detail.node);
-  if (!node || nodeClass(node) !== LEARN_NODE) {
-    const learners = (rootGraph()?.nodes ?? []).filter((n) => nodeClass(n) === LEARN_NODE);
+  if (!node || !CHART_NODES.has(nodeClass(node))) {
+    const learners = (rootGraph()?.nodes ?? []).filter((n) => CHART_NODES.has(nodeClass(n)));
     node = learners.length === 1 ? learners[0] : null; // unknown id: only a lone Learn node is a safe guess
   }
   if (!node) return null;
@@ -341,12 +345,12 @@ app.registerExtension({
   },
   nodeCreated(node) {
     const cls = nodeClass(node);
-    if (cls === LEARN_NODE) addChart(node);
+    if (CHART_NODES.has(cls)) addChart(node);
     else if (cls === COMPARE_NODE) addCompareButton(node);
   },
   loadedGraphNode(node) {
     const cls = nodeClass(node);
-    if (cls === LEARN_NODE || cls === COMPARE_NODE) fitHeight(node);
+    if (CHART_NODES.has(cls) || cls === COMPARE_NODE) fitHeight(node);
   },
   // for tests and other extensions
   ecodiff: { version: VERSION, onLearnEvent, openCompare, closeCompare, resolveNode },

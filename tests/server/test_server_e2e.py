@@ -18,7 +18,7 @@ from comfy_server import learn_inputs, learn_prune_compare_graph
 ROOT = Path(__file__).resolve().parent.parent.parent
 ECODIFF_NODES = ("EcoDiffLearnMask", "EcoDiffApplyMask", "EcoDiffSaveMask", "EcoDiffLoadMask",
                  "EcoDiffSavePrunedModel", "EcoDiffLoadPrunedModel", "EcoDiffCompare", "EcoDiffPruningReport",
-                 "EcoDiffDemoModel", "EcoDiffJudgeDigits")
+                 "EcoDiffLoraRecover", "EcoDiffDemoModel", "EcoDiffJudgeDigits")
 #: which tiny architecture stands in for each example workflow's model
 EXAMPLE_ARCH = {
     "sdxl_learn_prune_compare": "sdxl",
@@ -28,6 +28,7 @@ EXAMPLE_ARCH = {
     "sd35_large_learn_prune_compare": "sd3",
     "shared_mask_apply_sample": "sdxl",
     "demo_digits_learn_prune_compare": "demo",  # the shipped digits model itself (no loader to swap)
+    "sd15_learn_prune_recover_compare": "sd15",
 }
 LOADER_SWAP = {
     "CheckpointLoaderSimple": "EcoDiffTinyCheckpointLoader",
@@ -71,6 +72,11 @@ def tiny_variant(prompt: dict, arch: str, tag: str, model_seed: int) -> dict:
         elif kind == "EcoDiffLearnMask":
             inputs.update(width=64, height=64, steps=2, max_prompts=2, epochs=1, accumulate=1, resume=False,
                           run_name=f"{inputs['run_name']}_{tag}")
+        elif kind == "EcoDiffLoraRecover":
+            inputs.update(width=64, height=64, sample_steps=2, max_prompts=2, train_steps=3, rank=2, resume=False,
+                          lora_name=f"{inputs['lora_name']}_{tag}")
+        elif kind == "EcoDiffApplyMask":
+            inputs.update(sparsity=min(inputs["sparsity"], 0.2))  # what the tiny models' units allow
         elif kind == "KSampler":
             inputs.update(steps=2)
         elif kind == "EcoDiffSaveMask":

@@ -22,7 +22,7 @@ PATHS = wt.example_paths()
 LEARN_FLOWS = [p for p in PATHS if "learn" in p.stem]
 EXPECTED = {"sdxl_learn_prune_compare", "sd15_learn_prune_compare", "flux_schnell_learn_prune_compare",
             "flux_dev_learn_prune_compare", "sd35_large_learn_prune_compare", "shared_mask_apply_sample",
-            "demo_digits_learn_prune_compare"}
+            "demo_digits_learn_prune_compare", "sd15_learn_prune_recover_compare"}
 
 
 def by_type(wf: dict, kind: str) -> list[dict]:
@@ -73,7 +73,13 @@ def test_original_and_pruned_are_sampled_alike_and_compared(path):
     samplers = by_type(wf, "KSampler")
     assert len(apply_) == 1 and len(samplers) == 2
     apply_ = apply_[0]
-    pruned = [k for k in samplers if source(wf, k, "model") == (apply_["id"], 0)]
+    recover = by_type(wf, "EcoDiffLoraRecover")
+    pruned_model = (apply_["id"], 0)
+    if recover:  # the pruned model goes through LoRA Recover (taught by the original) before sampling
+        assert len(recover) == 1 and source(wf, recover[0], "model") == pruned_model
+        assert source(wf, recover[0], "original_model") == source(wf, apply_, "model")
+        pruned_model = (recover[0]["id"], 0)
+    pruned = [k for k in samplers if source(wf, k, "model") == pruned_model]
     original = [k for k in samplers if source(wf, k, "model") == source(wf, apply_, "model")]
     assert len(pruned) == 1 and len(original) == 1, "one KSampler on the pruned model, one on the original"
     pruned, original = pruned[0], original[0]
