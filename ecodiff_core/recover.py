@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import EcoDiffError, SettingsError
+from .prune import ScatterLinear
 from .trajectory import Denoiser, check_sigmas, teacher_steps
 from .units import Layout
 
@@ -110,7 +111,7 @@ def lora_target_paths(module: nn.Module, layout: Layout, targets: str) -> list[s
     chosen = None if kinds is None else {s.module for g in layout.groups if g.kind in kinds for s in g.slices}
     paths = []
     for name, sub in module.named_modules():
-        if not isinstance(sub, nn.Linear) or sub.in_features == 0 or sub.out_features == 0:
+        if not isinstance(sub, nn.Linear) or 0 in sub.weight.shape:
             continue
         if chosen is None or name in chosen:
             paths.append(name)
@@ -150,8 +151,8 @@ class LoraWeights(nn.Module):
                    device: torch.device | str = "cpu") -> "LoraWeights":
         shapes = {}
         for p in paths:
-            lin = module.get_submodule(p)
-            shapes[p] = (lin.out_features, lin.in_features)
+            out_f, in_f = module.get_submodule(p).weight.shape  # a ScatterLinear's weight holds its kept rows only
+            shapes[p] = (out_f, in_f)
         return cls(shapes, rank, alpha, seed, device)
 
     @property
@@ -177,7 +178,10 @@ class LoraWeights(nn.Module):
             def hook(mod, args, out, i=i):
                 x = args[0]
                 low = torch.nn.functional.linear(x, self.down[i].to(x.dtype))
-                return out + torch.nn.functional.linear(low, self.up[i].to(x.dtype)) * self.scale
+                delta = torch.nn.functional.linear(low, self.up[i].to(x.dtype)) * self.scale
+                if isinstance(mod, ScatterLinear):  # ΔW covers the computed rows; the others stay 0
+                    return out.index_add(-1, mod.rows.to(out.device), delta)
+                return out + delta
 
             handles.append(module.get_submodule(path).register_forward_hook(hook))
         try:

@@ -70,9 +70,16 @@ def test_target_sets_nest_and_are_linears(model, pruned):
     assert any(p.endswith("to_q") for p in att) and not any("ff" in p.split(".")[-2:] for p in att)
 
 
-def test_hooks_and_merged_weight_compute_the_same_update():
+@pytest.mark.parametrize("scatter", [False, True], ids=["linear", "scatter_linear"])
+def test_hooks_and_merged_weight_compute_the_same_update(scatter):
+    """Also on a pruned modulation layer (ScatterLinear): ΔW covers its computed rows only."""
+    from ecodiff_core.prune import scatter_rows
+
     torch.manual_seed(0)
     lin = nn.Linear(6, 5).double()
+    rows = torch.tensor([0, 2, 3, 4, 7])
+    if scatter:
+        lin = scatter_rows(lin, rows, 9)
     holder = nn.Sequential(lin)
     lora = LoraWeights({"0": (5, 6)}, rank=2, alpha=3.0, seed=1)
     with torch.no_grad():
@@ -80,9 +87,13 @@ def test_hooks_and_merged_weight_compute_the_same_update():
     lora = lora.double()
     x = torch.randn(4, 6, dtype=torch.float64)
     expected = x @ (lin.weight + 1.5 * lora.up[0] @ lora.down[0]).T + lin.bias
+    if scatter:
+        expected = torch.zeros(4, 9, dtype=torch.float64).index_copy(-1, rows, expected)
     with lora.installed(holder):
         hooked = holder(x)
     merged = nn.functional.linear(x, lora.merged_weight("0", lin.weight), lin.bias)
+    if scatter:
+        merged = torch.zeros(4, 9, dtype=torch.float64).index_copy(-1, rows, merged)
     assert torch.allclose(hooked, expected, atol=1e-12) and torch.allclose(merged, expected, atol=1e-12)
     assert torch.equal(holder(x), lin(x))  # hooks removed
     assert lora.delta("0").shape == (5, 6)
