@@ -63,6 +63,10 @@ def _outcome_of_mask(path, model, layout) -> str:
         return "error"
     learner = MaskLearner(model, layout, SETTINGS, resume=state)  # a loaded mask must be usable
     assert set(learner.logits) == {g.name for g in layout.groups}
+    for p in learner.logits.values():  # ... and resumable: the restored optimiser takes a step
+        p.grad = torch.ones_like(p)
+    learner.optimizer.step()
+    assert all(bool(torch.isfinite(p).all()) for p in learner.logits.values())
     assert isinstance(state.summary(), dict) and isinstance(state.progress["step"], int)
     return "ok"
 
@@ -114,6 +118,7 @@ def _mask_variants(good: bytes, tmp_path):
         "optimizer of unknown group": {"optim/exp_avg/nope": torch.zeros(2)},
         "optimizer wrong shape": {optim: torch.zeros(3, 3)},
         "optimizer int": {optim: torch.zeros(tensors[optim].shape, dtype=torch.int64)},
+        **_optimizer_edits(tensors),
         "stray tensor": {"other": torch.zeros(1)},
     }
     for label, change in tensor_edits.items():
@@ -121,9 +126,36 @@ def _mask_variants(good: bytes, tmp_path):
     yield "no logits", _write(meta, {k: v for k, v in tensors.items() if not k.startswith("logits/")}, tmp_path)
 
 
+def _optimizer_edits(tensors: dict) -> dict[str, dict]:
+    """Damaged optimizer state: every part of the first group made 0-d, 2-D, fp16, float64, negative,
+    NaN; a part removed (from one group and from all); an unknown part."""
+    group = next(k for k in tensors if k.startswith("logits/"))[len("logits/"):]
+    edits: dict[str, dict] = {}
+    for part in ("step", "exp_avg", "exp_avg_sq"):
+        key = f"optim/{part}/{group}"
+        t = tensors[key]
+        edits.update({
+            f"optimizer {part} 0-d" if t.ndim else f"optimizer {part} 1-D": {key: t.reshape(-1)[:1].reshape(
+                () if t.ndim else (1,))},
+            f"optimizer {part} 2-D": {key: t[None]},
+            f"optimizer {part} fp16": {key: t.half()},
+            f"optimizer {part} float64": {key: t.double()},
+            f"optimizer {part} negative": {key: t - 3},
+            f"optimizer {part} nan": {key: torch.full_like(t, float("nan"))},
+            f"optimizer {part} removed": {key: None},
+            f"optimizer {part} removed everywhere": {k: None for k in tensors if k.startswith(f"optim/{part}/")},
+        })
+    edits["optimizer step 1.5"] = {f"optim/step/{group}": torch.tensor(1.5)}
+    edits["optimizer unknown part"] = {f"optim/max_exp_avg_sq/{group}": tensors[f"optim/exp_avg_sq/{group}"].clone()}
+    edits["optimizer state removed"] = {k: None for k in tensors if k.startswith("optim/")}
+    edits["optimizer only one group"] = {k: None for k in tensors if k.startswith("optim/")
+                                         and not k.endswith("/" + group)}
+    return edits
+
+
 def _write(meta: dict, tensors: dict, tmp_path) -> bytes:
     path = tmp_path / "_write.safetensors"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    save_file({k: v.contiguous() for k, v in tensors.items() if v is not None}, str(path), metadata=meta)
     return path.read_bytes()
 
 
@@ -139,12 +171,17 @@ def test_damaged_mask_files_load_or_give_mask_file_error(learned, tmp_path):
     accepted = sorted(label for label, outcome in outcomes.items() if outcome == "ok")
     # only bit flips inside tensor data and edits that leave valid values load
     valid_edits = {"arch=x", "arch=1", "format_version=1", "history=[]", "inputs={}", 'inputs={"a": "b"}',
-                   "settings={}", 'settings={"a": "b"}', "progress finished=True"}
+                   "settings={}", 'settings={"a": "b"}', "progress finished=True",
+                   "optimizer exp_avg negative", "optimizer state removed"}
     assert [label for label in accepted if not label.startswith(
         ("bit flip", "stop_reason", "loss_summary", "package_version", "without loss_summary",
          "without package_version", "without stop_reason", "without settings", "without progress",
          "without history", "without inputs")) and label not in valid_edits] == []
     assert len(accepted) < len(outcomes) // 2
+    # the optimizer state is complete or absent, exactly as the learner writes it: of the optimizer edits,
+    # only a valid value (negative first moments) and dropping all of it (no step taken yet) load
+    assert [label for label in accepted if label.startswith("optimizer")] == [
+        "optimizer exp_avg negative", "optimizer state removed"]
 
 
 @pytest.mark.parametrize("key", ["kinds", "arch", "fingerprint", "format", "format_version"])
