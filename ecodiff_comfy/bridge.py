@@ -761,7 +761,7 @@ def load_pruned_model(path: Path) -> Any:
     keep = check_record_layout(record, layout, path.name)
     pruned = prune_model(base.diffusion_model, layout, keep)
     fit_attention_patches(pruned)
-    check_state_dict(pruned, sd, path.name)
+    check_state_dict(pruned, sd, path.name, cfg.manual_cast_dtype)
     offload = mm.unet_offload_device()
     missing, unexpected = pruned.load_state_dict(sd, strict=False, assign=True)
     meta_left = [n for n, t in list(pruned.named_parameters()) + list(pruned.named_buffers()) if t.is_meta]

@@ -216,7 +216,19 @@ def _record_mutations(record: dict):
         yield f"without {key}", {k: v for k, v in record.items() if k != key}
         for value in wrong:
             yield f"{key}={value!r}", {**record, key: value}
-    yield "extra key", {**record, "weight_dtype": "float8_e4m3fn", "future": {"x": [1]}}
+    yield "extra key", {**record, "weight_dtype": "float8_e4m3fn", "manual_cast_dtype": "float32",
+                        "future": {"x": [1]}}
+    precision = {  # manual cast only to a compute dtype; scaled fp8 only float8; float8 weights need a cast
+        "manual_cast_dtype float8": {"manual_cast_dtype": "float8_e4m3fn"},
+        "manual_cast_dtype float64": {"manual_cast_dtype": "float64"},
+        "manual_cast_dtype int8": {"manual_cast_dtype": "int8"},
+        "scaled_fp8 float16": {"scaled_fp8": "float16", "manual_cast_dtype": "float32"},
+        "float8 weights without cast": {"weight_dtype": "float8_e5m2", "manual_cast_dtype": None},
+        "weight float8 without cast": {"weight_dtype": "float8_e4m3fn"},
+        "scaled fp8 without cast": {"weight_dtype": "bfloat16", "scaled_fp8": "float8_e4m3fn"},  # valid
+    }
+    for label, change in precision.items():
+        yield label, {**record, **change}
     names = list(record["counts"])
     for value in (-1, 10**9, 1.0, True, "0", None, [0]):
         name = rng.choice(names)
@@ -269,11 +281,16 @@ def test_damaged_pruning_records_pass_or_give_pruned_file_error(learned, record)
     assert "extra key" in accepted
     names = {f"{key}='x'" for key in ("arch", "model_config_class", "model_class", "model_type")}  # checked by the host
     unexpected = [label for label in accepted if not label.startswith(("json edit", "extra key", "unet_config=",
-                                                                       "sampling_settings=", "silenced=[]"))
+                                                                       "sampling_settings=", "silenced=[]",
+                                                                       "scaled fp8 without cast"))
                   and label not in names]
     assert unexpected == []
     assert all(label in refused for label in ("without kept", "kept duplicate", "kept extra group", "count larger",
-                                              "dtype 'load'", "class dunder", "class dotted", "arch=None"))
+                                              "dtype 'load'", "class dunder", "class dotted", "arch=None",
+                                              "manual_cast_dtype float8", "manual_cast_dtype float64",
+                                              "manual_cast_dtype int8", "scaled_fp8 float16",
+                                              "float8 weights without cast", "weight float8 without cast"))
+    assert "scaled fp8 without cast" in accepted  # scaled-fp8 layers cast themselves
 
 
 def test_state_dict_must_fit_the_rebuilt_module():
@@ -290,3 +307,31 @@ def test_state_dict_must_fit_the_rebuilt_module():
         with pytest.raises(PrunedFileError, match="^f"):
             check_state_dict(module, sd, "f")
     assert issubclass(PrunedFileError, EcoDiffError)
+
+
+F32, F16, BF16, E4M3 = torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("built,cast,stored,ok", [
+    # (dtype the record builds the layers in, its manual cast, {tensor: stored dtype}, loads?)
+    (F16, None, {}, True),
+    (F16, None, {"0.weight": F32}, False),       # the record says fp16 weights, the file holds fp32
+    (F32, None, {"0.weight": F16}, False),       # one matrix in another dtype
+    (F32, None, {"1.weight": F16}, False),       # a norm in another dtype, computed without a cast
+    (F16, None, {"0.bias": F32}, False),         # fp32 bias beside fp16 weights needs a manual cast
+    (E4M3, F32, {}, True),
+    (E4M3, F32, {"0.bias": F32, "1.weight": F32, "1.bias": F32}, True),  # fp8 matrices, fp32 norms and biases
+    (E4M3, BF16, {"1.weight": BF16}, True),      # ... or norms in the compute dtype
+    (E4M3, BF16, {"1.weight": F16}, False),      # ... but not in a third dtype
+    (E4M3, F32, {"0.weight": F32}, False),       # the matrices must be what the record builds
+    (E4M3, F32, {"0.weight": torch.float8_e5m2}, False),
+    (E4M3, F32, {"0.bias": torch.int8}, False),
+])
+def test_stored_dtypes_must_be_what_the_record_builds(built, cast, stored, ok):
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2)).to(built)
+    sd = {k: v.detach().to(stored.get(k, v.dtype)) for k, v in module.state_dict().items()}
+    if ok:
+        check_state_dict(module, sd, "f", cast)
+    else:
+        with pytest.raises(PrunedFileError, match="^f: tensor .* is stored in .* but the record builds it in"):
+            check_state_dict(module, sd, "f", cast)
