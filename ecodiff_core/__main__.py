@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import EcoDiffError
+from .seeds import SEED_MAX
 
 
-SEED_MAX = 2**64 - 1  # torch.manual_seed takes 0..2**64-1
 C_INT_MAX = 2**31 - 1  # counts go to torch and C code as C ints
 MAX_RESOLUTION = 16384  # ComfyUI's largest image side
 MAX_THREADS = 1024

@@ -343,3 +343,21 @@ def test_keep_ratio_below_heads_that_must_stay_is_refused_with_the_smallest_deli
     heads = next(k for k in report.report.kinds if k.kind == "head")
     assert heads.units_after == round(advised * heads.units_before) < heads.units_before
     assert torch.isfinite(ct.sample(pruned, tiny.positive, tiny.negative, seed=1, steps=1)).all()
+
+
+def test_learn_at_the_largest_seed_wraps_per_prompt_seeds(nodes, bridge):
+    """seed = 2**64-1 (the schema's maximum) with several prompts: prompt i uses (seed + i) mod 2**64,
+    so prompt 1 starts from the noise of seed 0 instead of overflowing."""
+    import comfy.sample
+
+    tiny = ct.tiny("sd15", seed=3)
+    seen = []
+    original = comfy.sample.prepare_noise
+    comfy.sample.prepare_noise = lambda latent, seed, *a, **k: (seen.append(seed), original(latent, seed, *a, **k))[1]
+    try:
+        out = learn(nodes, tiny, "largest_seed", seed=0xFFFFFFFFFFFFFFFF, prompts="a fox\na ship", steps=2, epochs=1,
+                    width=32, height=32, checkpointing=False, resume=False)
+    finally:
+        comfy.sample.prepare_noise = original
+    assert seen[-2:] == [0xFFFFFFFFFFFFFFFF, 0], seen  # the noise of prompts 0 and 1
+    assert len(out.args[0].history) == 2
