@@ -42,6 +42,7 @@ from ..ecodiff_core.maskfile import MaskState
 from ..ecodiff_core.prune import check_keep, physical_keep, prune_model
 from ..ecodiff_core.pruned_record import PrunedFileError, check_pruned_record, check_record_layout, check_state_dict
 from ..ecodiff_core.report import PruneReport
+from ..ecodiff_core.seeds import check_seed, derived_seed
 from ..ecodiff_core.units import Layout, get_linear
 
 MASK_FOLDER = "ecodiff_masks"
@@ -200,6 +201,7 @@ class SamplingSpec:
             raise EcoDiffError(f"steps must be >= 1, got {self.steps}")
         if self.width < 8 or self.height < 8:
             raise EcoDiffError(f"width and height must be >= 8 pixels, got {self.width}×{self.height}")
+        check_seed(self.seed)
 
 
 def sigma_schedule(model: Any, scheduler: str, steps: int) -> torch.Tensor:
@@ -353,10 +355,10 @@ def run_with_denoisers(model: Any, conds: Sequence[tuple[list, list]], spec: Sam
                     guider.inner_model, noise,
                     {"positive": comfy.sampler_helpers.convert_cond(pos),
                      "negative": comfy.sampler_helpers.convert_cond(neg)},
-                    device, latent_image, None, spec.seed + i)
-                x_noise = comfy.sample.prepare_noise(latent, spec.seed + i).to(device)
+                    device, latent_image, None, derived_seed(spec.seed, i))
+                x_noise = comfy.sample.prepare_noise(latent, derived_seed(spec.seed, i)).to(device)
                 x_t = ms.noise_scaling(dev_sigmas[0], x_noise, latent_image, max_denoise)
-                samples.append(CalibrationSample(_denoiser(guider, processed, extra_args, spec.seed + i), x_t))
+                samples.append(CalibrationSample(_denoiser(guider, processed, extra_args, derived_seed(spec.seed, i)), x_t))
             require_own_weights(patcher, partial_ok=True)  # the guider loaded exactly this clone's weights
             with _plain_tensors(module):
                 return body(Session(module, samples, dev_sigmas, device))
@@ -769,7 +771,7 @@ def load_pruned_model(path: Path) -> Any:
     keep = check_record_layout(record, layout, path.name)
     pruned = prune_model(base.diffusion_model, layout, keep)
     fit_attention_patches(pruned)
-    check_state_dict(pruned, sd, path.name)
+    check_state_dict(pruned, sd, path.name, cfg.manual_cast_dtype)
     offload = mm.unet_offload_device()
     missing, unexpected = pruned.load_state_dict(sd, strict=False, assign=True)
     meta_left = [n for n, t in list(pruned.named_parameters()) + list(pruned.named_buffers()) if t.is_meta]

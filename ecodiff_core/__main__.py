@@ -10,20 +10,36 @@ import contextlib
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import EcoDiffError
+from .seeds import SEED_MAX
 
 
-def _at_least_one(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+C_INT_MAX = 2**31 - 1  # counts go to torch and C code as C ints
+MAX_RESOLUTION = 16384  # ComfyUI's largest image side
+MAX_THREADS = 1024
+
+
+def _int_in(low: int | None, high: int) -> Callable[[str], int]:
+    """argparse type: an integer in ``low..high``, so no value overflows where it is used.  ``low``
+    None: no lower bound here, for settings whose lower bound the engine checks with its own message
+    before anything uses the value."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value > high or (low is not None and value < low):
+            where = f"in {low}..{high}" if low is not None else f"<= {high}"
+            raise argparse.ArgumentTypeError(f"must be an integer {where}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+_at_least_one = _int_in(1, MAX_THREADS)  # --threads
 
 
 @contextlib.contextmanager
@@ -45,14 +61,14 @@ def _demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    "with the shipped judge. Writes compare.png, report.txt, report.json and "
                                    "mask.safetensors to the output folder.")
     p.add_argument("--sparsity", type=float, default=0.2, help="fraction of parameters to remove (0-0.95)")
-    p.add_argument("--steps", type=int, default=10, help="Euler steps of each learning trajectory")
-    p.add_argument("--epochs", type=int, default=8, help="passes over the calibration prompts")
+    p.add_argument("--steps", type=_int_in(None, C_INT_MAX), default=10, help="Euler steps of each learning trajectory")
+    p.add_argument("--epochs", type=_int_in(None, C_INT_MAX), default=8, help="passes over the calibration prompts")
     p.add_argument("--beta", type=float, default=None, help="weight of the sparsity regulariser")
-    p.add_argument("--prompts-per-class", type=int, default=10, help="calibration prompts per digit")
-    p.add_argument("--eval-per-class", type=int, default=50, help="evaluation images per digit")
-    p.add_argument("--eval-steps", type=int, default=20, help="Euler steps when evaluating")
+    p.add_argument("--prompts-per-class", type=_int_in(None, C_INT_MAX), default=10, help="calibration prompts per digit")
+    p.add_argument("--eval-per-class", type=_int_in(None, C_INT_MAX), default=50, help="evaluation images per digit")
+    p.add_argument("--eval-steps", type=_int_in(None, C_INT_MAX), default=20, help="Euler steps when evaluating")
     p.add_argument("--output", type=Path, default=Path("ecodiff_output"), help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_in(0, SEED_MAX), default=0, help=f"random seed, 0..{SEED_MAX}")
     p.add_argument("--threads", type=_at_least_one, default=1,
                    help="CPU threads for torch (the default model is small; 1 avoids oversubscription)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -68,9 +84,9 @@ def _memory_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    "and print weights, activations and total in GB, with and without "
                                    "block checkpointing.")
     p.add_argument("--arch", required=True, choices=list(ARCHS), help="the published model")
-    p.add_argument("--width", type=int, default=1024, help="image width in pixels")
-    p.add_argument("--height", type=int, default=1024, help="image height in pixels")
-    p.add_argument("--batch", type=int, default=1, help="images per step")
+    p.add_argument("--width", type=_int_in(None, MAX_RESOLUTION), default=1024, help="image width in pixels")
+    p.add_argument("--height", type=_int_in(None, MAX_RESOLUTION), default=1024, help="image height in pixels")
+    p.add_argument("--batch", type=_int_in(None, 4096), default=1, help="images per step")
     p.add_argument("--cfg", action="store_true", help="classifier-free guidance (doubles the batch)")
     p.add_argument("--weight-dtype", default="bf16", choices=list(WEIGHT_DTYPES), help="stored weight dtype")
     p.add_argument("--block-checkpointing", choices=("on", "off"), default=None,

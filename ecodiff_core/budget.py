@@ -8,6 +8,7 @@ every plan that is accepted is delivered by ``prune_model`` as planned.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .units import UNIT_KINDS, Layout, UnitGroup, parameter_costs
 
 MAX_FRACTION = 0.95
 MIN_KEEP_RATIO = 0.05
+log = logging.getLogger("ecodiff")
 
 
 class _Default(float):
@@ -35,7 +37,7 @@ def _check_fraction(name: str, value: object) -> float:
         hint = f" (fractions, not percent: did you mean {value / 100:g}?)" if 1 < value <= 95 else ""
         what = "parameters" if name == "params" else "FLOPs"
         raise EcoDiffError(f"the {name} target is the fraction of {what} to remove and must lie in "
-                           f"[0, {MAX_FRACTION}], got {value:g}{hint}")
+                           f"[0, {MAX_FRACTION}], got {value!r}{hint}")
     return float(value)
 
 
@@ -67,6 +69,29 @@ class PruneTarget:
         return "params" if self.params is not None else "flops" if self.flops is not None else "keep_ratios"
 
 
+def parse_keep_ratios(text: str) -> dict[str, float]:
+    """'head=0.8, neuron=0.7' (or ';'-separated) → {'head': 0.8, 'neuron': 0.7}; the kinds and
+    ratios are checked by :class:`PruneTarget`.  Raises EcoDiffError on malformed text or a kind
+    given twice."""
+    out: dict[str, float] = {}
+    for part in text.replace(";", ",").split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise EcoDiffError(f"keep_ratios entry '{part.strip()}' must look like kind=ratio, e.g. head=0.8")
+        kind, value = (s.strip() for s in part.split("=", 1))
+        if kind in out:
+            raise EcoDiffError(f"keep_ratios gives '{kind}' twice ({kind}={out[kind]!r} and {kind}={value}); "
+                               "give each unit kind once")
+        try:
+            out[kind] = float(value)
+        except ValueError as exc:
+            raise EcoDiffError(f"keep_ratios: '{value}' is not a number (entry '{part.strip()}')") from exc
+    if not out:
+        raise EcoDiffError("keep_ratios is empty; write e.g. head=0.8, neuron=0.7, channel=0.9")
+    return out
+
+
 def _check_ratios(ratios: object) -> dict[str, float]:
     if not isinstance(ratios, dict) or not ratios:
         raise EcoDiffError(f"PruneTarget.keep_ratios must be a non-empty dict kind → ratio, got {ratios!r}")
@@ -93,6 +118,8 @@ class PrunePlan:
     removed_flops: float | None = None
     total_flops: float | None = None
     emptied_owners: list[str] = field(default_factory=list)
+    # keep_ratios kinds the architecture does not have (ignored; see ``select_by_ratios``)
+    ignored_kinds: list[str] = field(default_factory=list)
 
     @property
     def removed_fraction(self) -> float:
@@ -180,21 +207,54 @@ def select_units(layout: Layout, logits: dict[str, torch.Tensor], costs: dict[st
     return _split(groups, removed)
 
 
+def ignored_ratio_kinds(layout: Layout, keep_ratios: dict[str, float]) -> list[str]:
+    """The kinds of ``keep_ratios`` that ``layout`` has no units of (e.g. 'channel' on a UNet): they
+    are ignored, so one setting fits every architecture.  Raises EcoDiffError when no kind is left."""
+    absent = [kind for kind in keep_ratios if kind not in layout.kinds()]
+    if len(absent) == len(keep_ratios):
+        raise EcoDiffError(f"keep_ratios names only {absent}, but '{layout.arch}' has only {layout.kinds()} "
+                           "units; give a ratio for at least one of those")
+    return absent
+
+
+def min_keep_ratio(kind_units: int, must_stay: int, decimals: int = 3) -> float:
+    """The smallest keep ratio with ``decimals`` decimals that keeps at least ``must_stay`` of
+    ``kind_units`` units as ``select_by_ratios`` counts them (``round(ratio × N) ≥ must_stay``), so a
+    ratio of exactly this value is delivered and 10**-decimals less is not; never below MIN_KEEP_RATIO."""
+    if kind_units <= 0:
+        return 1.0
+    step = 10 ** decimals
+    value = max(math.floor((must_stay - 0.5) / kind_units * step) / step, 0.0)
+    while value < 1 and round(value * kind_units) < must_stay:
+        value = round(value + 1 / step, decimals)
+    return min(max(value, MIN_KEEP_RATIO), 1.0)
+
+
 def select_by_ratios(layout: Layout, logits: dict[str, torch.Tensor],
                      keep_ratios: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Keep the top ``round(ratio × N)`` units of each kind, ranked globally within the kind; the
-    ``min_keep`` best units of each group stay even where that keeps more."""
+    """Keep the top ``round(ratio × N)`` units of each kind, ranked globally within the kind, so
+    every accepted ratio is delivered exactly.  Kinds the layout does not have are ignored (see
+    :func:`ignored_ratio_kinds`).  A ratio below what the ``min_keep`` units of the kind's groups
+    already keep is refused with the smallest ratio that can be delivered.  Raises EcoDiffError."""
     logits = check_logits(layout, logits)
     keep_ratios = _check_ratios(keep_ratios)
-    absent = sorted(set(keep_ratios) - set(layout.kinds()))
-    if absent:
-        raise EcoDiffError(f"keep_ratios names {absent}, but '{layout.arch}' has only {layout.kinds()} units")
+    ignored_ratio_kinds(layout, keep_ratios)
     keep = {g.name: torch.ones(g.count, dtype=torch.bool) for g in layout.groups}
     for kind, ratio in keep_ratios.items():
+        if kind not in layout.kinds():
+            continue
         groups, values = _flatten(layout, logits, kind)
         n_remove = values.numel() - round(ratio * values.numel())
+        order = _removal_order(groups, values, logits)
+        if n_remove > order.numel():
+            must_stay = values.numel() - order.numel()
+            raise EcoDiffError(
+                f"keep_ratios {kind}={ratio!r} keeps {round(ratio * values.numel())} of the {values.numel()} "
+                f"{kind}s of '{layout.arch}', but {must_stay} of them must stay ("
+                f"{sum(1 for g in groups if g.min_keep)} blocks cannot run without their last {kind}s); "
+                f"raise the {kind} ratio to at least {min_keep_ratio(values.numel(), must_stay)}")
         removed = torch.zeros(values.numel(), dtype=torch.bool)
-        removed[_removal_order(groups, values, logits)[:n_remove]] = True
+        removed[order[:n_remove]] = True
         keep.update(_split(groups, removed))
     return keep
 
@@ -209,8 +269,13 @@ def plan_pruning(model: nn.Module, layout: Layout, logits: dict[str, torch.Tenso
     costs = parameter_costs(model, layout)
     total = count_parameters(model)
     budget: float | None = None
+    ignored: list[str] = []
     if target.mode == "keep_ratios":
         keep = select_by_ratios(layout, logits, target.keep_ratios)
+        ignored = ignored_ratio_kinds(layout, target.keep_ratios)
+        if ignored:
+            log.info("EcoDiff keep_ratios: ignored %s ('%s' has no such units; it has %s)",
+                     ", ".join(ignored), layout.arch, ", ".join(layout.kinds()))
     elif target.mode == "params":
         budget = target.params * total
         prunable = sum(costs[g.name] * g.removable for g in layout.groups)
@@ -230,7 +295,7 @@ def plan_pruning(model: nn.Module, layout: Layout, logits: dict[str, torch.Tenso
     return PrunePlan(keep=keep, removed_params=removed_params, budget=budget, mode=target.mode,
                      total_params=total, removed_flops=removed_flops,
                      total_flops=None if flop_costs is None else flop_costs.total,
-                     emptied_owners=[g.owner for g in emptied_groups(layout, keep)])
+                     emptied_owners=[g.owner for g in emptied_groups(layout, keep)], ignored_kinds=ignored)
 
 
 def max_fraction(prunable: float, total: float, decimals: int = 3) -> float:

@@ -26,6 +26,7 @@ from .learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo
 from .maskfile import MaskState, save_mask
 from .prune import prune_model
 from .report import PruneReport
+from .seeds import check_seed, derived_seed
 from .units import Layout
 
 
@@ -64,6 +65,7 @@ class DemoSettings:
         from .embedded.data import NUM_CLASSES, load_digit_split
 
         PruneTarget(params=self.sparsity)
+        check_seed(self.seed)
         for name in ("steps", "prompts_per_class", "prompts_per_trajectory", "eval_per_class", "eval_steps"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -91,7 +93,7 @@ def calibration_samples(
     samples = []
     for k, start in enumerate(range(0, len(prompts), per_trajectory)):
         chunk = prompts[start : start + per_trajectory]
-        samples.append(CalibrationSample(model.make_denoiser(chunk, cfg), initial_noise(len(chunk), seed + 1000 + k)))
+        samples.append(CalibrationSample(model.make_denoiser(chunk, cfg), initial_noise(len(chunk), derived_seed(seed, 1000 + k))))
     return samples
 
 

@@ -158,6 +158,12 @@ def load_mask(path: str | os.PathLike, layout: Layout | None = None) -> MaskStat
     return state
 
 
+# The resume checkpoint's optimizer state, as the learner's AdamW writes it: per unit group, either no
+# entry (no step taken yet) or exactly these parts, all float32: "step" a scalar count >= 0, "exp_avg" and
+# "exp_avg_sq" (>= 0) shaped like the group's logits.  Stored as "optim/<part>/<group>".
+OPTIMIZER_PARTS = ("step", "exp_avg", "exp_avg_sq")
+OPTIMIZER_DTYPE = torch.float32
+
 _PROGRESS_TYPES = {"epoch": int, "position": int, "step": int, "finished": bool}
 
 
@@ -182,13 +188,9 @@ def _state_problem(state: MaskState, tensors: dict[str, torch.Tensor]) -> str:
             return f"the logits of {name!r} must be a non-empty 1-D float tensor, got {t.dtype} {tuple(t.shape)}"
         if not bool(torch.isfinite(t).all()):
             return f"the logits of {name!r} are not all finite"
-    for key, t in state.optimizer.items():
-        part, _, name = key.partition("/")
-        if not part or name not in state.logits:
-            return f"optimizer tensor {key!r} names no unit group of the mask"
-        if not t.is_floating_point() or tuple(t.shape) not in ((), tuple(state.logits[name].shape)):
-            return f"optimizer tensor {key!r} has {t.dtype} {tuple(t.shape)}, expected float () or " \
-                   f"{tuple(state.logits[name].shape)}"
+    problem = _optimizer_problem(state)
+    if problem:
+        return problem
     if not isinstance(state.settings, dict):
         return "metadata 'settings' must be a JSON object"
     if not isinstance(state.inputs, dict):
@@ -204,4 +206,38 @@ def _state_problem(state: MaskState, tensors: dict[str, torch.Tensor]) -> str:
         return "metadata 'history' must be a list of objects of finite numbers"
     if not isinstance(state.stop_reason, str):
         return "metadata 'stop_reason' must be a string"
+    return ""
+
+
+def _optimizer_problem(state: MaskState) -> str:
+    """What is wrong with a mask's optimizer state ("" if nothing): it must be complete (every part for
+    every unit group, or none at all), with exact shapes, dtype and ranges, so resuming never fails."""
+    if not state.optimizer:
+        return ""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.optimizer.items():
+        part, _, name = key.partition("/")
+        if part not in OPTIMIZER_PARTS:
+            return f"optimizer tensor {key!r} is not one of the parts {', '.join(OPTIMIZER_PARTS)}"
+        if name not in state.logits:
+            return f"optimizer tensor {key!r} names no unit group of the mask"
+        parts.setdefault(name, {})[part] = t
+    for name in state.logits:
+        have = parts.get(name, {})
+        missing = [p for p in OPTIMIZER_PARTS if p not in have]
+        if missing:
+            return f"the optimizer state of {name!r} lacks {', '.join(missing)} (it must hold " \
+                   f"{', '.join(OPTIMIZER_PARTS)} for every unit group, or no optimizer state at all)"
+        for part, t in have.items():
+            shape = () if part == "step" else tuple(state.logits[name].shape)
+            if t.dtype != OPTIMIZER_DTYPE or tuple(t.shape) != shape:
+                return f"optimizer tensor '{part}/{name}' is {t.dtype} {tuple(t.shape)}, expected " \
+                       f"{OPTIMIZER_DTYPE} {shape}"
+            if not bool(torch.isfinite(t).all()):
+                return f"optimizer tensor '{part}/{name}' is not all finite"
+            if part != "exp_avg" and bool((t < 0).any()):
+                return f"optimizer tensor '{part}/{name}' is negative"
+        step = float(have["step"])
+        if step != int(step):
+            return f"optimizer step of {name!r} is {step}, not a whole number"
     return ""

@@ -82,11 +82,20 @@ def _is_float_dtype_name(value: Any) -> bool:
     return isinstance(dtype, torch.dtype) and dtype.is_floating_point
 
 
+# The dtypes ComfyUI computes in (its manual cast casts stored weights to one of these).
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _is_fp8_name(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("float8_") and _is_float_dtype_name(value)
+
+
 _DTYPE_OR_NULL = (_is_float_dtype_name, "null or the name of a floating-point torch dtype (e.g. \"float8_e4m3fn\")")
 OPTIONAL_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "weight_dtype": _DTYPE_OR_NULL,
-    "manual_cast_dtype": _DTYPE_OR_NULL,
-    "scaled_fp8": _DTYPE_OR_NULL,
+    "manual_cast_dtype": (lambda v: v is None or v in COMPUTE_DTYPES,
+                          f"null or a compute dtype ({', '.join(COMPUTE_DTYPES)})"),
+    "scaled_fp8": (lambda v: v is None or _is_fp8_name(v), "null or the name of a float8 torch dtype"),
     "fp8_optimizations": (lambda v: isinstance(v, bool), "true or false"),
 }
 
@@ -107,6 +116,11 @@ def check_pruned_record(record: Any, source: str) -> dict:
     for key, (ok, what) in {**RECORD_FIELDS, **{k: v for k, v in OPTIONAL_FIELDS.items() if k in record}}.items():
         if not ok(record[key]):
             raise PrunedFileError(f"{source}: record field '{key}' must be {what}, got {_show(record[key])}")
+    # float8 layers compute through ComfyUI's manual cast (scaled-fp8 layers always cast themselves)
+    if _is_fp8_name(record.get("weight_dtype")) and record.get("manual_cast_dtype") is None:
+        raise PrunedFileError(f"{source}: the record stores weights in {record['weight_dtype']} but has no "
+                              f"manual_cast_dtype; float8 weights are computed in one of {', '.join(COMPUTE_DTYPES)}; "
+                              "the file is damaged: prune and save the model again")
     counts, kept = record["counts"], record["kept"]
     if set(kept) != set(counts):
         odd = sorted(set(kept) ^ set(counts))
@@ -148,23 +162,40 @@ def check_record_layout(record: dict, layout: Layout, source: str) -> dict[str, 
     return keep
 
 
-def check_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+def check_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                     compute_dtype: torch.dtype | None = None) -> None:
     """The file's tensors against the rebuilt (meta-device) pruned module: same names, same shapes,
-    floating point where the module has floating point.  Raises PrunedFileError."""
+    and the dtypes the record builds: every weight matrix (a parameter of >= 2 dims) in exactly the
+    rebuilt module's dtype (the record's ``weight_dtype``, or ``scaled_fp8``); biases, norms, scales
+    and buffers in that dtype too, or in float32 / ``compute_dtype`` when the record computes through
+    a manual cast (mixed checkpoints keep such tensors in full precision).  ``compute_dtype`` is the
+    record's ``manual_cast_dtype`` (None: weights compute in their own dtype).  Raises PrunedFileError."""
     expected = module.state_dict(keep_vars=True)
     unexpected = sorted(set(state_dict) - set(expected))
     missing = sorted(set(expected) - set(state_dict))
     if unexpected or missing:
         raise PrunedFileError(f"{source} does not fit the rebuilt model: unexpected {unexpected[:3]}, "
                               f"missing {missing[:3]}")
+    loose = {torch.float32, compute_dtype} if compute_dtype is not None else set()
     for name, tensor in state_dict.items():
         want = expected[name]
         if tuple(tensor.shape) != tuple(want.shape):
             raise PrunedFileError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the rebuilt model "
                                   f"needs {tuple(want.shape)}")
-        if tensor.is_floating_point() != want.is_floating_point():
-            raise PrunedFileError(f"{source}: tensor {name} has dtype {tensor.dtype}, the rebuilt model needs "
-                                  f"{want.dtype}")
+        if tensor.dtype == want.dtype:
+            continue
+        matrix = isinstance(want, nn.Parameter) and want.ndim >= 2
+        if tensor.is_floating_point() and want.is_floating_point() and not matrix and tensor.dtype in loose:
+            continue
+        raise PrunedFileError(
+            f"{source}: tensor {name} is stored in {_dtype(tensor.dtype)}, but the record builds it in "
+            f"{_dtype(want.dtype)}" + ("" if not tensor.is_floating_point() or not want.is_floating_point() else
+                                       " (the weights' dtype and manual cast in the record disagree with the "
+                                       "stored tensors)") + "; the file is damaged: prune and save the model again")
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _show(value: Any) -> str:

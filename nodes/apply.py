@@ -4,31 +4,13 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..ecodiff_comfy import bridge
-from ..ecodiff_core.budget import MAX_FRACTION, PruneTarget
+from ..ecodiff_core.budget import MAX_FRACTION, PruneTarget, parse_keep_ratios  # noqa: F401 (the parser lives in the engine)
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.maskfile import MaskState
 from .common import CATEGORY, MaskType, ReportData, ReportType
 
 TARGETS = ("params", "keep_ratios")
 MODES = ("prune", "soft")
-
-
-def parse_keep_ratios(text: str) -> dict[str, float]:
-    """'head=0.8, neuron=0.7' → {'head': 0.8, 'neuron': 0.7}."""
-    out = {}
-    for part in text.replace(";", ",").split(","):
-        if not part.strip():
-            continue
-        if "=" not in part:
-            raise EcoDiffError(f"keep_ratios entry '{part.strip()}' must look like kind=ratio, e.g. head=0.8")
-        kind, value = (s.strip() for s in part.split("=", 1))
-        try:
-            out[kind] = float(value)
-        except ValueError as exc:
-            raise EcoDiffError(f"keep_ratios: '{value}' is not a number (entry '{part.strip()}')") from exc
-    if not out:
-        raise EcoDiffError("keep_ratios is empty; write e.g. head=0.8, neuron=0.7, channel=0.9")
-    return out
 
 
 class ApplyPrunedMask(io.ComfyNode):
@@ -46,7 +28,7 @@ class ApplyPrunedMask(io.ComfyNode):
                 MaskType.Input("mask", tooltip="A mask from Learn Sparsity Mask or Load Sparsity Mask, learned on this model."),
                 io.Combo.Input("target", options=list(TARGETS), default="params", tooltip="params: remove a fraction of the model's parameters (global ranking of all units); keep_ratios: keep a fraction of each unit kind."),
                 io.Float.Input("sparsity", default=0.2, min=0.0, max=MAX_FRACTION, step=0.01, tooltip=f"Fraction of ALL parameters of the denoiser to remove (0.2 = 20 %), used with target=params; at most {MAX_FRACTION}."),
-                io.String.Input("keep_ratios", default="head=0.8, neuron=0.8, channel=0.8", tooltip="Used with target=keep_ratios: fraction of units to KEEP per kind, e.g. head=0.8, neuron=0.7."),
+                io.String.Input("keep_ratios", default="head=0.8, neuron=0.8, channel=0.8", tooltip="Used with target=keep_ratios: fraction of units to KEEP per kind, e.g. head=0.8, neuron=0.7. Kinds the model does not have (channel on UNets and SD3) are ignored, and the report says so."),
                 io.Combo.Input("mode", options=list(MODES), default="prune", tooltip="prune: slice the weights (smaller, faster model); soft: zero the removed units through weight wrappers (same size, for previews)."),
             ],
             outputs=[
@@ -69,6 +51,8 @@ class ApplyPrunedMask(io.ComfyNode):
         if bridge.pruning_info(model) is not None:
             raise EcoDiffError("this MODEL is already pruned; apply the mask to the original model")
         layout, plan = bridge.plan(model, mask, goal)
+        if plan.ignored_kinds:
+            label += f"; ignored {', '.join(plan.ignored_kinds)} ({layout.arch} has no such units)"
         if mode == "soft":
             out, report = bridge.soft_preview(model, layout, plan)
         else:

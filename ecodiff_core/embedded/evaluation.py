@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..seeds import derived_seed
 from ..trajectory import sample
 from .data import NUM_CLASSES, unpack
 from .judge import Judge
@@ -40,12 +41,12 @@ def evaluation_prompts(per_class: int = 50, heldout: bool = False) -> tuple[list
 def generate(
     model: DefaultModel, prompts: list[str], settings: EvalSettings, transformer: nn.Module | None = None
 ) -> torch.Tensor:
-    """Images (N, 1, 8, 8); chunk ``k`` uses noise seed ``settings.seed + k``."""
+    """Images (N, 1, 8, 8); chunk ``k`` uses noise seed ``derived_seed(settings.seed, k)`` ((seed + k) mod 2**64)."""
     out = []
     for k, start in enumerate(range(0, len(prompts), settings.batch)):
         chunk = prompts[start : start + settings.batch]
         denoise = model.make_denoiser(chunk, settings.cfg, transformer)
-        x = initial_noise(len(chunk), settings.seed + k).to(model.device)
+        x = initial_noise(len(chunk), derived_seed(settings.seed, k)).to(model.device)
         out.append(unpack(sample(denoise, x, sigmas(settings.steps, settings.shift).to(model.device))))
     return torch.cat(out)
 

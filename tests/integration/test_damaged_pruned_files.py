@@ -10,6 +10,7 @@ import struct
 
 import comfy_tiny as ct
 import pytest
+import safetensors.torch
 import torch
 from comfy_pack import sub
 
@@ -92,7 +93,45 @@ def _variants(good: bytes, tmp_path):
         yield label, _with_record(good, tmp_path, lambda r, value=value: {**r, "kept": {**r["kept"], group: value}})
     yield "count +1", _with_record(good, tmp_path,
                                    lambda r: {**r, "counts": {**r["counts"], group: r["counts"][group] + 1}})
-    yield "extra keys", _with_record(good, tmp_path, lambda r: {**r, "written_by_a_newer_version": "x", "note": [1]})
+    yield "extra keys", _with_record(good, tmp_path, lambda r: {**r, "note": [1], "future": {"x": 1}})
+    yield from _dtype_variants(good, tmp_path)
+
+
+# precision fields and stored dtypes: the file is fp32 computed in fp32 (manual_cast_dtype null)
+RECORD_DTYPES = {
+    "weight_dtype float16": {"weight_dtype": "float16"},
+    "weight_dtype bfloat16 cast float32": {"weight_dtype": "bfloat16", "manual_cast_dtype": "float32"},
+    "weight_dtype float8 cast float32": {"weight_dtype": "float8_e4m3fn", "manual_cast_dtype": "float32"},
+    "weight_dtype float8 no cast": {"weight_dtype": "float8_e4m3fn"},
+    "manual_cast_dtype float8": {"manual_cast_dtype": "float8_e4m3fn"},
+    "manual_cast_dtype float64": {"manual_cast_dtype": "float64"},
+    "manual_cast_dtype int8": {"manual_cast_dtype": "int8"},
+    "scaled_fp8 float16": {"scaled_fp8": "float16"},
+    "scaled_fp8 float8 weights float32": {"scaled_fp8": "float8_e4m3fn", "manual_cast_dtype": "float32"},
+    "manual_cast_dtype float32": {"manual_cast_dtype": "float32"},  # valid: fp32 weights computed in fp32
+}
+
+
+def _with_tensors(good: bytes, tmp_path, edit) -> bytes:
+    """``good`` with its tensors replaced by ``edit(state_dict)`` (same metadata)."""
+    header, _ = _header(good)
+    path = tmp_path / "_edit.safetensors"
+    safetensors.torch.save_file(edit(safetensors.torch.load(good)), str(path), metadata=header["__metadata__"])
+    return path.read_bytes()
+
+
+def _dtype_variants(good: bytes, tmp_path):
+    for label, change in RECORD_DTYPES.items():
+        yield label, _with_record(good, tmp_path, lambda r, change=change: {**r, **change})
+    sd = safetensors.torch.load(good)
+    matrix = next(k for k, v in sd.items() if v.ndim == 2)
+    bias = next(k for k, v in sd.items() if v.ndim == 1)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn, torch.int8):
+        name = str(dtype).removeprefix("torch.")
+        for label, key in (("matrix", matrix), ("bias", bias)):
+            yield f"one {label} {name}", _with_tensors(good, tmp_path,
+                                                       lambda sd, key=key, dtype=dtype: {**sd, key: sd[key].to(dtype)})
+    yield "all tensors float16", _with_tensors(good, tmp_path, lambda sd: {k: v.half() for k, v in sd.items()})
 
 
 def test_damaged_pruned_files_load_or_give_a_clear_error(saved, bridge, core, tmp_path):
@@ -117,7 +156,10 @@ def test_damaged_pruned_files_load_or_give_a_clear_error(saved, bridge, core, tm
             loaded.append(label)
     # edits that keep the record valid load (and sample like the saved model); all others are refused
     assert "extra keys" in loaded and "kept 999" not in loaded and "model_config_class=torch" not in loaded
-    for label in ("extra keys",):
+    # tensors in other dtypes than the record builds, and casts that are no compute dtype, are refused
+    dtype_labels = [label for label, _ in _dtype_variants(good, tmp_path)]
+    assert [label for label in dtype_labels if outcomes[label] == "ok"] == ["manual_cast_dtype float32"]
+    for label in ("extra keys", "manual_cast_dtype float32"):
         path.write_bytes(variants[label])
         with torch.inference_mode():
             model = bridge.load_pruned_model(path)

@@ -234,10 +234,12 @@ def test_sparsity_out_of_range_is_refused(flux_run, nodes, core, sparsity):
         nodes.ApplyPrunedMask.execute(tiny.model, out.args[0], "params", sparsity, "", "prune")
 
 
-def test_bad_keep_ratios_are_refused(flux_run, nodes, core):
+@pytest.mark.parametrize("text,match", [("heads 0.5", "kind=ratio"), ("head=0.5, head=0.9", "twice"),
+                                        ("heads=0.5", "unknown unit kind 'heads'"), ("head=1.0000001", "1.0000001")])
+def test_bad_keep_ratios_are_refused(flux_run, nodes, core, text, match):
     tiny, out, _ = flux_run
-    with pytest.raises(core.errors.EcoDiffError, match="kind=ratio"):
-        nodes.ApplyPrunedMask.execute(tiny.model, out.args[0], "keep_ratios", 0.2, "heads 0.5", "prune")
+    with pytest.raises(core.errors.EcoDiffError, match=match):
+        nodes.ApplyPrunedMask.execute(tiny.model, out.args[0], "keep_ratios", 0.2, text, "prune")
 
 
 def test_unsupported_architecture_names_the_supported_ones(nodes, core):
@@ -296,3 +298,66 @@ def test_pruned_model_runs_through_sampler_custom_advanced(flux_run, nodes):
     samples = result["samples"]
     assert samples.shape == reference.shape and torch.isfinite(samples).all()
     assert rel_err(samples, reference) <= 1e-4
+
+
+def _random_mask(bridge, core, model, seed: int = 0):
+    layout = bridge.model_layout(model)
+    state = core.maskfile.MaskState.fresh(layout, 0.0)
+    gen = torch.Generator().manual_seed(seed)
+    state.logits = {g.name: torch.randn(g.count, generator=gen) for g in layout.groups}
+    return layout, state
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "flux", "sd3"])
+def test_default_keep_ratios_work_on_every_architecture(nodes, bridge, core, arch):
+    """The node's default keep_ratios names every kind; kinds the architecture lacks are ignored and
+    the report says so; every present kind keeps exactly round(ratio × N) units."""
+    default = next(i for i in nodes.ApplyPrunedMask.define_schema().inputs if i.id == "keep_ratios").default
+    ratios = nodes.apply.parse_keep_ratios(default)
+    tiny = ct.tiny(arch, seed=2)
+    layout, mask = _random_mask(bridge, core, tiny.model)
+    with torch.inference_mode():
+        _, report = nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.2, default, "prune").args
+    text = nodes.PruningReport.execute(report).args[0]
+    absent = [k for k in ratios if k not in layout.kinds()]
+    assert (f"ignored {', '.join(absent)}" in text) == bool(absent) and (arch == "flux") == (not absent)
+    kinds = {k.kind: k for k in report.report.kinds}
+    for kind in layout.kinds():
+        assert kinds[kind].units_after == round(ratios[kind] * kinds[kind].units_before)
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_keep_ratio_below_heads_that_must_stay_is_refused_with_the_smallest_deliverable(nodes, bridge, core, arch):
+    """FLUX/SD3 attentions keep at least one head: head=0.05 is refused, naming the smallest ratio
+    that is delivered; that ratio is accepted and the model keeps exactly round(ratio × N) heads."""
+    tiny = ct.tiny(arch, seed=2)
+    _, mask = _random_mask(bridge, core, tiny.model)
+    with pytest.raises(core.errors.EcoDiffError, match="must stay .* raise the head ratio to at least") as refused:
+        nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.2, "head=0.05", "prune")
+    advised = float(str(refused.value).rsplit("at least ", 1)[1])
+    with pytest.raises(core.errors.EcoDiffError, match="at least"):
+        nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.2, f"head={advised - 0.001:.3f}", "prune")
+    with torch.inference_mode():
+        pruned, report = nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.2, f"head={advised}",
+                                                       "prune").args
+    heads = next(k for k in report.report.kinds if k.kind == "head")
+    assert heads.units_after == round(advised * heads.units_before) < heads.units_before
+    assert torch.isfinite(ct.sample(pruned, tiny.positive, tiny.negative, seed=1, steps=1)).all()
+
+
+def test_learn_at_the_largest_seed_wraps_per_prompt_seeds(nodes, bridge):
+    """seed = 2**64-1 (the schema's maximum) with several prompts: prompt i uses (seed + i) mod 2**64,
+    so prompt 1 starts from the noise of seed 0 instead of overflowing."""
+    import comfy.sample
+
+    tiny = ct.tiny("sd15", seed=3)
+    seen = []
+    original = comfy.sample.prepare_noise
+    comfy.sample.prepare_noise = lambda latent, seed, *a, **k: (seen.append(seed), original(latent, seed, *a, **k))[1]
+    try:
+        out = learn(nodes, tiny, "largest_seed", seed=0xFFFFFFFFFFFFFFFF, prompts="a fox\na ship", steps=2, epochs=1,
+                    width=32, height=32, checkpointing=False, resume=False)
+    finally:
+        comfy.sample.prepare_noise = original
+    assert seen[-2:] == [0xFFFFFFFFFFFFFFFF, 0], seen  # the noise of prompts 0 and 1
+    assert len(out.args[0].history) == 2

@@ -8,7 +8,8 @@ import torch
 from tiny_models import MODEL_NAMES, build, must_keep_layout
 
 from ecodiff_core.archs import find_layout
-from ecodiff_core.budget import MAX_FRACTION, PruneTarget, max_fraction, plan_pruning, select_by_ratios, select_units
+from ecodiff_core.budget import (MAX_FRACTION, MIN_KEEP_RATIO, PruneTarget, max_fraction, min_keep_ratio,
+                                  parse_keep_ratios, plan_pruning, select_by_ratios, select_units)
 from ecodiff_core.errors import EcoDiffError
 from ecodiff_core.flops import measure_flops, total_flops
 from ecodiff_core.prune import prune_model
@@ -184,13 +185,89 @@ def test_max_fraction_rounds_down_to_an_accepted_value(prunable: float, total: f
     assert value == expected and value * total <= prunable
 
 
-def test_keep_ratios_keep_the_units_that_must_stay() -> None:
-    model, _, layout = case("flux")
-    layout = must_keep_layout(layout, 1)
+def advised_minimum(error: EcoDiffError) -> float:
+    return float(str(error).rsplit("at least ", 1)[1].rstrip(". "))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("kind,must_keep", [("head", 1), ("head", 3), ("neuron", 24)])
+def test_keep_ratio_below_the_units_that_must_stay_names_the_smallest_deliverable(name, kind, must_keep) -> None:
+    """A keep ratio that would need units that must stay is refused, naming the smallest ratio that
+    is delivered; that ratio is accepted and kept exactly (round(ratio × N) units, the best min_keep
+    of every group among them); 0.001 less is refused."""
+    model, _, layout = case(name)
+    layout = must_keep_layout(layout, must_keep)
     logits = random_logits(layout, 5)
-    plan = plan_pruning(model, layout, logits, PruneTarget(keep_ratios={"head": 0.05, "neuron": 0.05}))
-    for g in layout.groups:
-        if g.kind in ("head", "neuron"):
-            assert bool(plan.keep[g.name][int(logits[g.name].argmax())])
-    heads = [g for g in layout.groups if g.kind == "head"]
-    assert sum(int(plan.keep[g.name].sum()) for g in heads) == max(round(0.05 * layout.total_units("head")), len(heads))
+    groups = [g for g in layout.groups if g.kind == kind]
+    total, must_stay = sum(g.count for g in groups), sum(g.min_keep for g in groups)
+    assert must_stay > round(MIN_KEEP_RATIO * total)  # so the smallest ratio is refused
+    with pytest.raises(EcoDiffError, match=f"keep_ratios {kind}=0.05 keeps .* raise the {kind} ratio to at least") \
+            as refused:
+        plan_pruning(model, layout, logits, PruneTarget(keep_ratios={kind: MIN_KEEP_RATIO}))
+    advised = advised_minimum(refused.value)
+    assert advised == min_keep_ratio(total, must_stay) and round(advised * total) >= must_stay
+    if advised > MIN_KEEP_RATIO:
+        with pytest.raises(EcoDiffError, match="at least"):
+            plan_pruning(model, layout, logits, PruneTarget(keep_ratios={kind: round(advised - 0.001, 3)}))
+    plan = plan_pruning(model, layout, logits, PruneTarget(keep_ratios={kind: advised}))
+    assert sum(int(plan.keep[g.name].sum()) for g in groups) == round(advised * total)
+    for g in groups:
+        assert set(torch.topk(logits[g.name], g.min_keep).indices.tolist()) <= set(
+            plan.keep[g.name].nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("units,must_stay,expected", [(12, 3, 0.209), (4, 2, 0.375), (28, 0, MIN_KEEP_RATIO),
+                                                      (3, 1, 0.167), (7, 7, 0.929), (1000, 1, MIN_KEEP_RATIO),
+                                                      (1, 1, 0.501)])
+def test_min_keep_ratio_is_the_smallest_delivered_value(units: int, must_stay: int, expected: float) -> None:
+    value = min_keep_ratio(units, must_stay)
+    assert value == expected and round(value * units) >= must_stay
+    assert value == MIN_KEEP_RATIO or round(round(value - 0.001, 3) * units) < must_stay
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_keep_ratios_ignore_kinds_the_model_does_not_have(name: str) -> None:
+    """The node's default (every kind) works on every architecture: absent kinds are ignored and
+    listed in the plan; every present kind keeps exactly round(ratio × N)."""
+    model, _, layout = case(name)
+    ratios = {"head": 0.8, "neuron": 0.7, "channel": 0.9}
+    plan = plan_pruning(model, layout, random_logits(layout), PruneTarget(keep_ratios=ratios))
+    assert plan.ignored_kinds == [k for k in ratios if k not in layout.kinds()]
+    for kind in layout.kinds():
+        kept = sum(int(plan.keep[g.name].sum()) for g in layout.groups if g.kind == kind)
+        assert kept == round(ratios[kind] * layout.total_units(kind))
+    absent = [k for k in ratios if k not in layout.kinds()]
+    if absent:  # a target made only of absent kinds removes nothing: refused
+        with pytest.raises(EcoDiffError, match="names only"):
+            plan_pruning(model, layout, random_logits(layout), PruneTarget(keep_ratios={absent[0]: 0.5}))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("head=0.8, neuron=0.7", {"head": 0.8, "neuron": 0.7}),
+    (" head = 0.5 ;", {"head": 0.5}),
+    ("channel=1;neuron=0.25,", {"channel": 1.0, "neuron": 0.25}),
+    ("head=0.5, head=0.9", "twice"),
+    ("head=0.5; neuron=0.5; head=0.5", "twice"),
+    ("head", "kind=ratio"),
+    ("head=x", "not a number"),
+    (" , ;", "empty"),
+])
+def test_parse_keep_ratios(text: str, expected) -> None:
+    if isinstance(expected, dict):
+        assert parse_keep_ratios(text) == expected
+    else:
+        with pytest.raises(EcoDiffError, match=expected):
+            parse_keep_ratios(text)
+
+
+@pytest.mark.parametrize("kwargs,shown", [
+    ({"params": 0.9500001}, "got 0.9500001"),
+    ({"params": -1e-09}, "got -1e-09"),
+    ({"flops": 0.95000000001}, "got 0.95000000001"),
+    ({"params": None, "keep_ratios": {"head": 1.0000001}}, "got 1.0000001"),
+    ({"params": None, "keep_ratios": {"neuron": 0.0499999}}, "got 0.0499999"),
+])
+def test_refused_values_are_shown_out_of_range(kwargs: dict, shown: str) -> None:
+    """A value just outside the range is shown with every digit, never rounded into the range."""
+    with pytest.raises(EcoDiffError, match=shown.replace(".", r"\.")):
+        PruneTarget(**kwargs)

@@ -2,12 +2,14 @@
 (no ComfyUI needed; the real classes are covered by tests/integration)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.budget import PruneTarget, plan_pruning
 from ecodiff_core.empty import EmptyAttention
+from ecodiff_core.errors import EcoDiffError
 from ecodiff_core.prune import prune_model
 
 H, HD, DIM, MLP = 4, 8, 32, 64
@@ -188,7 +190,9 @@ def test_inline_attention_groups_never_lose_their_last_head():
     assert {g.name: g.min_keep for g in layout.groups if g.min_keep} == \
         {g.name: 1 for g in layout.groups if g.kind == "head"}
     logits = {g.name: torch.randn(g.count, generator=torch.Generator().manual_seed(0)) for g in layout.groups}
-    plan = plan_pruning(model, layout, logits, PruneTarget(keep_ratios={"head": 0.05}))
+    with pytest.raises(EcoDiffError, match="3 of them must stay .* raise the head ratio to at least 0.209"):
+        plan_pruning(model, layout, logits, PruneTarget(keep_ratios={"head": 0.05}))  # 1 of 12 heads
+    plan = plan_pruning(model, layout, logits, PruneTarget(keep_ratios={"head": 0.209}))  # 3 of 12
     for g in layout.groups:
         if g.kind == "head":  # the planner keeps exactly the best head
             assert plan.keep[g.name].tolist() == (logits[g.name] == logits[g.name].max()).tolist()

@@ -63,6 +63,10 @@ def _outcome_of_mask(path, model, layout) -> str:
         return "error"
     learner = MaskLearner(model, layout, SETTINGS, resume=state)  # a loaded mask must be usable
     assert set(learner.logits) == {g.name for g in layout.groups}
+    for p in learner.logits.values():  # ... and resumable: the restored optimiser takes a step
+        p.grad = torch.ones_like(p)
+    learner.optimizer.step()
+    assert all(bool(torch.isfinite(p).all()) for p in learner.logits.values())
     assert isinstance(state.summary(), dict) and isinstance(state.progress["step"], int)
     return "ok"
 
@@ -114,6 +118,7 @@ def _mask_variants(good: bytes, tmp_path):
         "optimizer of unknown group": {"optim/exp_avg/nope": torch.zeros(2)},
         "optimizer wrong shape": {optim: torch.zeros(3, 3)},
         "optimizer int": {optim: torch.zeros(tensors[optim].shape, dtype=torch.int64)},
+        **_optimizer_edits(tensors),
         "stray tensor": {"other": torch.zeros(1)},
     }
     for label, change in tensor_edits.items():
@@ -121,9 +126,36 @@ def _mask_variants(good: bytes, tmp_path):
     yield "no logits", _write(meta, {k: v for k, v in tensors.items() if not k.startswith("logits/")}, tmp_path)
 
 
+def _optimizer_edits(tensors: dict) -> dict[str, dict]:
+    """Damaged optimizer state: every part of the first group made 0-d, 2-D, fp16, float64, negative,
+    NaN; a part removed (from one group and from all); an unknown part."""
+    group = next(k for k in tensors if k.startswith("logits/"))[len("logits/"):]
+    edits: dict[str, dict] = {}
+    for part in ("step", "exp_avg", "exp_avg_sq"):
+        key = f"optim/{part}/{group}"
+        t = tensors[key]
+        edits.update({
+            f"optimizer {part} 0-d" if t.ndim else f"optimizer {part} 1-D": {key: t.reshape(-1)[:1].reshape(
+                () if t.ndim else (1,))},
+            f"optimizer {part} 2-D": {key: t[None]},
+            f"optimizer {part} fp16": {key: t.half()},
+            f"optimizer {part} float64": {key: t.double()},
+            f"optimizer {part} negative": {key: t - 3},
+            f"optimizer {part} nan": {key: torch.full_like(t, float("nan"))},
+            f"optimizer {part} removed": {key: None},
+            f"optimizer {part} removed everywhere": {k: None for k in tensors if k.startswith(f"optim/{part}/")},
+        })
+    edits["optimizer step 1.5"] = {f"optim/step/{group}": torch.tensor(1.5)}
+    edits["optimizer unknown part"] = {f"optim/max_exp_avg_sq/{group}": tensors[f"optim/exp_avg_sq/{group}"].clone()}
+    edits["optimizer state removed"] = {k: None for k in tensors if k.startswith("optim/")}
+    edits["optimizer only one group"] = {k: None for k in tensors if k.startswith("optim/")
+                                         and not k.endswith("/" + group)}
+    return edits
+
+
 def _write(meta: dict, tensors: dict, tmp_path) -> bytes:
     path = tmp_path / "_write.safetensors"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+    save_file({k: v.contiguous() for k, v in tensors.items() if v is not None}, str(path), metadata=meta)
     return path.read_bytes()
 
 
@@ -139,12 +171,17 @@ def test_damaged_mask_files_load_or_give_mask_file_error(learned, tmp_path):
     accepted = sorted(label for label, outcome in outcomes.items() if outcome == "ok")
     # only bit flips inside tensor data and edits that leave valid values load
     valid_edits = {"arch=x", "arch=1", "format_version=1", "history=[]", "inputs={}", 'inputs={"a": "b"}',
-                   "settings={}", 'settings={"a": "b"}', "progress finished=True"}
+                   "settings={}", 'settings={"a": "b"}', "progress finished=True",
+                   "optimizer exp_avg negative", "optimizer state removed"}
     assert [label for label in accepted if not label.startswith(
         ("bit flip", "stop_reason", "loss_summary", "package_version", "without loss_summary",
          "without package_version", "without stop_reason", "without settings", "without progress",
          "without history", "without inputs")) and label not in valid_edits] == []
     assert len(accepted) < len(outcomes) // 2
+    # the optimizer state is complete or absent, exactly as the learner writes it: of the optimizer edits,
+    # only a valid value (negative first moments) and dropping all of it (no step taken yet) load
+    assert [label for label in accepted if label.startswith("optimizer")] == [
+        "optimizer exp_avg negative", "optimizer state removed"]
 
 
 @pytest.mark.parametrize("key", ["kinds", "arch", "fingerprint", "format", "format_version"])
@@ -179,7 +216,19 @@ def _record_mutations(record: dict):
         yield f"without {key}", {k: v for k, v in record.items() if k != key}
         for value in wrong:
             yield f"{key}={value!r}", {**record, key: value}
-    yield "extra key", {**record, "weight_dtype": "float8_e4m3fn", "future": {"x": [1]}}
+    yield "extra key", {**record, "weight_dtype": "float8_e4m3fn", "manual_cast_dtype": "float32",
+                        "future": {"x": [1]}}
+    precision = {  # manual cast only to a compute dtype; scaled fp8 only float8; float8 weights need a cast
+        "manual_cast_dtype float8": {"manual_cast_dtype": "float8_e4m3fn"},
+        "manual_cast_dtype float64": {"manual_cast_dtype": "float64"},
+        "manual_cast_dtype int8": {"manual_cast_dtype": "int8"},
+        "scaled_fp8 float16": {"scaled_fp8": "float16", "manual_cast_dtype": "float32"},
+        "float8 weights without cast": {"weight_dtype": "float8_e5m2", "manual_cast_dtype": None},
+        "weight float8 without cast": {"weight_dtype": "float8_e4m3fn"},
+        "scaled fp8 without cast": {"weight_dtype": "bfloat16", "scaled_fp8": "float8_e4m3fn"},  # valid
+    }
+    for label, change in precision.items():
+        yield label, {**record, **change}
     names = list(record["counts"])
     for value in (-1, 10**9, 1.0, True, "0", None, [0]):
         name = rng.choice(names)
@@ -232,11 +281,16 @@ def test_damaged_pruning_records_pass_or_give_pruned_file_error(learned, record)
     assert "extra key" in accepted
     names = {f"{key}='x'" for key in ("arch", "model_config_class", "model_class", "model_type")}  # checked by the host
     unexpected = [label for label in accepted if not label.startswith(("json edit", "extra key", "unet_config=",
-                                                                       "sampling_settings=", "silenced=[]"))
+                                                                       "sampling_settings=", "silenced=[]",
+                                                                       "scaled fp8 without cast"))
                   and label not in names]
     assert unexpected == []
     assert all(label in refused for label in ("without kept", "kept duplicate", "kept extra group", "count larger",
-                                              "dtype 'load'", "class dunder", "class dotted", "arch=None"))
+                                              "dtype 'load'", "class dunder", "class dotted", "arch=None",
+                                              "manual_cast_dtype float8", "manual_cast_dtype float64",
+                                              "manual_cast_dtype int8", "scaled_fp8 float16",
+                                              "float8 weights without cast", "weight float8 without cast"))
+    assert "scaled fp8 without cast" in accepted  # scaled-fp8 layers cast themselves
 
 
 def test_state_dict_must_fit_the_rebuilt_module():
@@ -253,3 +307,31 @@ def test_state_dict_must_fit_the_rebuilt_module():
         with pytest.raises(PrunedFileError, match="^f"):
             check_state_dict(module, sd, "f")
     assert issubclass(PrunedFileError, EcoDiffError)
+
+
+F32, F16, BF16, E4M3 = torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("built,cast,stored,ok", [
+    # (dtype the record builds the layers in, its manual cast, {tensor: stored dtype}, loads?)
+    (F16, None, {}, True),
+    (F16, None, {"0.weight": F32}, False),       # the record says fp16 weights, the file holds fp32
+    (F32, None, {"0.weight": F16}, False),       # one matrix in another dtype
+    (F32, None, {"1.weight": F16}, False),       # a norm in another dtype, computed without a cast
+    (F16, None, {"0.bias": F32}, False),         # fp32 bias beside fp16 weights needs a manual cast
+    (E4M3, F32, {}, True),
+    (E4M3, F32, {"0.bias": F32, "1.weight": F32, "1.bias": F32}, True),  # fp8 matrices, fp32 norms and biases
+    (E4M3, BF16, {"1.weight": BF16}, True),      # ... or norms in the compute dtype
+    (E4M3, BF16, {"1.weight": F16}, False),      # ... but not in a third dtype
+    (E4M3, F32, {"0.weight": F32}, False),       # the matrices must be what the record builds
+    (E4M3, F32, {"0.weight": torch.float8_e5m2}, False),
+    (E4M3, F32, {"0.bias": torch.int8}, False),
+])
+def test_stored_dtypes_must_be_what_the_record_builds(built, cast, stored, ok):
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2)).to(built)
+    sd = {k: v.detach().to(stored.get(k, v.dtype)) for k, v in module.state_dict().items()}
+    if ok:
+        check_state_dict(module, sd, "f", cast)
+    else:
+        with pytest.raises(PrunedFileError, match="^f: tensor .* is stored in .* but the record builds it in"):
+            check_state_dict(module, sd, "f", cast)

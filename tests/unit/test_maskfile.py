@@ -20,7 +20,10 @@ def layout(counts=(4, 8), arch="toy") -> Layout:
 def learned_state(lay: Layout) -> MaskState:
     state = MaskState.fresh(lay, init_logit=3.0)
     state.logits = {n: torch.randn(t.shape) for n, t in state.logits.items()}
-    state.optimizer = {f"exp_avg/{n}": torch.randn(t.shape) for n, t in state.logits.items()}
+    state.optimizer = {}  # AdamW's state after 3 steps, as the learner writes it
+    for n, t in state.logits.items():
+        state.optimizer.update({f"step/{n}": torch.tensor(3.0), f"exp_avg/{n}": torch.randn(t.shape),
+                                f"exp_avg_sq/{n}": torch.rand(t.shape)})
     state.history = [{"step": 1, "loss": 0.5, "recon": 0.4, "reg": 0.2}]
     state.progress = {"epoch": 1, "position": 4, "step": 3, "finished": False}
     state.settings = {"beta": 0.5}
@@ -36,6 +39,7 @@ def test_round_trip(tmp_path):
     for name in state.logits:
         assert torch.equal(loaded.logits[name], state.logits[name])
     assert loaded.optimizer.keys() == state.optimizer.keys()
+    assert all(torch.equal(loaded.optimizer[k], v) for k, v in state.optimizer.items())
     assert loaded.history == state.history and loaded.progress == state.progress
     assert loaded.settings == state.settings and loaded.kinds == state.kinds
     assert not list(tmp_path.glob("*.tmp"))

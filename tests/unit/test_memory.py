@@ -95,6 +95,11 @@ def test_memory_cli_small_model_both_modes(capsys):
 @pytest.mark.parametrize("args, message", [
     (["--arch", "sd15", "--width", "100"], "multiples of 16"),
     (["--arch", "sd15", "--batch", "0"], "batch"),
+    (["--arch", "sd15", "--batch", "99999999999999999999"], "argument --batch: must be an integer <= 4096"),
+    (["--arch", "sd15", "--width", "99999999999999999984"], "argument --width: must be an integer <= 16384"),
+    (["--arch", "sd15", "--height", "16400"], "argument --height: must be an integer <= 16384"),
+    (["--arch", "sd15", "--width", "-99999999999999999984"], "multiples of 16"),
+    (["--arch", "sd15", "--batch", "x"], "argument --batch: invalid int value"),
 ])
 def test_memory_cli_rejects_bad_sizes(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
