@@ -147,3 +147,42 @@ def test_damaged_precision_key_is_a_clear_error(bridge, core, tmp_path, key, val
     safetensors.torch.save_file(safetensors.torch.load_file(str(path)), str(path), metadata=meta)
     with pytest.raises(core.pruned_record.PrunedFileError, match=f"^p.safetensors: .*{message}"):
         bridge.load_pruned_model(path)
+
+
+@pytest.mark.parametrize("arch,precision,compute", [("flux", "fp32", BF16), ("sd15", "fp32", BF16),
+                                                    ("flux", "fp8e4m3-cast-fp32", BF16)])
+def test_model_compute_dtype_carries_to_the_pruned_and_reloaded_model(arch, precision, compute, bridge, tmp_path):
+    """ComfyUI's ModelComputeDtype (``set_model_compute_dtype``: an object patch plus forced weight
+    casting) is the pruned MODEL's compute dtype in memory and after reloading."""
+    _, ctx, pooled = ct.dims(arch)
+    pos, neg = ct.make_conditioning(arch, ctx, pooled, 10), ct.make_conditioning(arch, ctx, pooled, 11)
+    with torch.inference_mode():
+        model = build(arch, precision).clone()
+        model.set_model_compute_dtype(compute)
+        pruned = prune(bridge, model)
+        loaded = bridge.load_pruned_model(bridge.save_pruned_model(pruned, tmp_path / "p.safetensors"))
+        a = ct.sample(pruned, pos, neg, seed=3, steps=2)
+        b = ct.sample(loaded, pos, neg, seed=3, steps=2)
+        unpruned = ct.sample(model, pos, neg, seed=3, steps=2)
+    assert torch.isfinite(a).all() and rel_err(a, unpruned) > 1e-4
+    assert torch.equal(a, b)
+    assert loaded.model.manual_cast_dtype == compute
+    assert bridge.pruning_info(loaded)["manual_cast_dtype"] == str(compute).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("arch,precision", CASES)
+def test_pruned_model_computes_what_hard_masking_computes(arch, precision, bridge):
+    """Slicing == hard masking in every storage precision: the pruned layers keep their host class,
+    so manual cast and scaled-fp8 weight scales apply to what remains (modulation rows included)."""
+    weight, cast, scaled, _ = PRECISIONS[precision]
+    _, ctx, pooled = ct.dims(arch)
+    pos, neg = ct.make_conditioning(arch, ctx, pooled, 10), ct.make_conditioning(arch, ctx, pooled, 11)
+    with torch.inference_mode():
+        model = build(arch, precision)
+        layout = bridge.model_layout(model)
+        keep = random_keep(layout, seed=4)
+        pruned, _ = bridge.build_pruned_model(model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
+        a = ct.sample(pruned, pos, neg, seed=3, steps=2)
+        b = ct.sample(bridge.soft_gated_model(model, layout, keep), pos, neg, seed=3, steps=2)
+    compute = cast or weight
+    assert rel_err(a, b) <= (1e-5 if compute == F32 else 2e-2)
