@@ -218,6 +218,7 @@ def prune_model(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor],
             memo[id(lin.bias)] = _param(bias, lin.bias)
         scattered[path] = (rows, lin.out_features)
     pruned = copy.deepcopy(model, memo)
+    _read_into_replacements(pruned, weights, skip)
     for path, plan in plans.items():
         new = pruned.get_submodule(path)
         if plan.scatter:
@@ -227,6 +228,16 @@ def prune_model(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor],
     _set_counts(pruned, layout, keep, skip)
     _silence(pruned, layout, plans, keep, gate_closed, silenced)
     return pruned
+
+
+@torch.no_grad()
+def _read_into_replacements(pruned: nn.Module, weights: dict[str, torch.Tensor], owners: Sequence[str]) -> None:
+    """Replacements of emptied owners are built from the module's own parameters, under the same
+    names (``to_out.0.bias``…): the values to read replace those too."""
+    params = dict(pruned.named_parameters())
+    for name, value in weights.items():
+        if _under(name, owners) and name in params and params[name].shape == value.shape:
+            params[name].copy_(value.to(params[name].dtype))
 
 
 def _silence(pruned: nn.Module, layout: Layout, plans: dict[str, LinearPlan], keep: dict[str, torch.Tensor],
