@@ -37,7 +37,7 @@ from .attention_patches import fit_attention_patches
 from .lora_on_pruned import pruned_patcher
 from ..ecodiff_core.budget import PrunePlan, PruneTarget, plan_pruning
 from ..ecodiff_core.errors import EcoDiffError
-from ..ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo, run_inputs
+from ..ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo, model_response, run_inputs
 from ..ecodiff_core.maskfile import MaskState
 from ..ecodiff_core.prune import check_keep, physical_keep, prune_model
 from ..ecodiff_core.pruned_record import PrunedFileError, check_pruned_record, check_record_layout, check_state_dict
@@ -154,13 +154,38 @@ def own_weights(model: Any) -> Iterator[nn.Module]:
     other clone from the shared backups and patches this one; fully, so no patch is deferred to
     low-VRAM weight functions) and checked on entry and on exit (no other clone may be loaded
     while the block reads).  Weight wrappers (``add_weight_wrapper``) are compute-time functions
-    and stay out of the values read here.  Raises EcoDiffError where that cannot be guaranteed."""
+    and stay out of the values read here: ``wrapped_weights`` gives the values they compute.
+    Raises EcoDiffError where that cannot be guaranteed."""
     import comfy.model_management
 
     comfy.model_management.load_models_gpu([model], force_full_load=True)
     module = require_own_weights(model)
     yield module
     require_own_weights(model)
+
+
+@torch.no_grad()
+def wrapped_weights(model: Any, module: nn.Module) -> dict[str, torch.Tensor]:
+    """The values ``model`` computes with for its weight-wrapped parameters (``add_weight_wrapper``:
+    TrainLoraNode's LoRA, soft gates…), by parameter name in ``module`` (its denoiser, read through
+    ``own_weights``).  As ``comfy.ops.cast_bias_weight`` does, each wrapper is applied in order to
+    the weight cast to the compute dtype (the manual-cast dtype, else the weight's own); the result
+    is stored back in the parameter's dtype.  Only wrapped keys are returned; keys outside the
+    denoiser are ignored."""
+    wrappers = getattr(model, "weight_wrapper_patches", None) or {}
+    compute = getattr(model.model, "manual_cast_dtype", None)
+    params = dict(module.named_parameters())
+    out = {}
+    for key, functions in wrappers.items():
+        name = key.removeprefix("diffusion_model.")
+        if not key.startswith("diffusion_model.") or name not in params or not functions:
+            continue
+        p = params[name]
+        value = p.detach().to(compute or p.dtype, copy=True)
+        for f in functions:
+            value = f(value)
+        out[name] = value.to(p.dtype)
+    return out
 
 
 def model_layout(model: Any) -> Layout:
@@ -392,8 +417,10 @@ def learn_mask(model: Any, conds: Sequence[tuple[list, list]], spec: SamplingSpe
     through ProgressBar.update), ``on_stop`` receives the latest good state, then the error goes on.
 
     ``resume`` is continued only if it was learned from the same weights (as loaded, patches
-    included), conditioning, σ schedule, starting latents and settings; otherwise learning starts
-    fresh and the returned state's ``start_note`` says why."""
+    included), conditioning, σ schedule, starting latents and settings, and the model responds
+    alike (its x0 prediction for the first prompt, which sees model options, model and object
+    patches and weight wrappers); otherwise learning starts fresh and the returned state's
+    ``start_note`` says why."""
     layout = model_layout(model)
     if resume is not None:
         resume.check_layout(layout)
@@ -402,8 +429,10 @@ def learn_mask(model: Any, conds: Sequence[tuple[list, list]], spec: SamplingSpe
                                          optimizer={k: v.clone() for k, v in resume.optimizer.items()})
 
     def body(session: Session) -> MaskState:
+        first = session.samples[0]  # the model's behaviour (patches, options, sampling objects), ungated
         inputs = run_inputs(session.module, conds, settings, {
-            **dataclasses.asdict(spec), "sigmas": session.sigmas, "starts": [s.noise for s in session.samples]})
+            **dataclasses.asdict(spec), "sigmas": session.sigmas, "starts": [s.noise for s in session.samples]},
+            response=model_response(first.denoise, first.noise, session.sigmas))
         learner = MaskLearner(session.module, layout, settings, resume=resume, grad_context=grad_context,
                               inputs=inputs)
         try:
@@ -482,6 +511,9 @@ def soft_gated_model(model: Any, layout: Layout, keep: dict[str, torch.Tensor]) 
     patcher = model.clone()
     module = diffusion_module(model)
     for (path, side), scale in gate_scales(module, layout, keep).items():
+        rows = getattr(get_linear(module, path), "rows", None)  # a pruned ScatterLinear holds only these
+        if side == "out" and isinstance(rows, torch.Tensor):
+            scale = scale[rows.cpu()]
         patcher.add_weight_wrapper(f"diffusion_model.{path}.weight", _GateWeight(scale, side))
         if side == "out" and get_linear(module, path).bias is not None:
             patcher.add_weight_wrapper(f"diffusion_model.{path}.bias", _GateWeight(scale, side))
@@ -535,7 +567,7 @@ def build_pruned_model(model: Any, layout: Layout, keep: dict[str, torch.Tensor]
     keep = check_keep(layout, keep)
     adjusted, silenced = physical_keep(layout, keep, logits)
     with torch.inference_mode(False), own_weights(model) as source:
-        pruned = prune_model(source, layout, keep, logits)
+        pruned = prune_model(source, layout, keep, logits, weights=wrapped_weights(model, source))
         fit_attention_patches(pruned)
         report = PruneReport.build(source, pruned, layout, keep)
     record = pruning_record(model, layout, adjusted, silenced)
@@ -663,7 +695,8 @@ def save_pruned_model(model: Any, path: Path) -> Path:
         raise EcoDiffError("Save Pruned Model needs a MODEL from Apply Pruned Mask (or Load Pruned Model); "
                            "unpruned models are saved with ComfyUI's own checkpoint savers")
     with own_weights(model) as module:
-        sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+        wrapped = wrapped_weights(model, module)  # weight wrappers folded in, as pruning does
+        sd = {k: wrapped.get(k, v).detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
     dtype = record.get("weight_dtype") or (str(next(iter(sd.values())).dtype) if sd else "float32")
     metadata = {"format": PRUNED_FORMAT, "format_version": str(PRUNED_FORMAT_VERSION),
                 "record": json.dumps(record), "dtype": dtype.removeprefix("torch.")}

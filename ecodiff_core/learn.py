@@ -360,6 +360,9 @@ class MaskLearner:
 # -- what a run learns from: resume only when it is unchanged -------------------------------------
 RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = ("checkpointing", "block_checkpointing")  # memory vs time; same result
 WEIGHT_SAMPLE = 4096  # elements hashed per weight tensor (evenly spaced), besides shape and dtype
+RESPONSE_SAMPLE = 64  # values kept per probed σ of the model's response (evenly spaced)
+RESPONSE_RTOL = 1e-4  # relative tolerance of the response comparison: far above run-to-run noise (fp32
+#   CPU/GPU ~1e-6), below what a patch does (RescaleCFG on a tiny random model: 3e-4)
 
 
 def digest(obj: Any, sample: int | None = None) -> str:
@@ -406,22 +409,86 @@ def weights_digest(model: nn.Module) -> str:
     return digest(dict(model.state_dict(keep_vars=True)), sample=WEIGHT_SAMPLE)
 
 
-def run_inputs(model: nn.Module, conditioning: Any, settings: LearnSettings, sampling: dict[str, Any]) -> dict:
+def response_probe_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """The σ values the model's response is probed at: the first of the schedule and one mid-way
+    (a patch active only for part of the trajectory is seen too).  Shape (1,) or (2,)."""
+    steps = len(sigmas) - 1
+    return sigmas[[0, steps // 2]] if steps >= 2 else sigmas[:1]
+
+
+@torch.no_grad()
+def model_response(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   sigmas: torch.Tensor) -> dict[str, Any]:
+    """What the model *does*, as a small JSON-able fingerprint: at each σ of
+    ``response_probe_sigmas(sigmas)``, the derivative the sampler integrates, ``(x - denoise(x, σ)) / σ``
+    (ε for ε-prediction models, the velocity for flow models; the x0 prediction itself is dominated
+    by ``x`` at large σ), from the starting latent ``x``, ungated.
+
+    Everything that changes the output is seen without being enumerated: weight wrappers, model
+    patches (FreeU…), CFG functions (RescaleCFG…), object patches such as ``model_sampling``.  Per σ,
+    the full derivative's L2 norm and ``RESPONSE_SAMPLE`` evenly spaced values are kept (float64
+    lists), to be compared with a tolerance (``responses_match``), never hashed.  Costs one denoiser
+    call per probed σ."""
+    probe_sigmas = response_probe_sigmas(sigmas)
+    probes = []
+    for sigma in probe_sigmas:
+        flat = ((x - denoise(x, sigma)) / sigma).detach().reshape(-1).double()
+        count = min(RESPONSE_SAMPLE, flat.numel())
+        index = torch.linspace(0, flat.numel() - 1, count, dtype=torch.float64).long().to(flat.device)
+        probes.append({"shape": list(x.shape), "norm": flat.norm().item(),
+                       "values": flat.index_select(0, index).cpu().tolist()})
+    return {"sigmas": [float(s) for s in probe_sigmas], "probes": probes}
+
+
+def responses_match(old: Any, new: Any, rtol: float = RESPONSE_RTOL) -> bool:
+    """Whether two ``model_response`` fingerprints describe the same model behaviour: the same
+    probed σ (to ``rtol``), shapes and value counts, and per probe the full outputs' norms and the
+    sampled values each within ``rtol`` relative L2 distance (``|a - b| <= rtol * max(|a|, |b|)``).
+    Malformed fingerprints (e.g. from a damaged file) and non-finite values never match."""
+    try:
+        if len(old["probes"]) != len(new["probes"]) or len(old["sigmas"]) != len(new["sigmas"]):
+            return False
+        pairs = [(torch.tensor([float(a)], dtype=torch.float64), torch.tensor([float(b)], dtype=torch.float64))
+                 for a, b in zip(old["sigmas"], new["sigmas"])]
+        for p, q in zip(old["probes"], new["probes"]):
+            if [int(n) for n in p["shape"]] != [int(n) for n in q["shape"]] or len(p["values"]) != len(q["values"]):
+                return False
+            pairs.append((torch.tensor([float(p["norm"])], dtype=torch.float64),
+                          torch.tensor([float(q["norm"])], dtype=torch.float64)))
+            pairs.append((torch.tensor([float(v) for v in p["values"]], dtype=torch.float64),
+                          torch.tensor([float(v) for v in q["values"]], dtype=torch.float64)))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        return False
+    for a, b in pairs:
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            return False
+        if not (a - b).norm().item() <= rtol * max(a.norm().item(), b.norm().item()):
+            return False
+    return True
+
+
+def run_inputs(model: nn.Module, conditioning: Any, settings: LearnSettings, sampling: dict[str, Any],
+               response: dict[str, Any] | None = None) -> dict:
     """What a learning run learns from, as a JSON-able dict stored in its MaskState.
 
     ``conditioning``: the prompts' encodings (any nesting of tensors); ``sampling``: the trajectory
     settings (size, steps, cfg, sampler, scheduler, seed...; tensor values such as the σ schedule or
     the starting latents are stored as digests).  Settings that do not change the result
     (``RESULT_NEUTRAL_SETTINGS``) are left out, so they may change between interrupt and resume.
+    ``response`` (from ``model_response``): the model's output, which sees what the weights and
+    settings do not (patches, model options, sampling objects); compared with a tolerance.
     """
     learning = {k: v for k, v in settings.to_dict().items() if k not in RESULT_NEUTRAL_SETTINGS}
-    return {
+    inputs = {
         "weights": weights_digest(model),
         "conditioning": digest(conditioning),
         "learning": learning,
         "sampling": {k: v if v is None or isinstance(v, (bool, int, float, str)) else digest(v)
                      for k, v in sampling.items()},
     }
+    if response is not None:
+        inputs["response"] = response
+    return inputs
 
 
 def resume_problem(saved: MaskState, inputs: dict[str, Any]) -> str:
@@ -433,6 +500,12 @@ def resume_problem(saved: MaskState, inputs: dict[str, Any]) -> str:
         problems.append("the model's weights differ from the saved run's")
     if saved.inputs.get("conditioning") != inputs.get("conditioning"):
         problems.append("the prompts (conditioning) differ from the saved run's")
+    if "response" in saved.inputs or "response" in inputs:
+        if "response" not in saved.inputs:
+            problems.append("the saved run does not record the model's output (saved by an older version)")
+        elif "response" not in inputs or not responses_match(saved.inputs["response"], inputs["response"]):
+            problems.append("the model's output differs from the saved run's: patches, model options or "
+                            "sampling changed")
     for part in ("learning", "sampling"):
         old, new = saved.inputs.get(part), inputs.get(part)
         if old == new:

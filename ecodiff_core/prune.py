@@ -142,19 +142,36 @@ def linear_plans(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor]
     return plans
 
 
-def _sliced(lin: nn.Linear, plan: LinearPlan) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Copies of the kept rows/columns (always new storage; one copy per cut dimension at most)."""
-    rows = torch.nonzero(plan.out_keep).reshape(-1).to(lin.weight.device)
-    cols = torch.nonzero(plan.in_keep).reshape(-1).to(lin.weight.device)
-    weight = lin.weight.detach()
+def _sliced(lin: nn.Linear, plan: LinearPlan, weight: torch.Tensor,
+            bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Copies of the kept rows/columns of ``weight`` / ``bias`` (the values read for ``lin``;
+    always new storage; one copy per cut dimension at most)."""
+    rows = torch.nonzero(plan.out_keep).reshape(-1).to(weight.device)
+    cols = torch.nonzero(plan.in_keep).reshape(-1).to(weight.device)
+    source = weight = weight.detach()
     if not plan.out_keep.all():
         weight = weight.index_select(0, rows)
     if not plan.in_keep.all():
         weight = weight.index_select(1, cols)
-    if weight.data_ptr() == lin.weight.data_ptr():
+    if weight.data_ptr() == source.data_ptr():
         weight = weight.clone()
-    bias = None if lin.bias is None else lin.bias.detach().index_select(0, rows)
+    bias = None if bias is None else bias.detach().index_select(0, rows.to(bias.device))
     return weight, bias, rows
+
+
+def _check_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    """The parameters ``weights`` replaces, by name; EcoDiffError for unknown names or values whose
+    shape or dtype differ from the parameter's."""
+    params = dict(model.named_parameters())
+    for name, value in weights.items():
+        p = params.get(name)
+        if p is None:
+            raise EcoDiffError(f"weights to read name '{name}', which is not a parameter of the model")
+        if not isinstance(value, torch.Tensor) or value.shape != p.shape or value.dtype != p.dtype:
+            raise EcoDiffError(f"the weight to read for '{name}' must have the parameter's shape "
+                               f"{tuple(p.shape)} and dtype {p.dtype}, got "
+                               f"{tuple(getattr(value, 'shape', ()))} {getattr(value, 'dtype', type(value).__name__)}")
+    return {name: params[name] for name in weights}
 
 
 def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
@@ -163,8 +180,14 @@ def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
 
 @torch.no_grad()
 def prune_model(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor],
-                scores: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                scores: dict[str, torch.Tensor] | None = None,
+                weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """A new model with the units where ``keep`` is False physically removed.
+
+    ``weights`` (parameter name as in ``model.named_parameters()`` → tensor of that parameter's
+    shape and dtype): values to read instead of the module's own for those parameters, sliced or
+    not (e.g. the host's compute-time weight functions folded in); the result holds copies of them.
+    EcoDiffError for unknown names or a shape/dtype mismatch.
 
     Groups with zero kept units whose ``empty`` factory is set get their owner replaced (e.g. an
     attention module that returns its out-projection bias).  Groups that must keep ``min_keep``
@@ -173,6 +196,8 @@ def prune_model(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor],
     Unit counters (``heads`` …) and dimensions (``inner_dim`` …) of the copy describe what it holds.
     """
     keep = check_keep(layout, keep)
+    weights = dict(weights or {})
+    replaced_params = _check_weights(model, weights)
     gate_closed = keep
     keep, silenced = physical_keep(layout, keep, scores)
     replaced = [g for g in emptied_groups(layout, keep) if g.empty is not None]
@@ -180,16 +205,20 @@ def prune_model(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor],
     memo: dict[int, object] = {}
     for g in replaced:
         memo[id(model.get_submodule(g.owner))] = g.empty(model.get_submodule(g.owner))
+    for name, p in replaced_params.items():  # unsliced ones; sliced ones are overwritten below
+        memo[id(p)] = _param(weights[name].detach().clone(), p)
     plans = linear_plans(model, layout, keep, skip)
     scattered: dict[str, tuple[torch.Tensor, int]] = {}
     for path, plan in plans.items():
         lin = get_linear(model, path)
-        weight, bias, rows = _sliced(lin, plan)
+        weight, bias, rows = _sliced(lin, plan, weights.get(f"{path}.weight", lin.weight),
+                                     weights.get(f"{path}.bias", lin.bias) if lin.bias is not None else None)
         memo[id(lin.weight)] = _param(weight, lin.weight)
         if bias is not None:
             memo[id(lin.bias)] = _param(bias, lin.bias)
         scattered[path] = (rows, lin.out_features)
     pruned = copy.deepcopy(model, memo)
+    _read_into_replacements(pruned, weights, skip)
     for path, plan in plans.items():
         new = pruned.get_submodule(path)
         if plan.scatter:
@@ -199,6 +228,16 @@ def prune_model(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor],
     _set_counts(pruned, layout, keep, skip)
     _silence(pruned, layout, plans, keep, gate_closed, silenced)
     return pruned
+
+
+@torch.no_grad()
+def _read_into_replacements(pruned: nn.Module, weights: dict[str, torch.Tensor], owners: Sequence[str]) -> None:
+    """Replacements of emptied owners are built from the module's own parameters, under the same
+    names (``to_out.0.bias``…): the values to read replace those too."""
+    params = dict(pruned.named_parameters())
+    for name, value in weights.items():
+        if _under(name, owners) and name in params and params[name].shape == value.shape:
+            params[name].copy_(value.to(params[name].dtype))
 
 
 def _silence(pruned: nn.Module, layout: Layout, plans: dict[str, LinearPlan], keep: dict[str, torch.Tensor],

@@ -27,3 +27,29 @@ def weights_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def same_weights(module: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
     now = module.state_dict()
     return set(now) == set(snapshot) and all(torch.equal(now[k], snapshot[k]) for k in snapshot)
+
+
+class ScaleWeight:
+    """A weight wrapper (``add_weight_wrapper``) as TrainLoraNode's adapters are: w -> s·w."""
+
+    def __init__(self, s: float) -> None:
+        self.s = s
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.s
+
+    def move_to(self, device=None) -> int:
+        return 0
+
+
+def wrap_linears(model, scale: float = 1.5, every: int = 1, biases: bool = False):
+    """A clone of ``model`` with a ScaleWeight wrapper on every ``every``-th comfy.ops Linear weight
+    (and its bias with ``biases``)."""
+    wrapped = model.clone()
+    linears = [(name, m) for name, m in model.model.diffusion_model.named_modules()
+               if isinstance(m, torch.nn.Linear) and hasattr(m, "weight_function")]
+    for name, m in linears[::every]:
+        wrapped.add_weight_wrapper(f"diffusion_model.{name}.weight", ScaleWeight(scale))
+        if biases and m.bias is not None:
+            wrapped.add_weight_wrapper(f"diffusion_model.{name}.bias", ScaleWeight(scale - 1.0))
+    return wrapped

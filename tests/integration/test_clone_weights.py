@@ -6,7 +6,7 @@ from __future__ import annotations
 import comfy_tiny as ct
 import pytest
 import torch
-from comfy_checks import random_keep, rel_err
+from comfy_checks import random_keep, rel_err, wrap_linears
 from comfy_pack import sub
 
 
@@ -133,3 +133,69 @@ def test_a_clone_loaded_inside_own_weights_is_refused(bridge, core):
             with bridge.own_weights(tiny.model) as module:
                 assert module is tiny.model.model.diffusion_model
                 comfy.model_management.load_models_gpu([lora], force_full_load=True)
+
+
+def wrapped_clone(bridge, model, layout, wrapper: str):
+    """A clone whose own patches are weight wrappers: TrainLoraNode-style adapters (scaled weights
+    and biases on every other Linear), or the soft gates of Apply Pruned Mask's preview."""
+    if wrapper == "soft gates":
+        return bridge.soft_gated_model(model, layout, random_keep(layout, seed=21, p=0.3))
+    return wrap_linears(model, scale=1.5, every=2, biases=True)
+
+
+@pytest.mark.parametrize("wrapper", ["adapters", "soft gates"])
+@pytest.mark.parametrize("arch", ["sd15", "flux"])
+def test_pruning_and_saving_fold_in_weight_wrappers(arch, wrapper, bridge, tmp_path):
+    """Weight wrappers are the MODEL's own patches: the pruned MODEL computes what the soft-gated
+    wrapped MODEL computes, Save Pruned Model writes what the MODEL computes with, and the input
+    MODELs are unchanged."""
+    with torch.inference_mode():
+        tiny = ct.tiny(arch, seed=3)
+        base = tiny.model
+        layout = bridge.model_layout(base)
+        keep = random_keep(layout, seed=12)
+        logits = {g.name: torch.zeros(g.count) for g in layout.groups}
+        base_state = state(base.model.diffusion_model)
+        wrapped = wrapped_clone(bridge, base, layout, wrapper)
+        wrappers_before = {k: list(v) for k, v in wrapped.weight_wrapper_patches.items()}
+        sample = lambda m: ct.sample(m, tiny.positive, tiny.negative, seed=2)  # noqa: E731
+        wrapped_before = sample(wrapped)
+
+        pruned, _ = bridge.build_pruned_model(wrapped, layout, keep, logits)
+        pruned_base, _ = bridge.build_pruned_model(base, layout, keep, logits)
+        out_pruned = sample(pruned)
+        assert rel_err(out_pruned, sample(bridge.soft_gated_model(wrapped, layout, keep))) <= 1e-5
+        assert rel_err(out_pruned, sample(pruned_base)) > 1e-3  # the wrappers matter
+        assert not getattr(pruned, "weight_wrapper_patches", {})  # folded in, not applied twice
+
+        # Save Pruned Model of a pruned MODEL given its own wrappers; reloaded samples alike
+        pruned_wrapped = wrapped_clone(bridge, pruned_base, bridge.model_layout(pruned_base), wrapper)
+        expected = sample(pruned_wrapped)
+        path = bridge.save_pruned_model(pruned_wrapped, tmp_path / "wrapped.safetensors")
+        reloaded = bridge.load_pruned_model(path)
+        assert rel_err(sample(reloaded), expected) <= 1e-5
+        assert rel_err(expected, sample(pruned_base)) > 1e-3
+
+        # the inputs are unchanged: weights, wrappers, what they compute
+        assert_same_state(state(base.model.diffusion_model), base_state)
+        assert {k: list(v) for k, v in wrapped.weight_wrapper_patches.items()} == wrappers_before
+        assert torch.equal(sample(wrapped), wrapped_before)
+
+
+def test_pruning_a_soft_gated_model_gives_the_hard_masked_model(bridge):
+    """The preview's gates are weight wrappers: pruning the soft-gated MODEL with the same keep masks
+    gives exactly the pruned base (kept units are scaled by 1), not a model ignoring the gates."""
+    with torch.inference_mode():
+        tiny = ct.tiny("sd15", seed=3)
+        layout = bridge.model_layout(tiny.model)
+        keep = random_keep(layout, seed=12)
+        logits = {g.name: torch.zeros(g.count) for g in layout.groups}
+        soft = bridge.soft_gated_model(tiny.model, layout, keep)
+        from_soft, _ = bridge.build_pruned_model(soft, layout, keep, logits)
+        from_base, _ = bridge.build_pruned_model(tiny.model, layout, keep, logits)
+        assert_same_state(state(from_soft.model.diffusion_model), state(from_base.model.diffusion_model))
+        other = random_keep(layout, seed=13)  # other masks: the gates' zeros stay in the kept weights
+        pruned, _ = bridge.build_pruned_model(soft, layout, other, logits)
+        twice = bridge.soft_gated_model(soft, layout, other)
+        assert rel_err(ct.sample(pruned, tiny.positive, tiny.negative, seed=2),
+                       ct.sample(twice, tiny.positive, tiny.negative, seed=2)) <= 1e-5

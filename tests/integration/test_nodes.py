@@ -5,7 +5,7 @@ from __future__ import annotations
 import comfy_tiny as ct
 import pytest
 import torch
-from comfy_checks import rel_err, same_weights, weights_snapshot
+from comfy_checks import rel_err, same_weights, weights_snapshot, wrap_linears
 from comfy_pack import sub
 
 LEARN_ARGS = dict(prompts="a red fox in snow\na lighthouse in a storm\na bowl of ramen", negative_prompt="",
@@ -138,6 +138,47 @@ def test_rerun_with_changed_inputs_starts_fresh(nodes, bridge, monkeypatch, chan
     fresh = learn(nodes, tiny, run_name + "_fresh", **{**RESUME_ARGS, **overrides}).args[0]
     assert all(torch.equal(mask.logits[k], fresh.logits[k]) for k in fresh.logits)
     assert mask.history == fresh.history and mask.progress == fresh.progress
+    assert "started fresh" in summary and reason in summary, summary
+    assert any(reason in r.getMessage() for r in caplog.records if r.name == "ecodiff")
+
+
+def patched_model(model, patch: str):
+    """``model`` changed by a stock node in a way that leaves its weights alone."""
+    from comfy_extras.nodes_freelunch import FreeU_V2
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete, RescaleCFG
+
+    if patch == "RescaleCFG":
+        return RescaleCFG().patch(model, 1.0)[0]
+    if patch == "v_prediction":
+        return ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
+    if patch == "FreeU_V2":
+        return FreeU_V2().patch(model, 1.3, 1.4, 0.9, 0.2)[0]
+    assert patch == "weight wrapper"
+    return wrap_linears(model)
+
+
+@pytest.mark.parametrize("before,after", [(None, "RescaleCFG"), (None, "v_prediction"), (None, "FreeU_V2"),
+                                          (None, "weight wrapper"), ("FreeU_V2", None), ("FreeU_V2", "FreeU_V2")])
+def test_rerun_after_model_patches_changed_starts_fresh(nodes, bridge, monkeypatch, before, after, caplog):
+    """Patches that leave the weights alone (CFG functions, model_sampling object patches, model
+    patches, weight wrappers) change what the model computes: a rerun resumes only when the model
+    responds alike, and then to the uninterrupted run's result."""
+    tiny = ct.tiny("sd15", seed=13)
+    base = tiny.model
+    run_name = f"patched_{before}_{after}".replace(" ", "_")
+    tiny.model = patched_model(base, before) if before else base
+    interrupted_run(nodes, bridge, monkeypatch, tiny, run_name, **RESUME_ARGS)
+    tiny.model = patched_model(base, after) if after else base
+    with caplog.at_level("WARNING", logger="ecodiff"):
+        mask, summary = learn(nodes, tiny, run_name, **RESUME_ARGS).args
+    reason = "the model's output differs from the saved run's: patches, model options or sampling changed"
+    if before == after:
+        straight = learn(nodes, tiny, run_name + "_straight", **RESUME_ARGS).args[0]
+        assert "started fresh" not in summary and not caplog.records, summary
+        for name in straight.logits:
+            torch.testing.assert_close(mask.logits[name], straight.logits[name], rtol=0, atol=1e-6)
+        return
+    assert [h["step"] for h in mask.history] == [1, 2, 3] and mask.progress["finished"]
     assert "started fresh" in summary and reason in summary, summary
     assert any(reason in r.getMessage() for r in caplog.records if r.name == "ecodiff")
 

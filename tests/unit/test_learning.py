@@ -18,6 +18,9 @@ from ecodiff_core.learn import (
     MaskLearner,
     digest,
     frozen_weights,
+    model_response,
+    resume_problem,
+    responses_match,
     run_inputs,
     weights_digest,
 )
@@ -346,3 +349,46 @@ def test_frozen_weights_restores_flags_of_inference_tensors():
         assert not any(p.requires_grad for p in model.parameters())
     assert not model.conv_in.weight.requires_grad
     assert all(p.requires_grad and p.is_inference() for n, p in model.named_parameters() if n != "conv_in.weight")
+
+
+def test_model_responses_compare_with_a_relative_tolerance():
+    """The model's response (the sampler's derivative at the first and a middle σ) is compared to
+    RESPONSE_RTOL of its norm: run-to-run noise still resumes, a patch's change does not."""
+    from ecodiff_core.learn import RESPONSE_RTOL, RESPONSE_SAMPLE
+    from ecodiff_core.maskfile import MaskState
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=g, dtype=torch.float64)
+    sigmas = torch.tensor([10.0, 5.0, 1.0, 0.0], dtype=torch.float64)
+    eps = torch.randn(1, 4, 16, 16, generator=g, dtype=torch.float64)
+
+    def response(change: torch.Tensor | float = 0.0):
+        return model_response(lambda x_, s: x_ - s * (eps + change), x, sigmas)
+
+    base = response()
+    assert base["sigmas"] == [10.0, 5.0] and len(base["probes"][0]["values"]) == RESPONSE_SAMPLE
+    # the derivative itself: eps, sampled evenly
+    index = torch.linspace(0, eps.numel() - 1, RESPONSE_SAMPLE, dtype=torch.float64).long()
+    torch.testing.assert_close(torch.tensor(base["probes"][1]["values"], dtype=torch.float64),
+                               eps.reshape(-1)[index], rtol=1e-12, atol=1e-12)
+    assert math.isclose(base["probes"][0]["norm"], eps.norm().item(), rel_tol=1e-12)
+    noise = torch.randn(eps.shape, generator=g, dtype=torch.float64)
+    assert responses_match(base, response(noise * eps.norm() / noise.norm() * RESPONSE_RTOL * 0.1))
+    assert not responses_match(base, response(noise * eps.norm() / noise.norm() * RESPONSE_RTOL * 10))
+    assert not responses_match(base, response(eps * RESPONSE_RTOL * 3))  # a uniform scale: the norm
+    for damaged in [{}, {"sigmas": base["sigmas"], "probes": "x"}, {**base, "sigmas": [10.0]},
+                    {**base, "probes": [{**p, "values": [float("nan")] * RESPONSE_SAMPLE} for p in base["probes"]]},
+                    {**base, "probes": [{**p, "shape": [1]} for p in base["probes"]]}]:
+        assert not responses_match(damaged, base) and not responses_match(base, damaged)
+
+    def state(response_):
+        inputs = {"weights": "w", "conditioning": "c", "learning": {}, "sampling": {}}
+        if response_ is not None:
+            inputs["response"] = response_
+        return MaskState(arch="a", fingerprint="f", logits={}, kinds={}, inputs=inputs)
+
+    patched = response(noise * eps.norm() / noise.norm() * 0.01)
+    assert resume_problem(state(base), state(base).inputs) == ""
+    assert resume_problem(state(base), state(patched).inputs) == (
+        "the model's output differs from the saved run's: patches, model options or sampling changed")
+    assert "does not record the model's output" in resume_problem(state(None), state(base).inputs)

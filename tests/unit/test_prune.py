@@ -214,3 +214,43 @@ def test_bad_keep_masks_are_rejected() -> None:
         prune_model(model, layout, {**good, name: good[name].float()})
     with pytest.raises(EcoDiffError, match="shape"):
         prune_model(model, layout, {**good, name: good[name][1:]})
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_weights_to_read_replace_the_modules_own(name: str) -> None:
+    """``weights`` (e.g. the host's weight wrappers folded in) is read instead of the module's own
+    values, for sliced and unsliced parameters alike: the result equals pruning a model that holds
+    those values; the input and the given tensors stay untouched and unshared."""
+    import copy
+
+    model, inputs, layout = case(name)
+    keep = make_keep(layout, "random", 5)
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(3)
+    weights = {n: p.detach() * (1 + torch.rand(p.shape, generator=g, dtype=p.dtype))
+               for i, (n, p) in enumerate(params.items()) if i % 2 == 0}
+    given = {n: t.clone() for n, t in weights.items()}
+    holding = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, t in weights.items():
+            holding.get_parameter(n).copy_(t)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = prune_model(model, layout, keep, weights=weights)
+    expected = prune_model(holding, layout, keep).state_dict()
+    got = pruned.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(weights[n], given[n]) for n in weights)
+    assert not (_storages(pruned) & {t.untyped_storage().data_ptr() for t in weights.values()})
+    assert rel_err(gated_output(holding, inputs, layout, keep), run(pruned, inputs)) <= 1e-5
+
+
+def test_bad_weights_to_read_are_rejected() -> None:
+    model, _, layout = case(MODEL_NAMES[0])
+    keep = make_keep(layout, "all", 0)
+    name, p = next(iter(model.named_parameters()))
+    for bad, message in [({"no.such.weight": p.detach()}, "not a parameter"),
+                         ({name: p.detach()[:1]}, "shape"),
+                         ({name: p.detach().half()}, "dtype")]:
+        with pytest.raises(EcoDiffError, match=message):
+            prune_model(model, layout, keep, weights=bad)
