@@ -120,6 +120,8 @@ class PrunePlan:
     emptied_owners: list[str] = field(default_factory=list)
     # keep_ratios kinds the architecture does not have (ignored; see ``select_by_ratios``)
     ignored_kinds: list[str] = field(default_factory=list)
+    # where the plan keeps more than asked (keep ratios below the units that must stay), in words
+    notes: list[str] = field(default_factory=list)
 
     @property
     def removed_fraction(self) -> float:
@@ -232,10 +234,10 @@ def min_keep_ratio(kind_units: int, must_stay: int, decimals: int = 3) -> float:
 
 def select_by_ratios(layout: Layout, logits: dict[str, torch.Tensor],
                      keep_ratios: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Keep the top ``round(ratio × N)`` units of each kind, ranked globally within the kind, so
-    every accepted ratio is delivered exactly.  Kinds the layout does not have are ignored (see
-    :func:`ignored_ratio_kinds`).  A ratio below what the ``min_keep`` units of the kind's groups
-    already keep is refused with the smallest ratio that can be delivered.  Raises EcoDiffError."""
+    """Keep the top ``round(ratio × N)`` units of each kind, ranked globally within the kind.  Kinds
+    the layout does not have are ignored (see :func:`ignored_ratio_kinds`).  The ``min_keep`` best
+    units of each group always stay, so a ratio below what they hold keeps them and no more (
+    :func:`ratio_shortfalls` says so in words).  Raises EcoDiffError for bad ratios."""
     logits = check_logits(layout, logits)
     keep_ratios = _check_ratios(keep_ratios)
     ignored_ratio_kinds(layout, keep_ratios)
@@ -246,17 +248,26 @@ def select_by_ratios(layout: Layout, logits: dict[str, torch.Tensor],
         groups, values = _flatten(layout, logits, kind)
         n_remove = values.numel() - round(ratio * values.numel())
         order = _removal_order(groups, values, logits)
-        if n_remove > order.numel():
-            must_stay = values.numel() - order.numel()
-            raise EcoDiffError(
-                f"keep_ratios {kind}={ratio!r} keeps {round(ratio * values.numel())} of the {values.numel()} "
-                f"{kind}s of '{layout.arch}', but {must_stay} of them must stay ("
-                f"{sum(1 for g in groups if g.min_keep)} blocks cannot run without their last {kind}s); "
-                f"raise the {kind} ratio to at least {min_keep_ratio(values.numel(), must_stay)}")
         removed = torch.zeros(values.numel(), dtype=torch.bool)
-        removed[order[:n_remove]] = True
+        removed[order[:min(n_remove, order.numel())]] = True
         keep.update(_split(groups, removed))
     return keep
+
+
+def ratio_shortfalls(layout: Layout, keep_ratios: dict[str, float]) -> list[str]:
+    """One sentence per kind whose keep ratio asks for fewer units than its groups' ``min_keep``
+    units (e.g. the last head of FLUX/MMDiT joint attentions): what is kept instead, why, and the
+    smallest ratio that is kept exactly."""
+    notes = []
+    for kind, ratio in _check_ratios(keep_ratios).items():
+        groups = [g for g in layout.groups if g.kind == kind]
+        total, must_stay = sum(g.count for g in groups), sum(g.min_keep for g in groups)
+        asked = round(ratio * total)
+        if asked < must_stay:
+            notes.append(f"keep_ratios {kind}={ratio!r} keeps {must_stay} of the {total} {kind}s of '{layout.arch}', "
+                         f"not {asked}: {sum(1 for g in groups if g.min_keep)} blocks cannot run without their last "
+                         f"{kind}s (the smallest {kind} ratio kept exactly is {min_keep_ratio(total, must_stay)})")
+    return notes
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -270,12 +281,16 @@ def plan_pruning(model: nn.Module, layout: Layout, logits: dict[str, torch.Tenso
     total = count_parameters(model)
     budget: float | None = None
     ignored: list[str] = []
+    notes: list[str] = []
     if target.mode == "keep_ratios":
         keep = select_by_ratios(layout, logits, target.keep_ratios)
         ignored = ignored_ratio_kinds(layout, target.keep_ratios)
         if ignored:
             log.info("EcoDiff keep_ratios: ignored %s ('%s' has no such units; it has %s)",
                      ", ".join(ignored), layout.arch, ", ".join(layout.kinds()))
+        notes = ratio_shortfalls(layout, target.keep_ratios)
+        for note in notes:
+            log.warning("EcoDiff %s", note)
     elif target.mode == "params":
         budget = target.params * total
         prunable = sum(costs[g.name] * g.removable for g in layout.groups)
@@ -295,7 +310,8 @@ def plan_pruning(model: nn.Module, layout: Layout, logits: dict[str, torch.Tenso
     return PrunePlan(keep=keep, removed_params=removed_params, budget=budget, mode=target.mode,
                      total_params=total, removed_flops=removed_flops,
                      total_flops=None if flop_costs is None else flop_costs.total,
-                     emptied_owners=[g.owner for g in emptied_groups(layout, keep)], ignored_kinds=ignored)
+                     emptied_owners=[g.owner for g in emptied_groups(layout, keep)], ignored_kinds=ignored,
+                     notes=notes)
 
 
 def max_fraction(prunable: float, total: float, decimals: int = 3) -> float:

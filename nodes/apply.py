@@ -53,6 +53,8 @@ class ApplyPrunedMask(io.ComfyNode):
         layout, plan = bridge.plan(model, mask, goal)
         if plan.ignored_kinds:
             label += f"; ignored {', '.join(plan.ignored_kinds)} ({layout.arch} has no such units)"
+        for note in plan.notes:
+            label += f"; {note}"
         if mode == "soft":
             out, report = bridge.soft_preview(model, layout, plan)
         else:

@@ -368,21 +368,22 @@ def test_default_keep_ratios_work_on_every_architecture(nodes, bridge, core, arc
 
 
 @pytest.mark.parametrize("arch", ["flux", "sd3"])
-def test_keep_ratio_below_heads_that_must_stay_is_refused_with_the_smallest_deliverable(nodes, bridge, core, arch):
-    """FLUX/SD3 attentions keep at least one head: head=0.05 is refused, naming the smallest ratio
-    that is delivered; that ratio is accepted and the model keeps exactly round(ratio × N) heads."""
+def test_keep_ratio_below_heads_that_must_stay_keeps_them_and_says_so(nodes, bridge, core, arch):
+    """FLUX/SD3 attentions keep at least one head: head=0.05 keeps one head per block and the report
+    says so, naming the smallest ratio kept exactly; that ratio keeps exactly round(ratio × N) heads."""
     tiny = ct.tiny(arch, seed=2)
     _, mask = _random_mask(bridge, core, tiny.model)
-    with pytest.raises(core.errors.EcoDiffError, match="must stay .* raise the head ratio to at least") as refused:
-        nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.2, "head=0.05", "prune")
-    advised = float(str(refused.value).rsplit("at least ", 1)[1])
-    with pytest.raises(core.errors.EcoDiffError, match="at least"):
-        nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.2, f"head={advised - 0.001:.3f}", "prune")
+    with torch.inference_mode():
+        _, short = nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.2, "head=0.05", "prune").args
+    assert "blocks cannot run without their last heads" in short.target
+    advised = float(short.target.rsplit("kept exactly is ", 1)[1].split(")")[0])
+    kept = next(k for k in short.report.kinds if k.kind == "head").units_after
     with torch.inference_mode():
         pruned, report = nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.2, f"head={advised}",
                                                        "prune").args
     heads = next(k for k in report.report.kinds if k.kind == "head")
-    assert heads.units_after == round(advised * heads.units_before) < heads.units_before
+    assert heads.units_after == round(advised * heads.units_before) == kept < heads.units_before
+    assert "cannot run" not in report.target
     assert torch.isfinite(ct.sample(pruned, tiny.positive, tiny.negative, seed=1, steps=1)).all()
 
 

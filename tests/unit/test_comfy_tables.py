@@ -190,9 +190,11 @@ def test_inline_attention_groups_never_lose_their_last_head():
     assert {g.name: g.min_keep for g in layout.groups if g.min_keep} == \
         {g.name: 1 for g in layout.groups if g.kind == "head"}
     logits = {g.name: torch.randn(g.count, generator=torch.Generator().manual_seed(0)) for g in layout.groups}
-    with pytest.raises(EcoDiffError, match="3 of them must stay .* raise the head ratio to at least 0.209"):
-        plan_pruning(model, layout, logits, PruneTarget(keep_ratios={"head": 0.05}))  # 1 of 12 heads
+    short = plan_pruning(model, layout, logits, PruneTarget(keep_ratios={"head": 0.05}))  # asks 1 of 12 heads
+    assert short.notes == ["keep_ratios head=0.05 keeps 3 of the 12 heads of 'comfy_flux', not 1: 3 blocks cannot "
+                           "run without their last heads (the smallest head ratio kept exactly is 0.209)"]
     plan = plan_pruning(model, layout, logits, PruneTarget(keep_ratios={"head": 0.209}))  # 3 of 12
+    assert not plan.notes and all(short.keep[n].equal(k) for n, k in plan.keep.items())
     for g in layout.groups:
         if g.kind == "head":  # the planner keeps exactly the best head
             assert plan.keep[g.name].tolist() == (logits[g.name] == logits[g.name].max()).tolist()
