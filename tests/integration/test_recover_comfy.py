@@ -221,3 +221,31 @@ def test_unfinished_run_for_other_inputs_is_not_resumed(change, nodes, bridge, h
     assert "started afresh" in summary
     state = rec.load_recover_state(lora_dirs / "ecodiff_recover" / f"changed_{change}.safetensors")
     assert [h["step"] for h in state.history] == [1, 2, 3, 4] and state.progress["finished"]
+
+
+@pytest.mark.parametrize("arch,weight,cast", [("flux", torch.float8_e4m3fn, torch.float32),
+                                              ("sd15", torch.float8_e5m2, torch.float32),
+                                              ("flux", torch.bfloat16, None)],
+                         ids=["flux-fp8e4m3-cast-fp32", "sd15-fp8e5m2-cast-fp32", "flux-bf16"])
+def test_recovery_on_low_precision_weights(arch, weight, cast, nodes, bridge, host):
+    """fp8 (ComfyUI's manual cast) and bf16 models: recovery trains (the LoRA is merged in float32
+    and cast back, as ComfyUI's loader does), lowers the loss and leaves both inputs untouched."""
+    _, ctx, pooled = ct.dims(arch)
+    positive, negative = ct.make_conditioning(arch, ctx, pooled, 10), ct.make_conditioning(arch, ctx, pooled, 11)
+    model = ct.build_model_precision(arch, 5, weight, cast)
+    layout = bridge.model_layout(model)
+    keep = {g.name: torch.rand(g.count, generator=torch.Generator().manual_seed(1)) > 0.3 for g in layout.groups}
+    for k in keep.values():
+        k[0] = True
+    with torch.inference_mode():
+        pruned, _ = bridge.build_pruned_model(model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
+    snap_o = weights_snapshot(model.model.diffusion_model)
+    snap_p = weights_snapshot(pruned.model.diffusion_model)
+    settings = sub("ecodiff_core.recover").RecoverSettings(rank=4, alpha=4.0, steps=12, lr=1e-2, batch=2, seed=0)
+    spec = bridge.SamplingSpec(width=64, height=64, steps=3, cfg=2.0, seed=1)
+    with torch.inference_mode():
+        result = host.recover_lora(model, pruned, [(positive, negative)], spec, settings, measure=True)
+    assert torch.isfinite(torch.tensor(result.loss_after))
+    assert result.loss_after < 0.9 * result.loss_before, (result.loss_before, result.loss_after)
+    assert same_weights(model.model.diffusion_model, snap_o)
+    assert same_weights(pruned.model.diffusion_model, snap_p)
