@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ecodiff_core.archs import find_layout  # noqa: E402
 from ecodiff_core.baselines import magnitude_scores, random_scores, taylor_scores  # noqa: E402
-from ecodiff_core.budget import PruneTarget, count_parameters  # noqa: E402
-from ecodiff_core.demo import calibration_samples, default_learn_settings, forward_flops, learn_mask, prune_to  # noqa: E402
+from ecodiff_core.plan import PruneTarget, count_parameters  # noqa: E402
+from ecodiff_core.embedded.demo import calibration_samples, default_learn_settings, forward_flops, learn_mask, prune_to  # noqa: E402
 from ecodiff_core.embedded.evaluation import EvalSettings, evaluate_model  # noqa: E402
 from ecodiff_core.embedded.judge import load_judge, real_data_floor  # noqa: E402
 from ecodiff_core.embedded.model import load_default_model, sigmas  # noqa: E402

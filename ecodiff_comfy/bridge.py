@@ -35,7 +35,7 @@ from torch import nn
 from ..ecodiff_core.archs import find_layout
 from .attention_patches import fit_attention_patches
 from .lora_on_pruned import pruned_patcher
-from ..ecodiff_core.budget import PrunePlan, PruneTarget, plan_pruning
+from ..ecodiff_core.plan import PrunePlan, PruneTarget, plan_pruning
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo, model_response, run_inputs
 from ..ecodiff_core.maskfile import MaskState
@@ -451,7 +451,7 @@ def learn_mask(model: Any, conds: Sequence[tuple[list, list]], spec: SamplingSpe
 def trajectory_losses(model: Any, conds: Sequence[tuple[list, list]], spec: SamplingSpec,
                       keep: dict[str, torch.Tensor] | None, reference: Any | None = None) -> list[torch.Tensor]:
     """Final latents of ``model`` (hard-gated by ``keep`` if given) along our Euler trajectories."""
-    from ..ecodiff_core.gating import hard_gates
+    from ..ecodiff_core.gate_hooks import hard_gates
     from ..ecodiff_core.trajectory import sample
 
     layout = model_layout(model) if keep is not None else None

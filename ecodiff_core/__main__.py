@@ -136,7 +136,7 @@ def _recover_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _run_recover(args: argparse.Namespace) -> int:
     from .recover import RecoverSettings
-    from .recover_demo import RecoverDemoSettings, run_recover, summary_text
+    from .embedded.recover_demo import RecoverDemoSettings, run_recover, summary_text
 
     rs = RecoverSettings(rank=args.rank, alpha=args.alpha, targets=args.targets, steps=args.steps, lr=args.lr,
                          batch=args.batch, seed=args.seed, states=args.states)
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         with command_errors(recover):
             return _run_recover(args)
 
-    from .demo import DemoSettings, run_demo, summary_text
+    from .embedded.demo import DemoSettings, run_demo, summary_text
 
     torch.set_num_threads(args.threads)
 

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .gating import GateController
+from .gate_hooks import GateController
 from .learn import frozen_weights
 from .trajectory import Denoiser, sample, teacher_steps
 from .units import Layout, get_linear

@@ -95,7 +95,8 @@ def build_meta(arch: str, weight_dtype: str = "bf16") -> nn.Module:
 
 
 def _sd3_layout(model: nn.Module) -> tuple[Layout, list[str]]:
-    from .archs.diffusers_common import feedforward_group, has_class, modulation_group
+    from .archs.diffusers_blocks import feedforward_group
+    from .archs.shared import has_class, modulation_group
 
     groups, blocks = [], []
     for i, block in enumerate(model.transformer_blocks):

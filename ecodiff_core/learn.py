@@ -18,8 +18,8 @@ from .archs import checkpoint_block_paths
 from .block_checkpoint import MODES as BLOCK_MODES
 from .block_checkpoint import checkpointed_blocks
 from .errors import SettingsError
-from .gates import REGULARIZERS, GateSettings, regularizer, sample_gate, uniform_noise
-from .gating import GateController
+from .hard_concrete import REGULARIZERS, GateSettings, regularizer, sample_gate, uniform_noise
+from .gate_hooks import GateController
 from .maskfile import MaskState
 from .trajectory import Denoiser, check_sigmas, per_step_gradient, sample, teacher_steps, trajectory_gradient
 from .units import UNIT_KINDS, Layout

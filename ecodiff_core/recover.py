@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import EcoDiffError, SettingsError
-from .prune import ScatterLinear
+from .replacements import ScatterLinear
 from .trajectory import Denoiser, check_sigmas, teacher_steps
 from .units import Layout
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..ecodiff_comfy import bridge
-from ..ecodiff_core.budget import MAX_FRACTION, PruneTarget, parse_keep_ratios  # noqa: F401 (the parser lives in the engine)
+from ..ecodiff_core.plan import MAX_FRACTION, PruneTarget, parse_keep_ratios  # noqa: F401 (the parser lives in the engine)
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.maskfile import MaskState
 from .common import CATEGORY, MaskType, ReportData, ReportType

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..ecodiff_comfy import bridge, preflight
 from ..ecodiff_core.errors import EcoDiffError, MaskFileError
-from ..ecodiff_core.gates import REGULARIZERS
+from ..ecodiff_core.hard_concrete import REGULARIZERS
 from ..ecodiff_core.learn import LearnSettings, StepInfo
 from ..ecodiff_core.maskfile import MaskState, load_mask, save_mask
 from .common import CATEGORY, MaskType, default_prompts, mask_summary, parse_prompts

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import EcoDiffError
 from ..units import Slice, UnitGroup
-from .diffusers_common import has_class, join, modulation_group
+from .shared import has_class, join, modulation_group
 
 ARCH_ID = "comfy_flux"
 DESCRIPTION = "ComfyUI Flux (FLUX.1 dev / schnell)"

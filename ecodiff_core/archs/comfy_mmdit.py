@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import EcoDiffError
 from ..units import Slice, UnitGroup
-from .diffusers_common import has_class, join
+from .shared import has_class, join
 
 ARCH_ID = "comfy_mmdit"
 DESCRIPTION = "ComfyUI MMDiT (SD3, SD3.5)"

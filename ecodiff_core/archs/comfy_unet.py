@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..empty import EmptyAttention
+from ..replacements import EmptyAttention
 from ..errors import EcoDiffError
 from ..units import Slice, UnitGroup
-from .diffusers_common import has_class, join
+from .shared import has_class, join
 
 ARCH_ID = "comfy_unet"
 DESCRIPTION = "ComfyUI UNetModel (SD1.x, SD2.x, SDXL)"

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..empty import EmptyFluxJointAttention, EmptyPreOnlyAttention
+from ..replacements import EmptyFluxJointAttention, EmptyPreOnlyAttention
 from ..errors import EcoDiffError
 from ..units import Slice, UnitGroup
-from .diffusers_common import feedforward_group, has_class, head_dim_of, join, modulation_group, reject_fused
+from .diffusers_blocks import feedforward_group, head_dim_of, reject_fused
+from .shared import has_class, join, modulation_group
 
 ARCH_ID = "diffusers_flux"
 DESCRIPTION = "diffusers FluxTransformer2DModel (FLUX.1)"

@@ -4,7 +4,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..units import UnitGroup
-from .diffusers_common import attention_group, block_label, feedforward_group, has_class
+from .diffusers_blocks import attention_group, feedforward_group
+from .shared import block_label, has_class
 
 ARCH_ID = "diffusers_unet"
 DESCRIPTION = "diffusers UNet2DConditionModel (SD1.x, SD2.x, SDXL)"

@@ -13,7 +13,7 @@ BLOCKS = {"sd15": {"ResBlock", "BasicTransformerBlock"}, "sdxl": {"ResBlock", "B
 
 def lambda_gradient(bridge, tiny, cfg: float, blocks: bool):
     core = sub("ecodiff_core")
-    archs, gates, gating = sub("ecodiff_core.archs"), sub("ecodiff_core.gates"), sub("ecodiff_core.gating")
+    archs, gates, gating = sub("ecodiff_core.archs"), sub("ecodiff_core.hard_concrete"), sub("ecodiff_core.gate_hooks")
     trajectory, block_checkpoint = sub("ecodiff_core.trajectory"), sub("ecodiff_core.block_checkpoint")
     assert core is not None
     layout = bridge.model_layout(tiny.model)

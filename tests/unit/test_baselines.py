@@ -3,7 +3,7 @@ import torch
 from test_learning import make_problem
 
 from ecodiff_core.baselines import magnitude_scores, random_scores, taylor_scores
-from ecodiff_core.gating import GateController
+from ecodiff_core.gate_hooks import GateController
 from ecodiff_core.units import get_linear
 
 

@@ -7,7 +7,7 @@ from tiny_models import MODEL_NAMES
 from ecodiff_core.archs import checkpoint_block_paths
 from ecodiff_core.block_checkpoint import checkpointed_blocks
 from ecodiff_core.errors import SettingsError
-from ecodiff_core.gating import GateController
+from ecodiff_core.gate_hooks import GateController
 from ecodiff_core.learn import LearnSettings, MaskLearner, use_block_checkpointing
 from ecodiff_core.trajectory import trajectory_gradient
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from ecodiff_core.archs import find_layout
-from ecodiff_core.budget import PruneTarget, plan_pruning
-from ecodiff_core.empty import EmptyAttention
+from ecodiff_core.plan import PruneTarget, plan_pruning
+from ecodiff_core.replacements import EmptyAttention
 from ecodiff_core.errors import EcoDiffError
 from ecodiff_core.prune import prune_model
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ecodiff_core.archs import find_layout
-from ecodiff_core.budget import PruneTarget, count_parameters
-from ecodiff_core.demo import DemoSettings, default_learn_settings, prune_to, run_demo
+from ecodiff_core.plan import PruneTarget, count_parameters
+from ecodiff_core.embedded.demo import DemoSettings, default_learn_settings, prune_to, run_demo
 from ecodiff_core.embedded.evaluation import EvalSettings, evaluate_model
 from ecodiff_core.embedded.judge import load_judge
 from ecodiff_core.embedded.model import load_default_model
@@ -109,7 +109,7 @@ def test_cli_bad_argument_is_one_error_line(args, message, tmp_path, capsys, mon
     existing = tmp_path / "a_file"
     existing.write_text("x")
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    monkeypatch.setattr("ecodiff_core.demo.run_demo", lambda *a, **k: pytest.fail("the demo ran"))
+    monkeypatch.setattr("ecodiff_core.embedded.demo.run_demo", lambda *a, **k: pytest.fail("the demo ran"))
     argv = ["demo", "--no-progress", *(a.format(file=existing) for a in args)]
     if "--output" not in args:
         argv += ["--output", str(tmp_path / "out")]

@@ -10,8 +10,8 @@ from torch.utils._pytree import tree_map
 from ecodiff_core.archs import find_layout
 from ecodiff_core.denoisers import EpsSchedule, flux_flow_denoiser, unet_eps_denoiser
 from ecodiff_core.errors import SettingsError
-from ecodiff_core.gates import GateSettings, sample_gate, uniform_noise
-from ecodiff_core.gating import GateController
+from ecodiff_core.hard_concrete import GateSettings, sample_gate, uniform_noise
+from ecodiff_core.gate_hooks import GateController
 from ecodiff_core.learn import (
     CalibrationSample,
     LearnSettings,

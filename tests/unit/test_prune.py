@@ -11,9 +11,10 @@ from torch import nn
 from tests.pruned_shapes import check_counts_match_shapes
 
 from ecodiff_core.archs import find_layout
-from ecodiff_core.empty import EmptyAttention, EmptyFluxJointAttention, EmptyPreOnlyAttention
+from ecodiff_core.replacements import EmptyAttention, EmptyFluxJointAttention, EmptyPreOnlyAttention
 from ecodiff_core.errors import EcoDiffError
-from ecodiff_core.prune import ScatterLinear, physical_keep, prune_model, scatter_rows
+from ecodiff_core.prune import physical_keep, prune_model
+from ecodiff_core.replacements import ScatterLinear, scatter_rows
 from ecodiff_core.units import Layout, parameter_costs
 
 
@@ -24,7 +25,7 @@ def case(name: str):
 
 
 def hard_gate_hooks(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor]) -> list:
-    """The test's own gating, independent of ecodiff_core.gating: multiply the features named by
+    """The test's own gating, independent of ecodiff_core.gate_hooks: multiply the features named by
     each group's gate slices by its 0/1 keep vector (input columns by a pre-hook, output rows by a
     forward hook)."""
     handles = []

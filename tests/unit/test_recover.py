@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ecodiff_core.archs import find_layout
-from ecodiff_core.budget import PruneTarget
-from ecodiff_core.demo import prune_to
+from ecodiff_core.plan import PruneTarget
+from ecodiff_core.embedded.demo import prune_to
 from ecodiff_core.embedded.model import initial_noise, load_default_model, sigmas
 from ecodiff_core.errors import EcoDiffError, SettingsError
 from ecodiff_core.learn import frozen_weights

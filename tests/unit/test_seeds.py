@@ -22,7 +22,7 @@ def test_calibration_noise_of_the_largest_seed_wraps():
     starts from the noise of seed 999."""
     import torch
 
-    from ecodiff_core.demo import calibration_samples
+    from ecodiff_core.embedded.demo import calibration_samples
     from ecodiff_core.embedded.model import initial_noise
 
     class Stub:

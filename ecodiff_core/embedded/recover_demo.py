@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from .archs import find_layout
-from .budget import PruneTarget, count_parameters
-from .errors import SettingsError
-from .learn import frozen_weights
-from .recover import (DistillProblem, LoraRecoverer, LoraWeights, RecoverSettings, distillation_loss,
+from ..archs import find_layout
+from ..plan import PruneTarget, count_parameters
+from ..errors import SettingsError
+from ..learn import frozen_weights
+from ..recover import (DistillProblem, LoraRecoverer, LoraWeights, RecoverSettings, distillation_loss,
                       lora_target_paths, rollout_states, teacher_targets)
 
 
@@ -52,7 +52,7 @@ class RecoverDemoSettings:
 def distill_problems(model, student, teacher, prompts: list[str], settings: RecoverDemoSettings,
                      sigmas: torch.Tensor, lora: LoraWeights) -> list[DistillProblem]:
     """States along the chosen model's trajectories (LoRA at zero), the teacher's x0 on them."""
-    from .embedded.model import initial_noise
+    from .model import initial_noise
 
     problems = []
     for k, start in enumerate(range(0, len(prompts), settings.prompts_per_trajectory)):
@@ -75,11 +75,11 @@ def run_recover(settings: RecoverDemoSettings, progress: bool = True) -> dict[st
     from tqdm.auto import tqdm
 
     from .demo import calibration_samples, default_learn_settings, learn_mask, prune_to
-    from .embedded.evaluation import EvalSettings, evaluate_model
-    from .embedded.judge import load_judge
-    from .embedded.model import load_default_model, sigmas
-    from .embedded.text import calibration_prompts
-    from .maskfile import load_mask, save_mask
+    from .evaluation import EvalSettings, evaluate_model
+    from .judge import load_judge
+    from .model import load_default_model, sigmas
+    from .text import calibration_prompts
+    from ..maskfile import load_mask, save_mask
 
     settings.validate()
     torch.manual_seed(settings.seed)

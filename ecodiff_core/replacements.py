@@ -1,4 +1,5 @@
-"""Replacements for modules whose units are all removed.
+"""Replacement modules for pruned layers: owners whose units are all removed, and Linears that keep
+only some output rows (``ScatterLinear``).
 
 With every head gated to zero an attention module still adds its out-projection bias; the
 replacement returns exactly that (the official code wrongly passes its input through instead).
@@ -115,3 +116,42 @@ class EmptyPreOnlyAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return "all heads pruned"
+
+
+class ScatterLinear(nn.Module):
+    """A Linear that computes only ``rows`` of its output and scatters them into zeros.
+
+    Used where a gate sits on output rows (AdaLN modulation channels): parameters and FLOPs shrink,
+    the output keeps its full width ``out_features``, so the consumer (chunk into shift/scale/gate)
+    is unchanged.  A pruned Linear keeps its own class, with this class mixed in (``scatter_rows``):
+    whatever the host's layer does with its weight (ComfyUI's manual cast, scaled fp8
+    ``scale_weight``, patched weight functions) still happens; only the output is scattered.
+    ``weight`` holds the kept rows, in the order of ``rows``.
+    """
+
+    rows: torch.Tensor
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = super().forward(x, *args, **kwargs)
+        out = y.new_zeros((*y.shape[:-1], self.out_features))
+        return out.index_copy(-1, self.rows.to(y.device), y)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, computed_rows={self.rows.numel()}"
+
+
+_SCATTER_CLASSES: dict[type, type] = {}
+
+
+def scatter_rows(linear: nn.Linear, rows: torch.Tensor, out_features: int) -> nn.Linear:
+    """Make ``linear`` (whose weight and bias already hold only ``rows``) a ScatterLinear of full
+    width ``out_features``, in place: its class becomes ``ScatterLinear`` mixed into its own class,
+    and ``rows`` a buffer (state-dict key ``<path>.rows``).  Returns ``linear``."""
+    cls = type(linear)
+    if not issubclass(cls, ScatterLinear):
+        if cls not in _SCATTER_CLASSES:
+            _SCATTER_CLASSES[cls] = type(f"Scatter{cls.__name__}", (ScatterLinear, cls), {"__module__": __name__})
+        linear.__class__ = _SCATTER_CLASSES[cls]
+    linear.register_buffer("rows", torch.as_tensor(rows, dtype=torch.long).clone())
+    linear.in_features, linear.out_features = linear.weight.shape[1], int(out_features)
+    return linear

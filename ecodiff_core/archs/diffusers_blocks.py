@@ -1,4 +1,4 @@
-"""Unit groups of diffusers building blocks shared by several architecture tables.
+"""Unit groups of diffusers building blocks (``Attention``, ``FeedForward``) used by the diffusers tables.
 
 Matching is by class name and structure only, so diffusers need not be importable here.
 """
@@ -6,27 +6,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..empty import EmptyAttention
+from ..replacements import EmptyAttention
 from ..errors import EcoDiffError
 from ..units import Slice, UnitGroup
-
-
-def has_class(obj: object, *names: str) -> bool:
-    """True if the class of ``obj`` or one of its bases is called one of ``names``."""
-    return any(c.__name__ in names for c in type(obj).__mro__)
-
-
-def join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
-def block_label(path: str, depth: int) -> str:
-    """The first ``depth`` components of a module path, e.g. 'down_blocks.1'."""
-    return ".".join(path.split(".")[:depth])
-
-
-def _is_linear(module: object) -> bool:
-    return isinstance(module, nn.Linear)
+from .shared import is_linear, join
 
 
 def reject_fused(attn: nn.Module, path: str) -> None:
@@ -51,10 +34,10 @@ def attention_group(attn: nn.Module, path: str, block: str) -> UnitGroup | None:
     """
     reject_fused(attn, path)
     needed = ("to_q", "to_k", "to_v")
-    if not all(_is_linear(getattr(attn, n, None)) for n in needed):
+    if not all(is_linear(getattr(attn, n, None)) for n in needed):
         return None
     to_out = getattr(attn, "to_out", None)
-    if to_out is None or not _is_linear(to_out[0]):
+    if to_out is None or not is_linear(to_out[0]):
         return None
     if getattr(attn, "added_kv_proj_dim", None) is not None:
         return None
@@ -87,7 +70,7 @@ def feedforward_group(ff: nn.Module, path: str, block: str) -> UnitGroup | None:
     if net is None or len(net) < 3:
         return None
     proj, down = getattr(net[0], "proj", None), net[2]
-    if not (_is_linear(proj) and _is_linear(down)):
+    if not (is_linear(proj) and is_linear(down)):
         return None
     inner = down.in_features
     if proj.out_features == inner:
@@ -104,11 +87,3 @@ def feedforward_group(ff: nn.Module, path: str, block: str) -> UnitGroup | None:
     )
 
 
-def modulation_group(linear: nn.Module, path: str, block: str) -> UnitGroup:
-    """Output channels of an AdaLN modulation linear (shift/scale/gate): gate = its output rows."""
-    if not _is_linear(linear):
-        raise EcoDiffError(f"modulation '{path}' is a {type(linear).__name__}, expected nn.Linear")
-    return UnitGroup(
-        name=f"{path}:channels", kind="channel", count=linear.out_features, width=1, owner=path,
-        gates=(Slice(path, "out"),), block=block,
-    )

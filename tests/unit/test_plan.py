@@ -8,7 +8,7 @@ import torch
 from tiny_models import MODEL_NAMES, build, must_keep_layout
 
 from ecodiff_core.archs import find_layout
-from ecodiff_core.budget import (MAX_FRACTION, MIN_KEEP_RATIO, PruneTarget, max_fraction, min_keep_ratio,
+from ecodiff_core.plan import (MAX_FRACTION, MIN_KEEP_RATIO, PruneTarget, max_fraction, min_keep_ratio,
                                   parse_keep_ratios, plan_pruning, select_by_ratios, select_units)
 from ecodiff_core.errors import EcoDiffError
 from ecodiff_core.flops import measure_flops, total_flops

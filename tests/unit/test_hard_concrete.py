@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ecodiff_core.gates import GateSettings, expected_gate, regularizer, sample_gate, uniform_noise
+from ecodiff_core.hard_concrete import GateSettings, expected_gate, regularizer, sample_gate, uniform_noise
 
 
 def reference_gate(lam: float, u: float, s: GateSettings) -> float:

@@ -17,17 +17,17 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .archs import find_layout
-from .budget import PrunePlan, PruneTarget, count_parameters, plan_pruning
-from .errors import EcoDiffError, SettingsError
-from .flops import total_flops
-from .gates import GateSettings
-from .learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo
-from .maskfile import MaskState, save_mask
-from .prune import prune_model
-from .report import PruneReport
-from .seeds import check_seed, derived_seed
-from .units import Layout
+from ..archs import find_layout
+from ..plan import PrunePlan, PruneTarget, count_parameters, plan_pruning
+from ..errors import EcoDiffError, SettingsError
+from ..flops import total_flops
+from ..hard_concrete import GateSettings
+from ..learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo
+from ..maskfile import MaskState, save_mask
+from ..prune import prune_model
+from ..report import PruneReport
+from ..seeds import check_seed, derived_seed
+from ..units import Layout
 
 
 def default_learn_settings() -> LearnSettings:
@@ -62,7 +62,7 @@ class DemoSettings:
 
     def validate(self) -> None:
         """SettingsError naming the first bad setting (numbers, the output folder, then learning)."""
-        from .embedded.data import NUM_CLASSES, load_digit_split
+        from .data import NUM_CLASSES, load_digit_split
 
         PruneTarget(params=self.sparsity)
         check_seed(self.seed)
@@ -88,7 +88,7 @@ def calibration_samples(
     model, prompts: list[str], cfg: float, per_trajectory: int, seed: int
 ) -> list[CalibrationSample]:
     """Prompts batched into trajectories; each batch gets its own fixed x_T."""
-    from .embedded.model import initial_noise
+    from .model import initial_noise
 
     samples = []
     for k, start in enumerate(range(0, len(prompts), per_trajectory)):
@@ -137,7 +137,7 @@ def prune_to(
 def forward_flops(model, transformer: nn.Module) -> int:
     """FLOPs of one transformer call on a CFG batch of 2 (one prompt)."""
     denoise = model.make_denoiser(["a handwritten seven"], 1.5, transformer)
-    from .embedded.model import initial_noise
+    from .model import initial_noise
 
     x = initial_noise(1, 0)
     with torch.no_grad():
@@ -170,10 +170,10 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict[str, Any]:
     """Learn → prune → evaluate both models with the same seeds → grid and report in ``settings.output``."""
     from tqdm.auto import tqdm
 
-    from .embedded.evaluation import EvalSettings, evaluate_model, evaluation_prompts, generate
-    from .embedded.judge import load_judge, real_data_floor
-    from .embedded.model import load_default_model, sigmas
-    from .embedded.text import calibration_prompts
+    from .evaluation import EvalSettings, evaluate_model, evaluation_prompts, generate
+    from .judge import load_judge, real_data_floor
+    from .model import load_default_model, sigmas
+    from .text import calibration_prompts
 
     settings.validate()
     torch.manual_seed(settings.seed)
