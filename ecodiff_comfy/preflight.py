@@ -5,7 +5,7 @@ The estimate traces the project's own learning step (``ecodiff_core.memory.measu
 on a meta-device copy of the MODEL's diffusion module (same classes, shapes and weight dtypes; no
 memory, no compute), called as ComfyUI's model_base calls it, with the latent and conditioning
 shapes of this run and PyTorch's fused attention (what ComfyUI uses on NVIDIA GPUs).  Estimates
-are cached per model layout and shapes.  ComfyUI is imported lazily, as in ``bridge``.
+are cached per model layout and shapes.  ComfyUI is imported lazily, as in the rest of ``ecodiff_comfy``.
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.learn import LearnSettings, use_block_checkpointing
 from ..ecodiff_core.memory import (FP8_DTYPES, GB, StepMemory, estimate_step, fit_advice, meta_copy,
                                    measure_learning_step, weight_bytes)
-from . import bridge
+from . import learning
+from .sampling import grad_context
+from .weights import diffusion_module, model_layout
 
 log = logging.getLogger("ecodiff")
 
@@ -109,8 +111,8 @@ def estimate(model: Any, spec: Any, conds: Sequence[tuple[list, list]],
 
     Raises EcoDiffError for a model the preflight cannot trace.
     """
-    module = bridge.diffusion_module(model)
-    layout = bridge.model_layout(model)
+    module = diffusion_module(model)
+    layout = model_layout(model)
     with torch.inference_mode(False):
         copy = meta_copy(module)
         denoise, x, sigmas, shape_key = _meta_problem(model, copy, spec, conds)
@@ -118,7 +120,7 @@ def estimate(model: Any, spec: Any, conds: Sequence[tuple[list, list]],
 
         def measure(block_checkpointing: bool) -> int:
             return measure_learning_step(copy, layout, denoise, x, sigmas, block_checkpointing,
-                                         grad_context=bridge.grad_context)
+                                         grad_context=grad_context)
 
         return estimate_step(key, lambda: weight_bytes(module), measure, modes)
 
@@ -158,11 +160,11 @@ def check(model: Any, spec: Any, conds: Sequence[tuple[list, list]], settings: L
              "block checkpointing %s); %.2f GB available", need / GB, memory.weights / GB,
              memory.activations(blocks) / GB, "on" if blocks else "off", available / GB)
     if need > available:
-        what = f"{type(bridge.diffusion_module(model)).__name__} at {spec.width}×{spec.height}" \
+        what = f"{type(diffusion_module(model)).__name__} at {spec.width}×{spec.height}" \
                f"{' with CFG' if spec.cfg != 1.0 else ''}"
         raise InsufficientMemoryError(
             "EcoDiff stopped before learning: " +
-            fit_advice(memory, available, blocks, weight_dtype_name(bridge.diffusion_module(model)), what))
+            fit_advice(memory, available, blocks, weight_dtype_name(diffusion_module(model)), what))
     return dataclasses.replace(settings, block_checkpointing="on" if blocks else "off")
 
 
@@ -175,6 +177,6 @@ def _loaded_bytes(model: Any) -> int:
 
 def learn_mask(model: Any, conds: Sequence[tuple[list, list]], spec: Any, settings: LearnSettings,
                **kwargs: Any) -> Any:
-    """``bridge.learn_mask`` after the memory preflight, which may stop it before any compute; the
+    """``learning.learn_mask`` after the memory preflight, which may stop it before any compute; the
     learner runs with ``block_checkpointing`` as the preflight resolved it ("auto" → "on"/"off")."""
-    return bridge.learn_mask(model, conds, spec, check(model, spec, conds, settings), **kwargs)
+    return learning.learn_mask(model, conds, spec, check(model, spec, conds, settings), **kwargs)

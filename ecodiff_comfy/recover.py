@@ -5,7 +5,7 @@ patcher-scoped weight wrappers (``ModelPatcher.add_weight_wrapper``, as ComfyUI'
 each computing W + (α/r)·up·down in float32 and casting back to the weight's dtype, which is what
 ComfyUI's LoRA loader merges.  The input MODELs are never modified.
 
-Three passes through ``bridge.run_with_denoisers`` keep at most one model loaded at a time (ComfyUI's
+Three passes through ``sampling.run_with_denoisers`` keep at most one model loaded at a time (ComfyUI's
 model management may unload the other): (1) the states x_t along the calibration trajectories of the
 pruned model (or of the original), (2) the original model's x0 on those states, kept on the CPU,
 (3) training.  The output MODEL is the pruned MODEL with the saved LoRA file's tensors applied by
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,28 +27,12 @@ from ..ecodiff_core.learn import frozen_weights
 from ..ecodiff_core.recover import (DistillProblem, LoraRecoverer, LoraWeights, RecoverSettings, RecoverState,
                                     RecoverStepInfo, distillation_loss, lora_metadata, lora_target_paths,
                                     rollout_states, teacher_targets)
-from . import bridge
+from ..ecodiff_core.safetensors_file import write_atomic
+from . import sampling
+from .progress import state_kept_on_stop
+from .weights import diffusion_module, model_layout, pruning_info
 
-RECOVER_FOLDER = "ecodiff_recover"
-LORA_FOLDER = "loras"
-
-
-def register_folder() -> None:
-    """``models/ecodiff_recover`` holds the resumable states of LoRA Recover runs."""
-    import folder_paths
-
-    if RECOVER_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[RECOVER_FOLDER] = (
-            [os.path.join(folder_paths.models_dir, RECOVER_FOLDER)], {".safetensors"})
-
-
-def folder(name: str) -> Path:
-    import folder_paths
-
-    register_folder()
-    path = Path(folder_paths.get_folder_paths(name)[0])
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+log = logging.getLogger("ecodiff")
 
 
 class _LoraWeight:
@@ -66,13 +50,13 @@ class _LoraWeight:
 
 def check_models(original: Any, pruned: Any) -> tuple[Any, dict]:
     """The original's layout and the pruned MODEL's record, after checking they belong together."""
-    record = bridge.pruning_info(pruned)
+    record = pruning_info(pruned)
     if record is None:
         raise EcoDiffError("LoRA Recover trains on a pruned MODEL: connect the output of Apply Pruned Mask "
                            "(mode 'prune') or Load Pruned Model to 'model'")
-    if bridge.pruning_info(original) is not None:
+    if pruning_info(original) is not None:
         raise EcoDiffError("'original_model' is itself pruned: connect the full model the mask was learned on")
-    layout = bridge.model_layout(original)
+    layout = model_layout(original)
     if layout.fingerprint() != record["fingerprint"]:
         raise EcoDiffError(f"the pruned MODEL was pruned from another model (layout {record['fingerprint']}, "
                            f"original_model has {layout.fingerprint()}); connect the model it was pruned from")
@@ -87,7 +71,7 @@ def pruned_fingerprint(record: dict) -> str:
 
 def _weights_digest(model: Any, h: "hashlib._Hash") -> None:
     """A cheap digest of a MODEL's weights: shape and sum of a spread of its parameters."""
-    params = list(bridge.diffusion_module(model).state_dict().items())
+    params = list(diffusion_module(model).state_dict().items())
     for name, t in params[:: max(1, len(params) // 16)] + params[-1:]:
         h.update(f"{name}{tuple(t.shape)}{float(t.detach().float().sum()):.6e}".encode())
 
@@ -107,7 +91,7 @@ def _conds_digest(obj: Any, h: "hashlib._Hash") -> None:
 
 
 def run_fingerprint(original: Any, pruned: Any, record: dict, conds: Sequence[tuple[list, list]],
-                    spec: "bridge.SamplingSpec", settings: RecoverSettings) -> str:
+                    spec: sampling.SamplingSpec, settings: RecoverSettings) -> str:
     """Identifies a recovery run's inputs: both models (shapes and weights), the calibration
     conditionings, the trajectories and the settings that shape training (not ``steps``)."""
     h = hashlib.sha256(pruned_fingerprint(record).encode())
@@ -137,7 +121,7 @@ class RecoverResult:
     loss_after: float | None = None
 
 
-def recover_lora(original: Any, pruned: Any, conds: Sequence[tuple[list, list]], spec: "bridge.SamplingSpec",
+def recover_lora(original: Any, pruned: Any, conds: Sequence[tuple[list, list]], spec: sampling.SamplingSpec,
                  settings: RecoverSettings, resume: RecoverState | None = None,
                  callback: Callable[[RecoverStepInfo], bool | None] | None = None,
                  on_stop: Callable[[RecoverState], None] | None = None, measure: bool = False) -> RecoverResult:
@@ -154,7 +138,7 @@ def recover_lora(original: Any, pruned: Any, conds: Sequence[tuple[list, list]],
     layout, record = check_models(original, pruned)
     fingerprint = run_fingerprint(original, pruned, record, conds, spec, settings)
     with torch.inference_mode(False):
-        module = bridge.diffusion_module(pruned)
+        module = diffusion_module(pruned)
         paths = lora_target_paths(module, layout, settings.targets)
         lora = LoraWeights.for_module(module, paths, settings.rank, settings.alpha, settings.seed,
                                       device=mm.get_torch_device())
@@ -162,14 +146,14 @@ def recover_lora(original: Any, pruned: Any, conds: Sequence[tuple[list, list]],
             resume = RecoverState(resume.arch, resume.fingerprint, {k: v.clone() for k, v in resume.lora.items()},
                                   dict(resume.settings), dict(resume.progress), list(resume.history),
                                   {k: v.clone() for k, v in resume.optimizer.items()}, resume.stop_reason)
-        recoverer = LoraRecoverer(lora, settings, layout.arch, fingerprint, resume, bridge.grad_context)
+        recoverer = LoraRecoverer(lora, settings, layout.arch, fingerprint, resume, sampling.grad_context)
         student = lora_patched(pruned, lora)
 
-    def states_body(session: bridge.Session) -> list[list[torch.Tensor]]:
+    def states_body(session: sampling.Session) -> list[list[torch.Tensor]]:
         return [[x.cpu() for x in rollout_states(s.denoise, s.noise, session.sigmas)] for s in session.samples]
 
     def targets_body(states: list[list[torch.Tensor]]):
-        def body(session: bridge.Session):
+        def body(session: sampling.Session):
             sig = session.sigmas[:-1]
             out = []
             for s, xs in zip(session.samples, states):
@@ -180,43 +164,38 @@ def recover_lora(original: Any, pruned: Any, conds: Sequence[tuple[list, list]],
         return body
 
     if settings.states == "pruned":  # the pruned model without the LoRA: a resumed run sees the same states
-        states = bridge.run_with_denoisers(pruned, conds, spec, states_body)
+        states = sampling.run_with_denoisers(pruned, conds, spec, states_body)
     else:
         states = [None] * len(conds)
-    data = bridge.run_with_denoisers(original, conds, spec, targets_body(states))
+    data = sampling.run_with_denoisers(original, conds, spec, targets_body(states))
 
-    def train_body(session: bridge.Session) -> RecoverResult:
+    def train_body(session: sampling.Session) -> RecoverResult:
         sig = session.sigmas[:-1]
         problems = [DistillProblem(s.denoise, [x.to(session.device) for x in xs], sig,
                                    [t.to(session.device) for t in ts])
                     for s, (xs, ts) in zip(session.samples, data)]
         with frozen_weights(session.module):
             before = distillation_loss(problems) if measure else None
-            try:
+            with state_kept_on_stop(lambda: recoverer.state, on_stop):
                 state = recoverer.train(problems, callback)
-            except BaseException:
-                if on_stop is not None:
-                    st = recoverer.state
-                    st.stop_reason = st.stop_reason or f"interrupted after step {st.progress.get('step', 0)}"
-                    on_stop(st)
-                raise
             after = distillation_loss(problems) if measure else None
         meta = lora_metadata(settings, layout.arch, layout.fingerprint(), record["kept"],
                              {"base_model": record.get("model_config_class", ""), "pruned_fingerprint": fingerprint,
                               "steps_trained": state.progress.get("step", 0)})
         return RecoverResult(state, lora, meta, before, after)
 
-    return bridge.run_with_denoisers(student, conds, spec, train_body)
+    log.info("EcoDiff: LoRA Recover of a pruned %s model (%d layers, rank %d) on %d prompts", layout.arch,
+             len(paths), settings.rank, len(conds))
+    result = sampling.run_with_denoisers(student, conds, spec, train_body)
+    log.info("EcoDiff: LoRA Recover %s after %d steps", "finished" if result.state.progress.get("finished")
+             else "stopped", result.state.progress.get("step", 0))
+    return result
 
 
 def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write the LoRA file atomically (safetensors with ``metadata``)."""
-    import safetensors.torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    path = write_atomic(path, {k: v.contiguous() for k, v in tensors.items()}, metadata)
+    log.info("EcoDiff: saved the recovered LoRA to %s", path)
     return path
 
 

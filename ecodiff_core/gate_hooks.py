@@ -101,3 +101,18 @@ def hard_gates(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor]) 
     with controller.installed():
         controller.set({name: k.float() for name, k in keep.items()})
         yield
+
+
+def gate_scales(module: nn.Module, layout: Layout, values: dict[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    """Per (Linear path, side "in"/"out"): the float32 CPU feature scale vector (length in_features
+    or out_features) built from the ``values`` (one per unit, e.g. a keep mask) of every group
+    gating it; features no group gates stay 1.  What ``GateController`` multiplies, as weights."""
+    scales: dict[tuple[str, str], torch.Tensor] = {}
+    for g in layout.groups:
+        for site in g.gates:
+            lin = get_linear(module, site.module)
+            width = lin.in_features if site.side == "in" else lin.out_features
+            scale = scales.setdefault((site.module, site.side), torch.ones(width))
+            stop = site.offset + g.count * g.width
+            scale[site.offset:stop] = values[g.name].float().cpu().repeat_interleave(g.width)
+    return scales

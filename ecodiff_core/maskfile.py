@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -9,16 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from .errors import MaskFileError
+from .safetensors_file import check_format, read, write_atomic
 from .units import UNIT_KINDS, Layout
 
 FORMAT = "ecodiff-mask"
 FORMAT_VERSION = 1
 _LOGIT = "logits/"
 _OPTIM = "optim/"
+log = logging.getLogger("ecodiff")
 
 
 @dataclass
@@ -102,35 +103,18 @@ def save_mask(path: str | os.PathLike, state: MaskState) -> Path:
         "inputs": json.dumps(state.inputs),
         "package_version": __version__,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    path = write_atomic(path, tensors, metadata)
+    log.info("EcoDiff: saved mask for %s to %s", state.arch, path)
     return path
-
-
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise MaskFileError(f"mask file not found: {path}")
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise MaskFileError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
-    return tensors, metadata
 
 
 def load_mask(path: str | os.PathLike, layout: Layout | None = None) -> MaskState:
     """Read a mask; with ``layout``, also check that it belongs to that model."""
     path = Path(path)
-    tensors, meta = _read(path)
-    if meta.get("format") != FORMAT:
-        raise MaskFileError(f"{path} is not an EcoDiff mask file (metadata 'format' is {meta.get('format')!r})")
-    if meta.get("format_version") != str(FORMAT_VERSION):
-        raise MaskFileError(f"{path} has mask format version {meta.get('format_version')!r}; "
-                            f"this version of EcoDiff reads version {FORMAT_VERSION}")
+    if not path.is_file():
+        raise MaskFileError(f"mask file not found: {path}")
+    tensors, meta = read(path, MaskFileError)
+    check_format(meta, str(path), FORMAT, FORMAT_VERSION, "an EcoDiff mask file", MaskFileError)
     try:
         kinds = json.loads(meta["kinds"])
         state = MaskState(
@@ -155,6 +139,7 @@ def load_mask(path: str | os.PathLike, layout: Layout | None = None) -> MaskStat
         raise MaskFileError(f"{path} is damaged: {problem}; re-save the mask or learn a new one")
     if layout is not None:
         state.check_layout(layout)
+    log.info("EcoDiff: loaded mask for %s from %s", state.arch, path)
     return state
 
 

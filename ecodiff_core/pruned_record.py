@@ -1,6 +1,6 @@
 """The pruning record of a pruned-model file: its schema, checked before any of it is used.
 
-A pruned-model file (see ``ecodiff_comfy.bridge.save_pruned_model``) carries a JSON ``record`` that
+A pruned-model file (see ``ecodiff_comfy.pruned_files.save_pruned_model``) carries a JSON ``record`` that
 says how to rebuild the slim module: the base architecture's config and, per unit group, which units
 were kept.  Files come from disk (downloads, hand edits), so every field is checked here before the
 host rebuilds anything from it; ComfyUI-specific checks (that the class names are real ComfyUI
@@ -32,7 +32,7 @@ def _is_identifier(value: Any) -> bool:
 
 
 def _is_json_config(value: Any, depth: int = 0) -> bool:
-    """JSON values as ``bridge._jsonable`` writes them: scalars, lists, str-keyed dicts, and
+    """JSON values as ``config_to_json`` writes them: scalars, lists, str-keyed dicts, and
     ``{"__dtype__": name}`` for torch dtypes (the name must be a real torch dtype)."""
     if depth > 16:
         return False
@@ -47,6 +47,31 @@ def _is_json_config(value: Any, depth: int = 0) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
     return value is None or isinstance(value, (str, int, bool))
+
+
+def config_to_json(obj: Any) -> Any:
+    """A model config (``unet_config``, ``sampling_settings``) as JSON values: dict keys as strings,
+    tuples as lists, torch dtypes as ``{"__dtype__": "float16"}``, other objects as their ``str``."""
+    if isinstance(obj, dict):
+        return {str(k): config_to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [config_to_json(v) for v in obj]
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).removeprefix("torch.")}
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def config_from_json(obj: Any) -> Any:
+    """The inverse of ``config_to_json`` on a checked record (``{"__dtype__": name}`` → the torch dtype)."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__dtype__"}:
+            return getattr(torch, obj["__dtype__"])
+        return {k: config_from_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [config_from_json(v) for v in obj]
+    return obj
 
 
 def _is_str_list(value: Any) -> bool:

@@ -32,6 +32,7 @@ from torch import nn
 
 from .errors import EcoDiffError, SettingsError
 from .replacements import ScatterLinear
+from .safetensors_file import check_format, read, write_atomic
 from .trajectory import Denoiser, check_sigmas, teacher_steps
 from .units import Layout
 
@@ -272,36 +273,19 @@ class RecoverState:
 
 def save_recover_state(path: Path, state: RecoverState) -> Path:
     """Write ``state`` atomically as safetensors (tensors + JSON metadata)."""
-    import os
-
-    import safetensors.torch
-
     tensors = {f"lora/{k}": v.contiguous() for k, v in state.lora.items()}
     tensors.update({f"optimizer/{k}": v.detach().cpu().contiguous() for k, v in state.optimizer.items()})
     meta = {"format": STATE_FORMAT, "format_version": str(FORMAT_VERSION), "arch": state.arch,
             "fingerprint": state.fingerprint, "settings": json.dumps(state.settings),
             "progress": json.dumps(state.progress), "history": json.dumps(state.history),
             "stop_reason": state.stop_reason}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, tensors, meta)
 
 
 def load_recover_state(path: Path) -> RecoverState:
     """Read a state written by :func:`save_recover_state`; EcoDiffError if damaged or foreign."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise EcoDiffError(f"{path} is not a readable LoRA Recover state: {exc}") from exc
-    if meta.get("format") != STATE_FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
-        raise EcoDiffError(f"{Path(path).name} is not a LoRA Recover state file (version {FORMAT_VERSION})")
+    tensors, meta = read(path, what="LoRA Recover state")
+    check_format(meta, Path(path).name, STATE_FORMAT, FORMAT_VERSION, "a LoRA Recover state file")
     try:
         return RecoverState(
             arch=meta["arch"], fingerprint=meta["fingerprint"],

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from ..ecodiff_comfy import bridge
+from ..ecodiff_comfy.folders import register_folders
 from .apply import ApplyPrunedMask
 from .compare import CompareImages
 from .demo import DemoModel, JudgeDigits
@@ -26,5 +26,5 @@ class EcoDiffExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> EcoDiffExtension:
-    bridge.register_folders()
+    register_folders()
     return EcoDiffExtension()

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..ecodiff_comfy import bridge
+from ..ecodiff_comfy.pruned_models import build_pruned_model, plan_for_mask
+from ..ecodiff_comfy.soft_gates import soft_preview
+from ..ecodiff_comfy.weights import pruning_info
 from ..ecodiff_core.plan import MAX_FRACTION, PruneTarget, parse_keep_ratios  # noqa: F401 (the parser lives in the engine)
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.maskfile import MaskState
@@ -48,16 +50,16 @@ class ApplyPrunedMask(io.ComfyNode):
             goal, label = PruneTarget(keep_ratios=ratios), f"keep ratios {ratios}"
         else:
             raise EcoDiffError(f"target must be one of {', '.join(TARGETS)}, got '{target}'")
-        if bridge.pruning_info(model) is not None:
+        if pruning_info(model) is not None:
             raise EcoDiffError("this MODEL is already pruned; apply the mask to the original model")
-        layout, plan = bridge.plan(model, mask, goal)
+        layout, plan = plan_for_mask(model, mask, goal)
         if plan.ignored_kinds:
             label += f"; ignored {', '.join(plan.ignored_kinds)} ({layout.arch} has no such units)"
         for note in plan.notes:
             label += f"; {note}"
         if mode == "soft":
-            out, report = bridge.soft_preview(model, layout, plan)
+            out, report = soft_preview(model, layout, plan)
         else:
-            out, report = bridge.build_pruned_model(model, layout, plan.keep, mask.logits)
+            out, report = build_pruned_model(model, layout, plan.keep, mask.logits)
         data = ReportData(report=report, mode=mode, target=label)
         return io.NodeOutput(out, data)

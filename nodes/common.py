@@ -1,8 +1,7 @@
-"""Types and small helpers shared by the EcoDiff nodes (no math here: see the bridge and the engine)."""
+"""Types and small helpers shared by the EcoDiff nodes (no math here: see ``ecodiff_comfy`` and the engine)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from comfy_api.latest import io
@@ -12,15 +11,6 @@ from ..ecodiff_core.maskfile import MaskState
 CATEGORY = "EcoDiff"
 MaskType = io.Custom("ECODIFF_MASK")
 ReportType = io.Custom("ECODIFF_REPORT")
-PROMPTS_FILE = Path(__file__).resolve().parent.parent / "ecodiff_comfy" / "calibration_prompts.txt"
-
-
-def default_prompts() -> str:
-    """The shipped calibration prompts, one per line (comments dropped)."""
-    lines = PROMPTS_FILE.read_text(encoding="utf-8").splitlines()
-    return "\n".join(line for line in lines if line.strip() and not line.lstrip().startswith("#"))
-
-
 def parse_prompts(text: str, limit: int = 0) -> list[str]:
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     return prompts[:limit] if limit > 0 else prompts

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..ecodiff_comfy import demo_model
+from ..ecodiff_comfy import demo_judge, demo_model
 from .common import CATEGORY
 
 
@@ -58,8 +58,8 @@ class JudgeDigits(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, digits: str, label: str) -> io.NodeOutput:
-        result = demo_model.judge_images(images, demo_model.parse_digits(digits))
-        text = demo_model.judge_text(result)
+        result = demo_judge.judge_images(images, demo_judge.parse_digits(digits))
+        text = demo_judge.judge_text(result)
         if label.strip():
             text = f"{label.strip()}\n{text}"
         return io.NodeOutput(result["accuracy"], result["fd_judge"], text, ui={"text": (text,)})

@@ -5,18 +5,16 @@ import logging
 
 from comfy_api.latest import io
 
-from ..ecodiff_comfy import bridge, preflight
+from ..ecodiff_comfy import preflight
+from ..ecodiff_comfy.folders import MASK_FOLDER, default_prompts, folder, safe_filename
+from ..ecodiff_comfy.progress import Progress, notify
+from ..ecodiff_comfy.sampling import LEARN_SAMPLERS, SamplingSpec, encode_prompts, scheduler_names
+from ..ecodiff_comfy.weights import model_layout
 from ..ecodiff_core.errors import EcoDiffError, MaskFileError
 from ..ecodiff_core.hard_concrete import REGULARIZERS
 from ..ecodiff_core.learn import LearnSettings, StepInfo
 from ..ecodiff_core.maskfile import MaskState, load_mask, save_mask
-from .common import CATEGORY, MaskType, default_prompts, mask_summary, parse_prompts
-
-
-def _schedulers() -> list[str]:
-    import comfy.samplers
-
-    return list(comfy.samplers.SCHEDULER_NAMES)
+from .common import CATEGORY, MaskType, mask_summary, parse_prompts
 
 
 class LearnSparsityMask(io.ComfyNode):
@@ -41,8 +39,8 @@ class LearnSparsityMask(io.ComfyNode):
                 io.Int.Input("height", default=1024, min=16, max=8192, step=8, tooltip="Image height of the calibration trajectories, in pixels."),
                 io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps of each calibration trajectory (memory does not grow with steps when checkpointing is on)."),
                 io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.1, tooltip="Classifier-free guidance scale used along the trajectories (use 1.0 for FLUX)."),
-                io.Combo.Input("sampler_name", options=list(bridge.LEARN_SAMPLERS), default="euler", tooltip="Sampler of the calibration trajectories; learning needs a deterministic one (Euler)."),
-                io.Combo.Input("scheduler", options=_schedulers(), default="normal", tooltip="Scheduler giving the σ schedule, from the model's own sampling settings."),
+                io.Combo.Input("sampler_name", options=list(LEARN_SAMPLERS), default="euler", tooltip="Sampler of the calibration trajectories; learning needs a deterministic one (Euler)."),
+                io.Combo.Input("scheduler", options=scheduler_names(), default="normal", tooltip="Scheduler giving the σ schedule, from the model's own sampling settings."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the starting noise (prompt i uses seed + i, modulo 2^64) and of the gate noise. Keep it fixed: a new seed means learning again."),
                 io.Int.Input("epochs", default=2, min=1, max=1000, tooltip="Passes over all prompts."),
                 io.Int.Input("accumulate", default=4, min=1, max=1000, tooltip="Prompts per optimiser step (gradient accumulation)."),
@@ -74,23 +72,23 @@ class LearnSparsityMask(io.ComfyNode):
                 checkpointing: bool, run_name: str, resume: bool, clip=None, resume_mask: MaskState | None = None,
                 positive=None, negative=None, block_checkpointing: str = "auto") -> io.NodeOutput:
         conds = cls._conditionings(clip, prompts, negative_prompt, max_prompts, positive, negative)
-        spec = bridge.SamplingSpec(width=width, height=height, steps=steps, cfg=cfg, sampler_name=sampler_name,
+        spec = SamplingSpec(width=width, height=height, steps=steps, cfg=cfg, sampler_name=sampler_name,
                                    scheduler=scheduler, seed=seed)
         settings = LearnSettings(epochs=epochs, accumulate=accumulate, beta=beta, regularizer=regularizer,
                                  lr={"head": lr_heads, "neuron": lr_neurons, "channel": lr_channels},
                                  checkpointing=checkpointing, block_checkpointing=block_checkpointing, seed=seed)
-        layout = bridge.model_layout(model)
-        path = bridge.folder(bridge.MASK_FOLDER) / bridge.safe_filename(run_name)
+        layout = model_layout(model)
+        path = folder(MASK_FOLDER) / safe_filename(run_name)
         start, note = (resume_mask, "") if resume_mask is not None else (
             cls._unfinished(path, layout) if resume else (None, ""))
         if start is not None:
             start.check_layout(layout)
         total = [0]
-        progress = bridge.Progress(1, getattr(cls.hidden, "unique_id", None) if cls.hidden else None)
+        progress = Progress(1, getattr(cls.hidden, "unique_id", None) if cls.hidden else None)
 
         def callback(info: StepInfo) -> None:
             total[0] = info.total_steps
-            bridge.notify("ecodiff.learn", {"node": progress.node_id, "step": info.step, "total": info.total_steps,
+            notify("ecodiff.learn", {"node": progress.node_id, "step": info.step, "total": info.total_steps,
                                             "loss": info.loss, "recon": info.recon, "reg": info.reg,
                                             "sparsity": info.sparsity})
             progress.update(info.step, info.total_steps)
@@ -99,7 +97,7 @@ class LearnSparsityMask(io.ComfyNode):
                                   on_stop=lambda s: save_mask(path, s))
         save_mask(path, state)
         text = "\n".join([mask_summary(state), *([note] if note else []),
-                          f"saved to models/{bridge.MASK_FOLDER}/{path.name}"])
+                          f"saved to models/{MASK_FOLDER}/{path.name}"])
         return io.NodeOutput(state, text, ui={"text": (text,)})
 
     @staticmethod
@@ -110,7 +108,7 @@ class LearnSparsityMask(io.ComfyNode):
         if not lines:
             raise EcoDiffError("no calibration prompts: the prompts box is empty (write one prompt per line, "
                                "or connect positive/negative conditioning)")
-        return bridge.encode_prompts(clip, lines, negative_prompt)
+        return encode_prompts(clip, lines, negative_prompt)
 
     @staticmethod
     def _unfinished(path, layout) -> tuple[MaskState | None, str]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..ecodiff_comfy import bridge
+from ..ecodiff_comfy.folders import MASK_FOLDER, file_path, file_version, folder, list_files, safe_filename
 from ..ecodiff_core.maskfile import MaskState, load_mask, save_mask
 from .common import CATEGORY, MaskType, mask_summary
 
@@ -27,8 +27,8 @@ class SaveSparsityMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, mask: MaskState, filename: str) -> io.NodeOutput:
-        path = save_mask(bridge.folder(bridge.MASK_FOLDER) / bridge.safe_filename(filename), mask)
-        text = f"saved {path.name} to models/{bridge.MASK_FOLDER}\n{mask_summary(mask)}"
+        path = save_mask(folder(MASK_FOLDER) / safe_filename(filename), mask)
+        text = f"saved {path.name} to models/{MASK_FOLDER}\n{mask_summary(mask)}"
         return io.NodeOutput(str(path), ui={"text": (text,)})
 
 
@@ -41,7 +41,7 @@ class LoadSparsityMask(io.ComfyNode):
             category=CATEGORY,
             description="Reads a mask from models/ecodiff_masks (shared masks go there too).",
             inputs=[
-                io.Combo.Input("mask_name", options=bridge.list_files(bridge.MASK_FOLDER), tooltip="A mask file in models/ecodiff_masks."),
+                io.Combo.Input("mask_name", options=list_files(MASK_FOLDER), tooltip="A mask file in models/ecodiff_masks."),
             ],
             outputs=[
                 MaskType.Output(display_name="mask", tooltip="The loaded mask; Apply Pruned Mask checks that it fits the model."),
@@ -51,13 +51,9 @@ class LoadSparsityMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, mask_name: str) -> io.NodeOutput:
-        state = load_mask(bridge.file_path(bridge.MASK_FOLDER, mask_name))
+        state = load_mask(file_path(MASK_FOLDER, mask_name))
         return io.NodeOutput(state, mask_summary(state))
 
     @classmethod
     def fingerprint_inputs(cls, mask_name: str) -> str:
-        try:
-            path = bridge.file_path(bridge.MASK_FOLDER, mask_name)
-            return f"{path}:{path.stat().st_mtime_ns}"
-        except Exception:  # noqa: BLE001 - an unknown file is reported by execute
-            return mask_name
+        return file_version(MASK_FOLDER, mask_name)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..ecodiff_comfy import bridge
+from ..ecodiff_comfy.folders import PRUNED_FOLDER, file_path, file_version, folder, list_files, safe_filename
+from ..ecodiff_comfy.pruned_files import load_pruned_model, save_pruned_model
 from .common import CATEGORY
 
 
@@ -26,8 +27,8 @@ class SavePrunedModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, filename: str) -> io.NodeOutput:
-        path = bridge.save_pruned_model(model, bridge.folder(bridge.PRUNED_FOLDER) / bridge.safe_filename(filename))
-        text = f"saved {path.name} to models/{bridge.PRUNED_FOLDER}"
+        path = save_pruned_model(model, folder(PRUNED_FOLDER) / safe_filename(filename))
+        text = f"saved {path.name} to models/{PRUNED_FOLDER}"
         return io.NodeOutput(str(path), ui={"text": (text,)})
 
 
@@ -41,19 +42,15 @@ class LoadPrunedModel(io.ComfyNode):
             description="Loads a pruned model saved by Save Pruned Model; the slim module is rebuilt without "
                         "allocating the full-size one. Use your usual CLIP and VAE loaders beside it.",
             inputs=[
-                io.Combo.Input("model_name", options=bridge.list_files(bridge.PRUNED_FOLDER), tooltip="A pruned model file in models/ecodiff_pruned."),
+                io.Combo.Input("model_name", options=list_files(PRUNED_FOLDER), tooltip="A pruned model file in models/ecodiff_pruned."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The pruned model, ready for any sampler.")],
         )
 
     @classmethod
     def execute(cls, model_name: str) -> io.NodeOutput:
-        return io.NodeOutput(bridge.load_pruned_model(bridge.file_path(bridge.PRUNED_FOLDER, model_name)))
+        return io.NodeOutput(load_pruned_model(file_path(PRUNED_FOLDER, model_name)))
 
     @classmethod
     def fingerprint_inputs(cls, model_name: str) -> str:
-        try:
-            path = bridge.file_path(bridge.PRUNED_FOLDER, model_name)
-            return f"{path}:{path.stat().st_mtime_ns}"
-        except Exception:  # noqa: BLE001 - an unknown file is reported by execute
-            return model_name
+        return file_version(PRUNED_FOLDER, model_name)

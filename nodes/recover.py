@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..ecodiff_comfy import bridge
+from ..ecodiff_comfy.folders import LORA_FOLDER, RECOVER_FOLDER, default_prompts, folder, safe_filename
+from ..ecodiff_comfy.progress import Progress, notify
+from ..ecodiff_comfy.sampling import SamplingSpec, scheduler_names
 from ..ecodiff_comfy import recover as host
 from ..ecodiff_core.recover import (STATE_SOURCES, TARGET_MODULES, RecoverSettings, RecoverStepInfo,
                                     save_recover_state)
-from .common import CATEGORY, default_prompts
-from .learn import LearnSparsityMask, _schedulers
+from .common import CATEGORY
+from .learn import LearnSparsityMask
 
 _D = RecoverSettings()
 
@@ -36,7 +38,7 @@ class LoraRecover(io.ComfyNode):
                 io.Int.Input("height", default=1024, min=16, max=8192, step=8, tooltip="Image height of the calibration trajectories, in pixels."),
                 io.Int.Input("sample_steps", default=20, min=1, max=200, tooltip="Euler steps of each calibration trajectory; its step inputs are the training states."),
                 io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.1, tooltip="Classifier-free guidance scale of the trajectories and targets (use 1.0 for FLUX)."),
-                io.Combo.Input("scheduler", options=_schedulers(), default="normal", tooltip="Scheduler giving the σ schedule."),
+                io.Combo.Input("scheduler", options=scheduler_names(), default="normal", tooltip="Scheduler giving the σ schedule."),
                 io.Combo.Input("states", options=list(STATE_SOURCES), default=_D.states, tooltip="Whose trajectories give the training states: 'original' = the full model's (default; recovered better on the embedded model and needs one pass fewer), 'pruned' = the pruned model's own, without the LoRA (the states it meets when sampling)."),
                 io.Int.Input("rank", default=_D.rank, min=1, max=4096, tooltip="LoRA rank."),
                 io.Float.Input("alpha", default=_D.alpha, min=0.001, max=4096.0, step=0.5, tooltip="LoRA alpha: the update is alpha/rank · up·down."),
@@ -66,16 +68,16 @@ class LoraRecover(io.ComfyNode):
                                    lr=learning_rate, batch=batch, seed=seed, states=states)
         _, record = host.check_models(original_model, model)
         conds = LearnSparsityMask._conditionings(clip, prompts, negative_prompt, max_prompts, positive, negative)
-        spec = bridge.SamplingSpec(width=width, height=height, steps=sample_steps, cfg=cfg, scheduler=scheduler,
+        spec = SamplingSpec(width=width, height=height, steps=sample_steps, cfg=cfg, scheduler=scheduler,
                                    seed=seed)
-        stem = bridge.safe_filename(lora_name, "")
-        state_path = host.folder(host.RECOVER_FOLDER) / f"{stem}.safetensors"
+        stem = safe_filename(lora_name, "")
+        state_path = folder(RECOVER_FOLDER) / f"{stem}.safetensors"
         fingerprint = host.run_fingerprint(original_model, model, record, conds, spec, settings)
         start, note = host.unfinished_state(state_path, fingerprint) if resume else (None, "")
-        progress = bridge.Progress(train_steps, getattr(cls.hidden, "unique_id", None) if cls.hidden else None)
+        progress = Progress(train_steps, getattr(cls.hidden, "unique_id", None) if cls.hidden else None)
 
         def callback(info: RecoverStepInfo) -> None:
-            bridge.notify("ecodiff.learn", {"node": progress.node_id, "step": info.step, "total": info.total_steps,
+            notify("ecodiff.learn", {"node": progress.node_id, "step": info.step, "total": info.total_steps,
                                             "loss": info.loss, "recon": info.loss, "reg": 0.0, "sparsity": {}})
             progress.update(info.step, info.total_steps)
 
@@ -83,11 +85,11 @@ class LoraRecover(io.ComfyNode):
                                    on_stop=lambda s: save_recover_state(state_path, s))
         save_recover_state(state_path, result.state)
         tensors = result.lora.tensors()
-        path = host.save_lora(host.folder(host.LORA_FOLDER) / f"{stem}.safetensors", tensors, result.metadata)
+        path = host.save_lora(folder(LORA_FOLDER) / f"{stem}.safetensors", tensors, result.metadata)
         out = host.apply_lora(model, tensors)
         losses = [h["loss"] for h in result.state.history]
         done = "finished" if result.state.progress.get("finished") else f"stopped ({result.state.stop_reason})"
         loss = f"loss {losses[0]:.5g} → {losses[-1]:.5g}" if losses else "no steps"
         text = (f"LoRA Recover: {len(result.lora.paths)} layers, rank {rank}, {len(losses)} steps, {loss}, {done}\n"
-                + (f"{note}\n" if note else "") + f"saved to models/{host.LORA_FOLDER}/{path.name}")
+                + (f"{note}\n" if note else "") + f"saved to models/{LORA_FOLDER}/{path.name}")
         return io.NodeOutput(out, text, ui={"text": (text,)})

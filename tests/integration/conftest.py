@@ -29,8 +29,8 @@ def comfy_dirs(tmp_path_factory):
     import folder_paths
 
     base = tmp_path_factory.mktemp("comfy")
-    bridge = sub("ecodiff_comfy.bridge")
-    for name in (bridge.MASK_FOLDER, bridge.PRUNED_FOLDER):
+    folders = sub("ecodiff_comfy.folders")
+    for name in (folders.MASK_FOLDER, folders.PRUNED_FOLDER):
         folder_paths.folder_names_and_paths[name] = ([str(base / name)], {".safetensors"})
         (base / name).mkdir()
     folder_paths.set_temp_directory(str(base / "temp"))
@@ -38,9 +38,23 @@ def comfy_dirs(tmp_path_factory):
     return base
 
 
-@pytest.fixture(scope="session")
-def bridge():
-    return sub("ecodiff_comfy.bridge")
+def _host_module(name: str):
+    """A session fixture giving the module ``ecodiff_comfy.<name>`` of the pack under test."""
+    @pytest.fixture(scope="session", name=name)
+    def fixture():
+        return sub(f"ecodiff_comfy.{name}")
+
+    return fixture
+
+
+folders = _host_module("folders")
+weights = _host_module("weights")
+sampling = _host_module("sampling")
+learning = _host_module("learning")
+soft_gates = _host_module("soft_gates")
+pruned_models = _host_module("pruned_models")
+pruned_files = _host_module("pruned_files")
+progress = _host_module("progress")
 
 
 @pytest.fixture(scope="session")

@@ -70,20 +70,20 @@ def patched(model, arch: str, seen: list):
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_identity_patches_leave_pruned_output_unchanged(arch, bridge):
+def test_identity_patches_leave_pruned_output_unchanged(arch, weights, pruned_models, pruned_files):
     tiny = ct.tiny(arch, seed=3)
-    layout = bridge.model_layout(tiny.model)
+    layout = weights.model_layout(tiny.model)
     keep = unet_keep(layout, 2) if arch in ("sd15", "sdxl") else \
         random_keep(layout, seed=2, empty=tuple(g.name for g in layout.groups if g.kind == "head")[:1])
     logits = {g.name: torch.zeros(g.count) for g in layout.groups}
     seen: list = []
     with torch.inference_mode():
-        pruned = bridge.build_pruned_model(tiny.model, layout, keep, logits)[0]
+        pruned = pruned_models.build_pruned_model(tiny.model, layout, keep, logits)[0]
         plain = ct.sample(pruned, tiny.positive, tiny.negative, seed=1)
         with_patches = ct.sample(patched(pruned, arch, seen), tiny.positive, tiny.negative, seed=1)
     assert rel_err(with_patches, plain) <= 1e-5
     if arch in ("sd15", "sdxl"):
-        dm = bridge.diffusion_module(pruned)
+        dm = weights.diffusion_module(pruned)
         heads = {(a, (name, i), t): getattr(tb, a).heads for name, i, t, tb in transformer_blocks(dm) for a in ("attn1", "attn2")}
         assert seen and all(n == heads[(a, tuple(block), t)] for a, block, t, n in seen)
         mid = dm.middle_block[1].transformer_blocks[0]
@@ -101,23 +101,23 @@ def _guidance_node(name: str, scale: float):
 
 
 @pytest.mark.parametrize("node", ["SelfAttentionGuidance", "PerturbedAttentionGuidance"])
-def test_stock_attention_guidance_on_pruned_unet(node, bridge):
+def test_stock_attention_guidance_on_pruned_unet(node, weights, pruned_models, pruned_files):
     """Stock nodes that replace the middle block's attn1 work where that attention keeps one head
     (scale 0 reproduces the plain output through the patch where the node runs it), and are refused,
     naming the node and the block, where it keeps none."""
     errors = sub("ecodiff_core.errors")
     tiny = ct.tiny("sd15", seed=3)
-    layout = bridge.model_layout(tiny.model)
+    layout = weights.model_layout(tiny.model)
     logits = {g.name: torch.zeros(g.count) for g in layout.groups}
     with torch.inference_mode():
-        pruned = bridge.build_pruned_model(tiny.model, layout, unet_keep(layout, 4), logits)[0]
+        pruned = pruned_models.build_pruned_model(tiny.model, layout, unet_keep(layout, 4), logits)[0]
         plain = ct.sample(pruned, tiny.positive, tiny.negative, seed=1)
         assert rel_err(ct.sample(_guidance_node(node, 0.0)(pruned), tiny.positive, tiny.negative, seed=1), plain) <= 1e-5
         guided = ct.sample(_guidance_node(node, 0.5)(pruned), tiny.positive, tiny.negative, seed=1)
         assert torch.isfinite(guided).all() and rel_err(guided, plain) > 1e-4
 
         mid = "middle_block.1.transformer_blocks.0.attn1:heads"
-        emptied = bridge.build_pruned_model(tiny.model, layout, unet_keep(layout, 4, emptied=(mid,)), logits)[0]
+        emptied = pruned_models.build_pruned_model(tiny.model, layout, unet_keep(layout, 4, emptied=(mid,)), logits)[0]
         with pytest.raises(errors.EcoDiffError, match=node + r".*middle_block\.1\.transformer_blocks\.0"):
             ct.sample(_guidance_node(node, 0.5)(emptied), tiny.positive, tiny.negative, seed=1)
         if node == "SelfAttentionGuidance":  # patches that only transform the emptied attention's input run
@@ -128,14 +128,14 @@ def test_stock_attention_guidance_on_pruned_unet(node, bridge):
             assert rel_err(out, ct.sample(emptied, tiny.positive, tiny.negative, seed=1)) <= 1e-6 and 0 in seen
 
 
-def test_loaded_pruned_model_hands_patches_its_head_counts(bridge, comfy_dirs):
+def test_loaded_pruned_model_hands_patches_its_head_counts(weights, pruned_models, pruned_files, comfy_dirs):
     tiny = ct.tiny("sd15", seed=3)
-    layout = bridge.model_layout(tiny.model)
+    layout = weights.model_layout(tiny.model)
     logits = {g.name: torch.zeros(g.count) for g in layout.groups}
     with torch.inference_mode():
-        pruned = bridge.build_pruned_model(tiny.model, layout, unet_keep(layout, 5), logits)[0]
-        path = bridge.save_pruned_model(pruned, comfy_dirs / "patch_heads.safetensors")
-        loaded = bridge.load_pruned_model(path)
+        pruned = pruned_models.build_pruned_model(tiny.model, layout, unet_keep(layout, 5), logits)[0]
+        path = pruned_files.save_pruned_model(pruned, comfy_dirs / "patch_heads.safetensors")
+        loaded = pruned_files.load_pruned_model(path)
         plain = ct.sample(loaded, tiny.positive, tiny.negative, seed=1)
         with_patches = ct.sample(patched(loaded, "sd15", []), tiny.positive, tiny.negative, seed=1)
     assert rel_err(with_patches, plain) <= 1e-5

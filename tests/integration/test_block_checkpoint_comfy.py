@@ -11,13 +11,13 @@ BLOCKS = {"sd15": {"ResBlock", "BasicTransformerBlock"}, "sdxl": {"ResBlock", "B
           "flux": {"DoubleStreamBlock", "SingleStreamBlock"}, "sd3": {"JointBlock"}}
 
 
-def lambda_gradient(bridge, tiny, cfg: float, blocks: bool):
+def lambda_gradient(weights, sampling, tiny, cfg: float, blocks: bool):
     core = sub("ecodiff_core")
     archs, gates, gating = sub("ecodiff_core.archs"), sub("ecodiff_core.hard_concrete"), sub("ecodiff_core.gate_hooks")
     trajectory, block_checkpoint = sub("ecodiff_core.trajectory"), sub("ecodiff_core.block_checkpoint")
     assert core is not None
-    layout = bridge.model_layout(tiny.model)
-    spec = bridge.SamplingSpec(width=32, height=32, steps=3, cfg=cfg, seed=4)
+    layout = weights.model_layout(tiny.model)
+    spec = sampling.SamplingSpec(width=32, height=32, steps=3, cfg=cfg, seed=4)
     g = torch.Generator().manual_seed(0)
     logits = [torch.randn(gr.count, generator=g) + 1.0 for gr in layout.groups]
     sizes = [gr.count for gr in layout.groups]
@@ -37,25 +37,25 @@ def lambda_gradient(bridge, tiny, cfg: float, blocks: bool):
         with controller.installed():
             result = trajectory.trajectory_gradient(
                 s.denoise, s.noise, session.sigmas, target, params, before_step, checkpointing=True,
-                grad_context=bridge.grad_context,
+                grad_context=sampling.grad_context,
                 step_context=lambda: block_checkpoint.checkpointed_blocks(session.module, paths, controller))
         types = {type(session.module.get_submodule(p)).__name__ for p in paths}
         return result, types
 
     with torch.inference_mode(False):
-        return bridge.run_with_denoisers(tiny.model, [(tiny.positive, tiny.negative)], spec, body)
+        return sampling.run_with_denoisers(tiny.model, [(tiny.positive, tiny.negative)], spec, body)
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
 @pytest.mark.parametrize("cfg", [1.0, 2.5], ids=["nocfg", "cfg"])
-def test_block_checkpointed_gradient_equals_autograd_on_comfy_classes(arch, cfg, bridge):
+def test_block_checkpointed_gradient_equals_autograd_on_comfy_classes(arch, cfg, weights, sampling):
     tiny = ct.tiny(arch, seed=5)
-    (plain, none), (blocked, types) = (lambda_gradient(bridge, tiny, cfg, False),
-                                       lambda_gradient(bridge, tiny, cfg, True))
+    (plain, none), (blocked, types) = (lambda_gradient(weights, sampling, tiny, cfg, False),
+                                       lambda_gradient(weights, sampling, tiny, cfg, True))
     assert not none and types == BLOCKS[arch]
     a = torch.cat([t.flatten() for t in blocked.grads])
     b = torch.cat([t.flatten() for t in plain.grads])
     assert b.norm() > 0
     assert blocked.loss == pytest.approx(plain.loss, rel=1e-6)
     assert ((a - b).norm() / b.norm()).item() <= 1e-5  # float32
-    assert not any("forward" in m.__dict__ for m in bridge.diffusion_module(tiny.model).modules())
+    assert not any("forward" in m.__dict__ for m in weights.diffusion_module(tiny.model).modules())

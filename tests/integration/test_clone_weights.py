@@ -35,40 +35,40 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
-def fresh_pruned_state(bridge, arch: str, keep, logits) -> dict[str, torch.Tensor]:
+def fresh_pruned_state(weights, sampling, learning, soft_gates, pruned_models, pruned_files, arch: str, keep, logits) -> dict[str, torch.Tensor]:
     """Reference: the pruned weights of a freshly built base that no clone ever patched."""
     with torch.inference_mode():
         fresh = ct.tiny(arch, seed=3).model
-        pruned, _ = bridge.build_pruned_model(fresh, bridge.model_layout(fresh), keep, logits)
+        pruned, _ = pruned_models.build_pruned_model(fresh, weights.model_layout(fresh), keep, logits)
     return state(pruned.model.diffusion_model)
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_pruning_after_a_lora_clone_sampled_reads_the_base_weights(arch, bridge):
+def test_pruning_after_a_lora_clone_sampled_reads_the_base_weights(arch, weights, sampling, learning, soft_gates, pruned_models, pruned_files):
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         tiny = ct.tiny(arch, seed=3)
         base = tiny.model
-        layout = bridge.model_layout(base)
+        layout = weights.model_layout(base)
         keep = random_keep(layout, seed=11)
         logits = {g.name: torch.randn(g.count, generator=torch.Generator().manual_seed(1)) for g in layout.groups}
         base_before = ct.sample(base, tiny.positive, tiny.negative, seed=2)
         lora = lora_clone(base)
         lora_before = ct.sample(lora, tiny.positive, tiny.negative, seed=2)  # LoRA now patched in the module
 
-        pruned, _ = bridge.build_pruned_model(base, layout, keep, logits)
-        soft = bridge.soft_gated_model(base, layout, keep)
+        pruned, _ = pruned_models.build_pruned_model(base, layout, keep, logits)
+        soft = soft_gates.soft_gated_model(base, layout, keep)
         out_pruned = ct.sample(pruned, tiny.positive, tiny.negative, seed=2)
         out_soft = ct.sample(soft, tiny.positive, tiny.negative, seed=2)
 
         ct.sample(lora, tiny.positive, tiny.negative, seed=2)  # base weights in the module again? no: LoRA's
-        pruned_lora, _ = bridge.build_pruned_model(lora, layout, keep, logits)
+        pruned_lora, _ = pruned_models.build_pruned_model(lora, layout, keep, logits)
         out_pruned_lora = ct.sample(pruned_lora, tiny.positive, tiny.negative, seed=2)
-        out_soft_lora = ct.sample(bridge.soft_gated_model(lora, layout, keep), tiny.positive, tiny.negative, seed=2)
+        out_soft_lora = ct.sample(soft_gates.soft_gated_model(lora, layout, keep), tiny.positive, tiny.negative, seed=2)
 
         base_after = ct.sample(base, tiny.positive, tiny.negative, seed=2)
         lora_after = ct.sample(lora, tiny.positive, tiny.negative, seed=2)
 
-    assert_same_state(state(pruned.model.diffusion_model), fresh_pruned_state(bridge, arch, keep, logits))
+    assert_same_state(state(pruned.model.diffusion_model), fresh_pruned_state(weights, sampling, learning, soft_gates, pruned_models, pruned_files, arch, keep, logits))
     assert rel_err(out_pruned, out_soft) <= 1e-5
     assert rel_err(out_pruned_lora, out_soft_lora) <= 1e-5
     assert rel_err(out_pruned, out_pruned_lora) > 1e-3  # the LoRA does matter, and only in its own clone
@@ -76,21 +76,21 @@ def test_pruning_after_a_lora_clone_sampled_reads_the_base_weights(arch, bridge)
 
 
 @pytest.mark.parametrize("arch", ["sd15", "flux"])
-def test_saved_pruned_model_holds_its_own_weights(arch, bridge, tmp_path):
+def test_saved_pruned_model_holds_its_own_weights(arch, weights, sampling, learning, soft_gates, pruned_models, pruned_files, tmp_path):
     """Save Pruned Model after clones of the base and of the pruned model sampled with LoRAs."""
     import safetensors.torch
 
     with torch.inference_mode():
         tiny = ct.tiny(arch, seed=3)
-        layout = bridge.model_layout(tiny.model)
+        layout = weights.model_layout(tiny.model)
         keep = random_keep(layout, seed=12)
         logits = {g.name: torch.zeros(g.count) for g in layout.groups}
         ct.sample(lora_clone(tiny.model), tiny.positive, tiny.negative, seed=2)
-        pruned, _ = bridge.build_pruned_model(tiny.model, layout, keep, logits)
+        pruned, _ = pruned_models.build_pruned_model(tiny.model, layout, keep, logits)
         ct.sample(lora_clone(pruned, seed=6), tiny.positive, tiny.negative, seed=2)  # patches the pruned module
-        path = bridge.save_pruned_model(pruned, tmp_path / "pruned.safetensors")
+        path = pruned_files.save_pruned_model(pruned, tmp_path / "pruned.safetensors")
     saved = safetensors.torch.load_file(str(path))
-    expected = fresh_pruned_state(bridge, arch, keep, logits)
+    expected = fresh_pruned_state(weights, sampling, learning, soft_gates, pruned_models, pruned_files, arch, keep, logits)
     assert_same_state(saved, expected)
     # and those are the base weights, sliced: one attention projection checked by hand
     group = next(g for g in layout.groups if g.kind == "head")
@@ -104,8 +104,8 @@ def test_saved_pruned_model_holds_its_own_weights(arch, bridge, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["sd15", "flux"])
-def test_learning_after_a_lora_clone_sampled_equals_learning_on_a_fresh_base(arch, bridge, core):
-    spec = bridge.SamplingSpec(width=64, height=64, steps=2, cfg=2.0, seed=1)
+def test_learning_after_a_lora_clone_sampled_equals_learning_on_a_fresh_base(arch, weights, sampling, learning, soft_gates, pruned_models, pruned_files, core):
+    spec = sampling.SamplingSpec(width=64, height=64, steps=2, cfg=2.0, seed=1)
     settings = core.learn.LearnSettings(epochs=2, accumulate=1, beta=0.1, lr={"head": 0.5, "neuron": 0.5, "channel": 0.5})
 
     def learned(sibling_sampled: bool) -> dict[str, torch.Tensor]:
@@ -113,7 +113,7 @@ def test_learning_after_a_lora_clone_sampled_equals_learning_on_a_fresh_base(arc
             tiny = ct.tiny(arch, seed=3)
             if sibling_sampled:
                 ct.sample(lora_clone(tiny.model), tiny.positive, tiny.negative, seed=2)
-            mask = bridge.learn_mask(tiny.model, [(tiny.positive, tiny.negative)], spec, settings)
+            mask = learning.learn_mask(tiny.model, [(tiny.positive, tiny.negative)], spec, settings)
         return mask.logits
 
     fresh, after_sibling = learned(False), learned(True)
@@ -122,7 +122,7 @@ def test_learning_after_a_lora_clone_sampled_equals_learning_on_a_fresh_base(arc
     assert any(not torch.equal(v, torch.zeros_like(v)) for v in fresh.values())  # it did learn
 
 
-def test_a_clone_loaded_inside_own_weights_is_refused(bridge, core):
+def test_a_clone_loaded_inside_own_weights_is_refused(weights, sampling, learning, soft_gates, pruned_models, pruned_files, core):
     """The guard of the one weight reader: another clone loaded while it reads is an error."""
     import comfy.model_management
 
@@ -130,49 +130,49 @@ def test_a_clone_loaded_inside_own_weights_is_refused(bridge, core):
         tiny = ct.tiny("sd15", seed=3)
         lora = lora_clone(tiny.model)
         with pytest.raises(core.errors.EcoDiffError, match="another MODEL clone"):
-            with bridge.own_weights(tiny.model) as module:
+            with weights.own_weights(tiny.model) as module:
                 assert module is tiny.model.model.diffusion_model
                 comfy.model_management.load_models_gpu([lora], force_full_load=True)
 
 
-def wrapped_clone(bridge, model, layout, wrapper: str):
+def wrapped_clone(weights, sampling, learning, soft_gates, pruned_models, pruned_files, model, layout, wrapper: str):
     """A clone whose own patches are weight wrappers: TrainLoraNode-style adapters (scaled weights
     and biases on every other Linear), or the soft gates of Apply Pruned Mask's preview."""
     if wrapper == "soft gates":
-        return bridge.soft_gated_model(model, layout, random_keep(layout, seed=21, p=0.3))
+        return soft_gates.soft_gated_model(model, layout, random_keep(layout, seed=21, p=0.3))
     return wrap_linears(model, scale=1.5, every=2, biases=True)
 
 
 @pytest.mark.parametrize("wrapper", ["adapters", "soft gates"])
 @pytest.mark.parametrize("arch", ["sd15", "flux"])
-def test_pruning_and_saving_fold_in_weight_wrappers(arch, wrapper, bridge, tmp_path):
+def test_pruning_and_saving_fold_in_weight_wrappers(arch, wrapper, weights, sampling, learning, soft_gates, pruned_models, pruned_files, tmp_path):
     """Weight wrappers are the MODEL's own patches: the pruned MODEL computes what the soft-gated
     wrapped MODEL computes, Save Pruned Model writes what the MODEL computes with, and the input
     MODELs are unchanged."""
     with torch.inference_mode():
         tiny = ct.tiny(arch, seed=3)
         base = tiny.model
-        layout = bridge.model_layout(base)
+        layout = weights.model_layout(base)
         keep = random_keep(layout, seed=12)
         logits = {g.name: torch.zeros(g.count) for g in layout.groups}
         base_state = state(base.model.diffusion_model)
-        wrapped = wrapped_clone(bridge, base, layout, wrapper)
+        wrapped = wrapped_clone(weights, sampling, learning, soft_gates, pruned_models, pruned_files, base, layout, wrapper)
         wrappers_before = {k: list(v) for k, v in wrapped.weight_wrapper_patches.items()}
         sample = lambda m: ct.sample(m, tiny.positive, tiny.negative, seed=2)  # noqa: E731
         wrapped_before = sample(wrapped)
 
-        pruned, _ = bridge.build_pruned_model(wrapped, layout, keep, logits)
-        pruned_base, _ = bridge.build_pruned_model(base, layout, keep, logits)
+        pruned, _ = pruned_models.build_pruned_model(wrapped, layout, keep, logits)
+        pruned_base, _ = pruned_models.build_pruned_model(base, layout, keep, logits)
         out_pruned = sample(pruned)
-        assert rel_err(out_pruned, sample(bridge.soft_gated_model(wrapped, layout, keep))) <= 1e-5
+        assert rel_err(out_pruned, sample(soft_gates.soft_gated_model(wrapped, layout, keep))) <= 1e-5
         assert rel_err(out_pruned, sample(pruned_base)) > 1e-3  # the wrappers matter
         assert not getattr(pruned, "weight_wrapper_patches", {})  # folded in, not applied twice
 
         # Save Pruned Model of a pruned MODEL given its own wrappers; reloaded samples alike
-        pruned_wrapped = wrapped_clone(bridge, pruned_base, bridge.model_layout(pruned_base), wrapper)
+        pruned_wrapped = wrapped_clone(weights, sampling, learning, soft_gates, pruned_models, pruned_files, pruned_base, weights.model_layout(pruned_base), wrapper)
         expected = sample(pruned_wrapped)
-        path = bridge.save_pruned_model(pruned_wrapped, tmp_path / "wrapped.safetensors")
-        reloaded = bridge.load_pruned_model(path)
+        path = pruned_files.save_pruned_model(pruned_wrapped, tmp_path / "wrapped.safetensors")
+        reloaded = pruned_files.load_pruned_model(path)
         assert rel_err(sample(reloaded), expected) <= 1e-5
         assert rel_err(expected, sample(pruned_base)) > 1e-3
 
@@ -182,20 +182,20 @@ def test_pruning_and_saving_fold_in_weight_wrappers(arch, wrapper, bridge, tmp_p
         assert torch.equal(sample(wrapped), wrapped_before)
 
 
-def test_pruning_a_soft_gated_model_gives_the_hard_masked_model(bridge):
+def test_pruning_a_soft_gated_model_gives_the_hard_masked_model(weights, sampling, learning, soft_gates, pruned_models, pruned_files):
     """The preview's gates are weight wrappers: pruning the soft-gated MODEL with the same keep masks
     gives exactly the pruned base (kept units are scaled by 1), not a model ignoring the gates."""
     with torch.inference_mode():
         tiny = ct.tiny("sd15", seed=3)
-        layout = bridge.model_layout(tiny.model)
+        layout = weights.model_layout(tiny.model)
         keep = random_keep(layout, seed=12)
         logits = {g.name: torch.zeros(g.count) for g in layout.groups}
-        soft = bridge.soft_gated_model(tiny.model, layout, keep)
-        from_soft, _ = bridge.build_pruned_model(soft, layout, keep, logits)
-        from_base, _ = bridge.build_pruned_model(tiny.model, layout, keep, logits)
+        soft = soft_gates.soft_gated_model(tiny.model, layout, keep)
+        from_soft, _ = pruned_models.build_pruned_model(soft, layout, keep, logits)
+        from_base, _ = pruned_models.build_pruned_model(tiny.model, layout, keep, logits)
         assert_same_state(state(from_soft.model.diffusion_model), state(from_base.model.diffusion_model))
         other = random_keep(layout, seed=13)  # other masks: the gates' zeros stay in the kept weights
-        pruned, _ = bridge.build_pruned_model(soft, layout, other, logits)
-        twice = bridge.soft_gated_model(soft, layout, other)
+        pruned, _ = pruned_models.build_pruned_model(soft, layout, other, logits)
+        twice = soft_gates.soft_gated_model(soft, layout, other)
         assert rel_err(ct.sample(pruned, tiny.positive, tiny.negative, seed=2),
                        ct.sample(twice, tiny.positive, tiny.negative, seed=2)) <= 1e-5

@@ -16,17 +16,17 @@ from comfy_pack import sub
 
 
 @pytest.fixture(scope="module")
-def saved(bridge, tmp_path_factory):
+def saved(weights, pruned_files, tmp_path_factory):
     """A tiny SD1.5 pruned with a random mask, saved; its bytes and reference sample."""
     nodes = sub("nodes")
     tiny = ct.tiny("sd15", seed=5)
-    layout = bridge.model_layout(tiny.model)
+    layout = weights.model_layout(tiny.model)
     gen = torch.Generator().manual_seed(0)
     state = sub("ecodiff_core.maskfile").MaskState.fresh(layout, 0.0)
     state.logits = {g.name: torch.randn(g.count, generator=gen) for g in layout.groups}
     with torch.inference_mode():
         pruned = nodes.ApplyPrunedMask.execute(tiny.model, state, "params", 0.2, "", "prune").args[0]
-        path = bridge.save_pruned_model(pruned, tmp_path_factory.mktemp("pruned") / "good.safetensors")
+        path = pruned_files.save_pruned_model(pruned, tmp_path_factory.mktemp("pruned") / "good.safetensors")
         reference = ct.sample(pruned, tiny.positive, tiny.negative, seed=1, steps=2)
     return tiny, path.read_bytes(), reference
 
@@ -134,7 +134,7 @@ def _dtype_variants(good: bytes, tmp_path):
     yield "all tensors float16", _with_tensors(good, tmp_path, lambda sd: {k: v.half() for k, v in sd.items()})
 
 
-def test_damaged_pruned_files_load_or_give_a_clear_error(saved, bridge, core, tmp_path):
+def test_damaged_pruned_files_load_or_give_a_clear_error(saved, weights, pruned_files, core, tmp_path):
     tiny, good, reference = saved
     path = tmp_path / "fuzz.safetensors"
     outcomes, loaded = {}, []
@@ -145,7 +145,7 @@ def test_damaged_pruned_files_load_or_give_a_clear_error(saved, bridge, core, tm
         path.write_bytes(data)
         try:
             with torch.inference_mode():
-                model = bridge.load_pruned_model(path)
+                model = pruned_files.load_pruned_model(path)
         except core.errors.EcoDiffError as exc:
             assert path.name in str(exc), (label, str(exc))
             outcomes[label] = "error"
@@ -162,7 +162,7 @@ def test_damaged_pruned_files_load_or_give_a_clear_error(saved, bridge, core, tm
     for label in ("extra keys", "manual_cast_dtype float32"):
         path.write_bytes(variants[label])
         with torch.inference_mode():
-            model = bridge.load_pruned_model(path)
+            model = pruned_files.load_pruned_model(path)
             assert torch.equal(ct.sample(model, tiny.positive, tiny.negative, seed=1, steps=2), reference)
     refused = [label for label, outcome in outcomes.items() if outcome == "error"]
     assert all(label in refused for label in ("record a list", "record not json", "kept dup", "kept -1",

@@ -17,6 +17,11 @@ def demo():
 
 
 @pytest.fixture(scope="module")
+def judge():
+    return sub("ecodiff_comfy.demo_judge")
+
+
+@pytest.fixture(scope="module")
 def emb():
     return sub("ecodiff_core.embedded")
 
@@ -92,23 +97,23 @@ def test_vae_shows_the_latent_and_encodes_it_back(loaded, emb):
         vae.decode(torch.zeros(1, 4, 8, 8))
 
 
-def test_judge_reads_decoded_images_like_the_engine_judge(loaded, demo, emb):
+def test_judge_reads_decoded_images_like_the_engine_judge(loaded, judge, emb):
     split = emb.load_digit_split()
     images, labels = split.test_images[:40], split.test_labels[:40]
-    got = demo.judge_images(loaded[2].decode(images), labels.tolist())
+    got = judge.judge_images(loaded[2].decode(images), labels.tolist())
     expected = emb.load_judge().evaluate(images, labels)
     for key in ("accuracy", "confidence", "fd_judge"):
         assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
     assert got["count"] == 40 and got["fd_floor"] > 0
-    cycled = demo.judge_images(loaded[2].decode(images[:3]), [int(labels[0]), int(labels[1]), int(labels[2]), 9])
+    cycled = judge.judge_images(loaded[2].decode(images[:3]), [int(labels[0]), int(labels[1]), int(labels[2]), 9])
     assert cycled["count"] == 3
-    assert demo.parse_digits("0, 1 2;3") == [0, 1, 2, 3]
+    assert judge.parse_digits("0, 1 2;3") == [0, 1, 2, 3]
     with pytest.raises(Exception, match="no digits"):
-        demo.parse_digits("seven")
+        judge.parse_digits("seven")
 
 
-def test_units_match_the_diffusers_layout(loaded, reference, bridge):
-    from_comfy = bridge.model_layout(loaded[0])
+def test_units_match_the_diffusers_layout(loaded, reference, folders, weights, pruned_models, pruned_files):
+    from_comfy = weights.model_layout(loaded[0])
     from_diffusers = sub("ecodiff_core.archs").find_layout(reference.transformer)
     assert from_comfy.arch == "comfy_flux"
     count = lambda layout, kind: sum(g.count for g in layout.groups if g.kind == kind)  # noqa: E731
@@ -116,14 +121,14 @@ def test_units_match_the_diffusers_layout(loaded, reference, bridge):
         assert count(from_comfy, kind) == count(from_diffusers, kind) > 0, kind
 
 
-def test_pruned_demo_model_saves_and_loads(loaded, bridge, emb):
+def test_pruned_demo_model_saves_and_loads(loaded, folders, weights, pruned_models, pruned_files, emb):
     mp, clip, _ = loaded
-    layout = bridge.model_layout(mp)
+    layout = weights.model_layout(mp)
     keep = random_keep(layout, seed=4, p=0.3)
     logits = {name: k.float() for name, k in keep.items()}
-    pruned, _ = bridge.build_pruned_model(mp, layout, keep, logits)
-    path = bridge.save_pruned_model(pruned, bridge.folder(bridge.PRUNED_FOLDER) / "demo_pruned.safetensors")
-    back = bridge.load_pruned_model(path)
+    pruned, _ = pruned_models.build_pruned_model(mp, layout, keep, logits)
+    path = pruned_files.save_pruned_model(pruned, folders.folder(folders.PRUNED_FOLDER) / "demo_pruned.safetensors")
+    back = pruned_files.load_pruned_model(path)
     assert type(back.model.model_config).__name__ == "EcoDiffDemoFlux"
     assert back.model.latent_format.latent_channels == 1
     noise, sigmas = emb.unpack(emb.initial_noise(4, 9), clamp=False), emb.sigmas(5)

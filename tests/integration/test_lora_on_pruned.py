@@ -50,15 +50,15 @@ def _drop_cached_models():
     _CACHE.clear()  # ModelPatchers must not live until interpreter shutdown
 
 
-def pruned_case(arch: str, bridge):
+def pruned_case(arch: str, weights, soft_gates, pruned_models, pruned_files):
     """(tiny, layout, keep, pruned MODEL) with random keep masks and emptied groups."""
     if arch not in _CACHE:
         tiny = ct.tiny(arch, seed=11)
-        layout = bridge.model_layout(tiny.model)
+        layout = weights.model_layout(tiny.model)
         keep = random_keep(layout, seed=3, p=0.4, empty=emptied_groups(layout))
         logits = {g.name: torch.randn(g.count, generator=torch.Generator().manual_seed(1)) for g in layout.groups}
         with torch.inference_mode():
-            pruned, _ = bridge.build_pruned_model(tiny.model, layout, keep, logits)
+            pruned, _ = pruned_models.build_pruned_model(tiny.model, layout, keep, logits)
         _CACHE[arch] = (tiny, layout, keep, pruned)
     return _CACHE[arch]
 
@@ -164,8 +164,8 @@ def sample(tiny, model):
 
 @pytest.mark.parametrize("fmt", ["native", "diffusers"])
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_full_lora_on_pruned_equals_soft_gated(arch, fmt, bridge):
-    tiny, layout, keep, pruned = pruned_case(arch, bridge)
+def test_full_lora_on_pruned_equals_soft_gated(arch, fmt, weights, soft_gates, pruned_models, pruned_files):
+    tiny, layout, keep, pruned = pruned_case(arch, weights, soft_gates, pruned_models, pruned_files)
     cuts = cuts_of(pruned)
     lora = (native_lora if fmt == "native" else diffusers_lora)(tiny, cuts)
     with torch.inference_mode():
@@ -173,7 +173,7 @@ def test_full_lora_on_pruned_equals_soft_gated(arch, fmt, bridge):
         pruned_lora, pruned_bad = load(pruned, lora)
         assert not full_bad, full_bad[:3]  # the test's LoRA fits the full model
         assert not pruned_bad, pruned_bad[:3]  # and every layer of it is taken by the pruned one
-        soft_lora = bridge.soft_gated_model(full_lora, layout, keep)
+        soft_lora = soft_gates.soft_gated_model(full_lora, layout, keep)
         a, b = sample(tiny, pruned_lora), sample(tiny, soft_lora)
         plain = sample(tiny, pruned)
     assert type(pruned_lora) is type(pruned)
@@ -181,12 +181,12 @@ def test_full_lora_on_pruned_equals_soft_gated(arch, fmt, bridge):
     assert rel_err(a, plain) > 1e-3  # the LoRA does something
 
 
-def test_every_unit_kind_is_sliced(bridge):
+def test_every_unit_kind_is_sliced(weights, soft_gates, pruned_models, pruned_files):
     """The cases above cover heads, neurons, modulation channels, FLUX single blocks, emptied
     (replaced) and silenced groups."""
     seen = set()
     for arch in ct.ARCHS:
-        _, layout, keep, pruned = pruned_case(arch, bridge)
+        _, layout, keep, pruned = pruned_case(arch, weights, soft_gates, pruned_models, pruned_files)
         record = pruned.model.ecodiff_pruning
         cuts = cuts_of(pruned)
         seen |= {g.kind for g in layout.groups if not bool(keep[g.name].all())}
@@ -198,9 +198,9 @@ def test_every_unit_kind_is_sliced(bridge):
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_pruned_size_lora_loads_unchanged(arch, bridge):
+def test_pruned_size_lora_loads_unchanged(arch, weights, soft_gates, pruned_models, pruned_files):
     """A LoRA trained on the pruned model (LoRA Recover's keys) is added exactly as given."""
-    tiny, _, _, pruned = pruned_case(arch, bridge)
+    tiny, _, _, pruned = pruned_case(arch, weights, soft_gates, pruned_models, pruned_files)
     g = torch.Generator().manual_seed(9)
     lora = {}
     for path, lin in pruned.model.diffusion_model.named_modules():
@@ -226,10 +226,10 @@ def _consumer_with_removed_columns(cuts):
 
 
 @pytest.mark.parametrize("problem", ["dora_across_cut", "oft", "other_shape"])
-def test_unsliceable_lora_is_a_clear_error(problem, bridge):
+def test_unsliceable_lora_is_a_clear_error(problem, weights, soft_gates, pruned_models, pruned_files, core):
     import comfy.sd
 
-    tiny, _, _, pruned = pruned_case("sd15", bridge)
+    tiny, _, _, pruned = pruned_case("sd15", weights, soft_gates, pruned_models, pruned_files)
     cuts = cuts_of(pruned)
     path = _consumer_with_removed_columns(cuts)
     weight = tiny.model.model.diffusion_model.get_submodule(path).weight.detach()
@@ -242,7 +242,7 @@ def test_unsliceable_lora_is_a_clear_error(problem, bridge):
         lora = {f"{prefix}.oft_blocks": torch.randn(weight.shape[0] // 4, 4, 4, generator=g) * 0.1}
     else:
         lora = lora_entries(prefix, weight[:, :-1], "lora", False, g)
-    with torch.inference_mode(), pytest.raises(bridge.EcoDiffError, match="BEFORE Apply Pruned Mask") as exc:
+    with torch.inference_mode(), pytest.raises(core.errors.EcoDiffError, match="BEFORE Apply Pruned Mask") as exc:
         comfy.sd.load_lora_for_models(pruned, None, lora, 1.0, 0.0)
     assert path in str(exc.value)
     with torch.inference_mode():  # on the full model the same LoRA loads, and applying it before pruning works
@@ -251,12 +251,12 @@ def test_unsliceable_lora_is_a_clear_error(problem, bridge):
 
 
 @pytest.mark.parametrize("arch", ["sd15", "flux"])
-def test_loaded_pruned_model_and_its_clones_take_full_lora(arch, bridge, tmp_path):
-    tiny, _, _, pruned = pruned_case(arch, bridge)
+def test_loaded_pruned_model_and_its_clones_take_full_lora(arch, weights, soft_gates, pruned_models, pruned_files, tmp_path):
+    tiny, _, _, pruned = pruned_case(arch, weights, soft_gates, pruned_models, pruned_files)
     lora = native_lora(tiny, cuts_of(pruned), seed=8)
     with torch.inference_mode():
-        path = bridge.save_pruned_model(pruned, tmp_path / f"{arch}.safetensors")
-        loaded = bridge.load_pruned_model(path).clone().clone()
+        path = pruned_files.save_pruned_model(pruned, tmp_path / f"{arch}.safetensors")
+        loaded = pruned_files.load_pruned_model(path).clone().clone()
         assert type(loaded) is type(pruned)
         from_file, bad = load(loaded, lora)
         assert not bad, bad[:3]
@@ -267,24 +267,24 @@ def test_loaded_pruned_model_and_its_clones_take_full_lora(arch, bridge, tmp_pat
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_lora_loaded_before_apply_is_merged(arch, bridge):
-    tiny, layout, keep, pruned = pruned_case(arch, bridge)
+def test_lora_loaded_before_apply_is_merged(arch, weights, soft_gates, pruned_models, pruned_files):
+    tiny, layout, keep, pruned = pruned_case(arch, weights, soft_gates, pruned_models, pruned_files)
     lora = diffusers_lora(tiny, {}, seed=4)
     logits = {g.name: torch.zeros(g.count) for g in layout.groups}
     with torch.inference_mode():
         full_lora, _ = load(tiny.model, lora)
-        pruned_lora, _ = bridge.build_pruned_model(full_lora, layout, keep, logits)
+        pruned_lora, _ = pruned_models.build_pruned_model(full_lora, layout, keep, logits)
         assert not pruned_lora.patches  # merged into the pruned weights, nothing left to patch
         a = sample(tiny, pruned_lora)
-        b = sample(tiny, bridge.soft_gated_model(full_lora, layout, keep))
+        b = sample(tiny, soft_gates.soft_gated_model(full_lora, layout, keep))
         c = sample(tiny, pruned)  # pruned without the LoRA
     assert rel_err(a, b) <= 1e-5 and rel_err(a, c) > 1e-3
 
 
-def test_key_map_wrapper_leaves_other_models_alone(bridge):
+def test_key_map_wrapper_leaves_other_models_alone(weights, soft_gates, pruned_models, pruned_files):
     import comfy.lora
 
-    tiny, _, _, pruned = pruned_case("sd15", bridge)
+    tiny, _, _, pruned = pruned_case("sd15", weights, soft_gates, pruned_models, pruned_files)
     assert getattr(comfy.lora.model_lora_keys_unet, "ecodiff_wrapped", False)
     full_keys = comfy.lora.model_lora_keys_unet(tiny.model.model, {})
     original = comfy.lora.model_lora_keys_unet.__wrapped__(tiny.model.model, {})
@@ -296,12 +296,12 @@ def test_key_map_wrapper_leaves_other_models_alone(bridge):
     assert set(map(str, pruned_keys.values())) <= set(map(str, full_keys.values()))
 
 
-def test_hook_lora_on_pruned_is_fitted_like_a_plain_lora(bridge):
+def test_hook_lora_on_pruned_is_fitted_like_a_plain_lora(weights, soft_gates, pruned_models, pruned_files):
     """ComfyUI's hook LoRAs (Create Hook LoRA, add_hook_patches) get the same fitted patches."""
     import comfy.hooks
     import comfy.lora
 
-    tiny, _, _, pruned = pruned_case("flux", bridge)
+    tiny, _, _, pruned = pruned_case("flux", weights, soft_gates, pruned_models, pruned_files)
     lora = diffusers_lora(tiny, cuts_of(pruned), seed=12)
     with torch.inference_mode(), LogCapture() as logs:
         hooked, _, group = comfy.hooks.load_hook_lora_for_models(pruned, None, lora, 1.0, 0.0)

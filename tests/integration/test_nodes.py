@@ -19,6 +19,13 @@ def nodes():
     return sub("nodes")
 
 
+def interrupt_processing(value: bool = True) -> None:
+    """Ask ComfyUI to interrupt (as POST /interrupt does)."""
+    import comfy.model_management
+
+    comfy.model_management.interrupt_current_processing(value)
+
+
 def learn(nodes, tiny, run_name: str, **overrides):
     args = dict(LEARN_ARGS, run_name=run_name)
     args.update(overrides)
@@ -34,7 +41,7 @@ def flux_run(nodes):
     return tiny, out, snapshot
 
 
-def test_learn_reduces_loss_and_leaves_model_untouched(flux_run, bridge):
+def test_learn_reduces_loss_and_leaves_model_untouched(flux_run, folders, weights, progress):
     tiny, out, snapshot = flux_run
     mask, summary = out.args
     losses = [h["loss"] for h in mask.history]
@@ -43,7 +50,7 @@ def test_learn_reduces_loss_and_leaves_model_untouched(flux_run, bridge):
     assert mask.progress["finished"] and mask.arch == "comfy_flux"
     assert "6 optimiser steps" in summary
     assert same_weights(tiny.model.model.diffusion_model, snapshot)
-    assert (bridge.folder(bridge.MASK_FOLDER) / "flux_main.safetensors").is_file()
+    assert (folders.folder(folders.MASK_FOLDER) / "flux_main.safetensors").is_file()
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3"])
@@ -57,26 +64,47 @@ def test_learn_runs_on_every_architecture(arch, nodes):
     assert all(torch.isfinite(t).all() for t in mask.logits.values())
 
 
-def test_interrupt_keeps_mask_and_rerun_resumes(flux_run, nodes, bridge, monkeypatch):
+@pytest.mark.parametrize("reason, saved_reason", [("", "interrupted after step 3"), ("converged", "converged")])
+@pytest.mark.parametrize("kind", ["mask", "recover"])
+def test_the_latest_state_is_handed_over_when_a_run_stops(progress, weights, kind, reason, saved_reason):
+    """Learning and LoRA Recover share one save-on-interrupt helper: the error goes on, ``on_stop``
+    gets the latest state with its stop reason (its own, else "interrupted after step N")."""
+    layout = weights.model_layout(ct.tiny("sd15", seed=1).model)
+    state = sub("ecodiff_core.maskfile").MaskState.fresh(layout, 1.0) if kind == "mask" else \
+        sub("ecodiff_core.recover").RecoverState("a", "f", {}, {})
+    state.progress["step"], state.stop_reason = 3, reason
+    saved = []
+    with pytest.raises(KeyboardInterrupt):
+        with progress.state_kept_on_stop(lambda: state, saved.append):
+            raise KeyboardInterrupt
+    assert saved == [state] and state.stop_reason == saved_reason
+    with progress.state_kept_on_stop(lambda: state, saved.append):  # no error: nothing handed over
+        pass
+    with pytest.raises(RuntimeError), progress.state_kept_on_stop(lambda: state, None):
+        raise RuntimeError
+    assert saved == [state]
+
+
+def test_interrupt_keeps_mask_and_rerun_resumes(flux_run, nodes, folders, weights, progress, monkeypatch):
     import comfy.model_management
 
     tiny = flux_run[0]
     calls = {"n": 0}
-    original = bridge.Progress.update
+    original = progress.Progress.update
 
     def interrupting_update(self, value, total=None):
         calls["n"] += 1
         if calls["n"] == 2:
-            bridge.interrupt_processing(True)
+            interrupt_processing(True)
         original(self, value, total)
 
-    monkeypatch.setattr(bridge.Progress, "update", interrupting_update)
+    monkeypatch.setattr(progress.Progress, "update", interrupting_update)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         learn(nodes, tiny, "flux_interrupt")
-    bridge.interrupt_processing(False)
-    monkeypatch.setattr(bridge.Progress, "update", original)
+    interrupt_processing(False)
+    monkeypatch.setattr(progress.Progress, "update", original)
 
-    path = bridge.folder(bridge.MASK_FOLDER) / "flux_interrupt.safetensors"
+    path = folders.folder(folders.MASK_FOLDER) / "flux_interrupt.safetensors"
     saved = sub("ecodiff_core.maskfile").load_mask(path)
     assert saved.progress["step"] == 2 and not saved.progress["finished"]
     assert "interrupted" in saved.stop_reason
@@ -90,26 +118,26 @@ def test_interrupt_keeps_mask_and_rerun_resumes(flux_run, nodes, bridge, monkeyp
         torch.testing.assert_close(mask.logits[name], straight.logits[name], rtol=0, atol=1e-6)
 
 
-def interrupted_run(nodes, bridge, monkeypatch, tiny, run_name, **overrides):
+def interrupted_run(nodes, folders, weights, progress, monkeypatch, tiny, run_name, **overrides):
     """Learn until the second progress update, then interrupt as POST /interrupt does."""
     import comfy.model_management
 
     calls = {"n": 0}
-    original = bridge.Progress.update
+    original = progress.Progress.update
 
     def interrupting_update(self, value, total=None):
         calls["n"] += 1
         if calls["n"] == 2:
-            bridge.interrupt_processing(True)
+            interrupt_processing(True)
         original(self, value, total)
 
-    monkeypatch.setattr(bridge.Progress, "update", interrupting_update)
+    monkeypatch.setattr(progress.Progress, "update", interrupting_update)
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             learn(nodes, tiny, run_name, **overrides)
     finally:
-        bridge.interrupt_processing(False)
-        monkeypatch.setattr(bridge.Progress, "update", original)
+        interrupt_processing(False)
+        monkeypatch.setattr(progress.Progress, "update", original)
 
 
 RESUME_ARGS = dict(steps=2, epochs=1)
@@ -124,12 +152,12 @@ CHANGED_INPUTS = {
 
 
 @pytest.mark.parametrize("change", list(CHANGED_INPUTS))
-def test_rerun_with_changed_inputs_starts_fresh(nodes, bridge, monkeypatch, change, caplog):
+def test_rerun_with_changed_inputs_starts_fresh(nodes, folders, weights, progress, monkeypatch, change, caplog):
     """An unfinished run under run_name is not continued for another checkpoint of the same
     architecture, other prompts or other settings: the result is a fresh run's and the summary says why."""
     tiny = ct.tiny("flux", seed=11)
     run_name = f"changed_{change.replace(' ', '_')}"
-    interrupted_run(nodes, bridge, monkeypatch, tiny, run_name, **RESUME_ARGS)
+    interrupted_run(nodes, folders, weights, progress, monkeypatch, tiny, run_name, **RESUME_ARGS)
     overrides, reason = CHANGED_INPUTS[change]
     if overrides in ("checkpoint", "architecture"):
         tiny, overrides = ct.tiny("flux" if overrides == "checkpoint" else "sd15", seed=12), {}
@@ -159,7 +187,7 @@ def patched_model(model, patch: str):
 
 @pytest.mark.parametrize("before,after", [(None, "RescaleCFG"), (None, "v_prediction"), (None, "FreeU_V2"),
                                           (None, "weight wrapper"), ("FreeU_V2", None), ("FreeU_V2", "FreeU_V2")])
-def test_rerun_after_model_patches_changed_starts_fresh(nodes, bridge, monkeypatch, before, after, caplog):
+def test_rerun_after_model_patches_changed_starts_fresh(nodes, folders, weights, progress, monkeypatch, before, after, caplog):
     """Patches that leave the weights alone (CFG functions, model_sampling object patches, model
     patches, weight wrappers) change what the model computes: a rerun resumes only when the model
     responds alike, and then to the uninterrupted run's result."""
@@ -167,7 +195,7 @@ def test_rerun_after_model_patches_changed_starts_fresh(nodes, bridge, monkeypat
     base = tiny.model
     run_name = f"patched_{before}_{after}".replace(" ", "_")
     tiny.model = patched_model(base, before) if before else base
-    interrupted_run(nodes, bridge, monkeypatch, tiny, run_name, **RESUME_ARGS)
+    interrupted_run(nodes, folders, weights, progress, monkeypatch, tiny, run_name, **RESUME_ARGS)
     tiny.model = patched_model(base, after) if after else base
     with caplog.at_level("WARNING", logger="ecodiff"):
         mask, summary = learn(nodes, tiny, run_name, **RESUME_ARGS).args
@@ -183,7 +211,7 @@ def test_rerun_after_model_patches_changed_starts_fresh(nodes, bridge, monkeypat
     assert any(reason in r.getMessage() for r in caplog.records if r.name == "ecodiff")
 
 
-def test_apply_prune_and_soft_sample_alike(flux_run, nodes, bridge):
+def test_apply_prune_and_soft_sample_alike(flux_run, nodes, folders, weights, progress):
     tiny, out, snapshot = flux_run
     mask = out.args[0]
     with torch.inference_mode():
@@ -224,20 +252,20 @@ def test_pruned_model_takes_lora_patches(flux_run, nodes):
     assert rel_err(a, b) > 1e-6 and torch.equal(a, c)
 
 
-def test_mask_save_load_round_trip(flux_run, nodes, bridge):
+def test_mask_save_load_round_trip(flux_run, nodes, folders, weights, progress):
     mask = flux_run[1].args[0]
     path = nodes.SaveSparsityMask.execute(mask, "round trip").args[0]
     assert path.endswith("round_trip.safetensors")
-    assert "round_trip.safetensors" in bridge.list_files(bridge.MASK_FOLDER)
+    assert "round_trip.safetensors" in folders.list_files(folders.MASK_FOLDER)
     loaded, summary = nodes.LoadSparsityMask.execute("round_trip.safetensors").args
     assert loaded.fingerprint == mask.fingerprint
     assert all(torch.equal(loaded.logits[k], mask.logits[k]) for k in mask.logits)
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_pruned_model_save_load_gives_identical_samples(arch, nodes, bridge):
+def test_pruned_model_save_load_gives_identical_samples(arch, nodes, folders, weights, progress):
     tiny = ct.tiny(arch, seed=8)
-    layout = bridge.model_layout(tiny.model)
+    layout = weights.model_layout(tiny.model)
     gen = torch.Generator().manual_seed(0)
     state = sub("ecodiff_core.maskfile").MaskState.fresh(layout, 0.0)
     state.logits = {g.name: torch.randn(g.count, generator=gen) for g in layout.groups}
@@ -248,7 +276,7 @@ def test_pruned_model_save_load_gives_identical_samples(arch, nodes, bridge):
         a = ct.sample(pruned, tiny.positive, tiny.negative, seed=4)
         b = ct.sample(loaded, tiny.positive, tiny.negative, seed=4)
     assert torch.equal(a, b)
-    assert bridge.pruning_info(loaded)["kept"] == bridge.pruning_info(pruned)["kept"]
+    assert weights.pruning_info(loaded)["kept"] == weights.pruning_info(pruned)["kept"]
 
 
 def test_compare_node_stitches_and_passes_images(nodes):
@@ -341,8 +369,8 @@ def test_pruned_model_runs_through_sampler_custom_advanced(flux_run, nodes):
     assert rel_err(samples, reference) <= 1e-4
 
 
-def _random_mask(bridge, core, model, seed: int = 0):
-    layout = bridge.model_layout(model)
+def _random_mask(folders, weights, progress, core, model, seed: int = 0):
+    layout = weights.model_layout(model)
     state = core.maskfile.MaskState.fresh(layout, 0.0)
     gen = torch.Generator().manual_seed(seed)
     state.logits = {g.name: torch.randn(g.count, generator=gen) for g in layout.groups}
@@ -350,13 +378,13 @@ def _random_mask(bridge, core, model, seed: int = 0):
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "flux", "sd3"])
-def test_default_keep_ratios_work_on_every_architecture(nodes, bridge, core, arch):
+def test_default_keep_ratios_work_on_every_architecture(nodes, folders, weights, progress, core, arch):
     """The node's default keep_ratios names every kind; kinds the architecture lacks are ignored and
     the report says so; every present kind keeps exactly round(ratio × N) units."""
     default = next(i for i in nodes.ApplyPrunedMask.define_schema().inputs if i.id == "keep_ratios").default
     ratios = nodes.apply.parse_keep_ratios(default)
     tiny = ct.tiny(arch, seed=2)
-    layout, mask = _random_mask(bridge, core, tiny.model)
+    layout, mask = _random_mask(folders, weights, progress, core, tiny.model)
     with torch.inference_mode():
         _, report = nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.2, default, "prune").args
     text = nodes.PruningReport.execute(report).args[0]
@@ -368,11 +396,11 @@ def test_default_keep_ratios_work_on_every_architecture(nodes, bridge, core, arc
 
 
 @pytest.mark.parametrize("arch", ["flux", "sd3"])
-def test_keep_ratio_below_heads_that_must_stay_keeps_them_and_says_so(nodes, bridge, core, arch):
+def test_keep_ratio_below_heads_that_must_stay_keeps_them_and_says_so(nodes, folders, weights, progress, core, arch):
     """FLUX/SD3 attentions keep at least one head: head=0.05 keeps one head per block and the report
     says so, naming the smallest ratio kept exactly; that ratio keeps exactly round(ratio × N) heads."""
     tiny = ct.tiny(arch, seed=2)
-    _, mask = _random_mask(bridge, core, tiny.model)
+    _, mask = _random_mask(folders, weights, progress, core, tiny.model)
     with torch.inference_mode():
         _, short = nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.2, "head=0.05", "prune").args
     assert "blocks cannot run without their last heads" in short.target
@@ -387,7 +415,7 @@ def test_keep_ratio_below_heads_that_must_stay_keeps_them_and_says_so(nodes, bri
     assert torch.isfinite(ct.sample(pruned, tiny.positive, tiny.negative, seed=1, steps=1)).all()
 
 
-def test_learn_at_the_largest_seed_wraps_per_prompt_seeds(nodes, bridge):
+def test_learn_at_the_largest_seed_wraps_per_prompt_seeds(nodes, folders, weights, progress):
     """seed = 2**64-1 (the schema's maximum) with several prompts: prompt i uses (seed + i) mod 2**64,
     so prompt 1 starts from the noise of seed 0 instead of overflowing."""
     import comfy.sample

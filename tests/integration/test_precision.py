@@ -46,10 +46,10 @@ def build(arch: str, precision: str):
     return model
 
 
-def prune(bridge, model, seed: int = 4):
-    layout = bridge.model_layout(model)
+def prune(weights, soft_gates, pruned_models, pruned_files, model, seed: int = 4):
+    layout = weights.model_layout(model)
     keep = random_keep(layout, seed=seed)
-    pruned, _ = bridge.build_pruned_model(model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
+    pruned, _ = pruned_models.build_pruned_model(model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
     return pruned
 
 
@@ -58,15 +58,15 @@ def dtypes(module: torch.nn.Module) -> dict[str, torch.dtype]:
 
 
 @pytest.mark.parametrize("arch,precision", CASES)
-def test_reloaded_pruned_model_samples_like_the_in_memory_one(arch, precision, bridge, tmp_path):
+def test_reloaded_pruned_model_samples_like_the_in_memory_one(arch, precision, weights, soft_gates, pruned_models, pruned_files, tmp_path):
     weight, cast, scaled, _ = PRECISIONS[precision]
     _, ctx, pooled = ct.dims(arch)
     pos, neg = ct.make_conditioning(arch, ctx, pooled, 10), ct.make_conditioning(arch, ctx, pooled, 11)
     with torch.inference_mode():
         model = build(arch, precision)
-        pruned = prune(bridge, model)
-        path = bridge.save_pruned_model(pruned, tmp_path / f"{arch}_{precision}.safetensors")
-        loaded = bridge.load_pruned_model(path)
+        pruned = prune(weights, soft_gates, pruned_models, pruned_files, model)
+        path = pruned_files.save_pruned_model(pruned, tmp_path / f"{arch}_{precision}.safetensors")
+        loaded = pruned_files.load_pruned_model(path)
         a = ct.sample(pruned, pos, neg, seed=3, steps=2)
         b = ct.sample(loaded, pos, neg, seed=3, steps=2)
         unpruned = ct.sample(model, pos, neg, seed=3, steps=2)
@@ -82,7 +82,7 @@ def test_reloaded_pruned_model_samples_like_the_in_memory_one(arch, precision, b
     assert matrices == {scaled or weight}
     assert loaded.model.manual_cast_dtype == pruned.model.manual_cast_dtype == cast
     assert loaded.model.get_dtype() == pruned.model.get_dtype()
-    record = bridge.pruning_info(loaded)
+    record = weights.pruning_info(loaded)
     assert record["weight_dtype"] == str(weight).removeprefix("torch.")
     assert record["manual_cast_dtype"] == (None if cast is None else str(cast).removeprefix("torch."))
     assert record["scaled_fp8"] == (None if scaled is None else str(scaled).removeprefix("torch."))
@@ -104,7 +104,7 @@ def _without_precision_keys(path, out):
 @pytest.mark.parametrize("arch,precision", [("flux", "fp8e4m3-cast-fp32"), ("flux", "fp16-cast-fp32"),
                                             ("flux", "fp32"), ("flux", "scaled-fp8e4m3"),
                                             ("sdxl", "fp8e4m3-cast-fp32")])
-def test_records_without_precision_keys_still_load(arch, precision, bridge, tmp_path):
+def test_records_without_precision_keys_still_load(arch, precision, weights, soft_gates, pruned_models, pruned_files, tmp_path):
     """Older records: weight dtype from the record's unet_config, manual cast as ComfyUI's loaders
     pick it for this device (on CPU: float32 for every low-precision dtype), scales found in the file."""
     import comfy.model_management as mm
@@ -113,9 +113,9 @@ def test_records_without_precision_keys_still_load(arch, precision, bridge, tmp_
     _, ctx, pooled = ct.dims(arch)
     pos, neg = ct.make_conditioning(arch, ctx, pooled, 10), ct.make_conditioning(arch, ctx, pooled, 11)
     with torch.inference_mode():
-        pruned = prune(bridge, build(arch, precision))
-        path = bridge.save_pruned_model(pruned, tmp_path / "new.safetensors")
-        loaded = bridge.load_pruned_model(_without_precision_keys(path, tmp_path / "old.safetensors"))
+        pruned = prune(weights, soft_gates, pruned_models, pruned_files, build(arch, precision))
+        path = pruned_files.save_pruned_model(pruned, tmp_path / "new.safetensors")
+        loaded = pruned_files.load_pruned_model(_without_precision_keys(path, tmp_path / "old.safetensors"))
         expected_cast = mm.unet_manual_cast(weight, mm.get_torch_device())
         assert loaded.model.manual_cast_dtype == expected_cast
         assert dtypes(loaded.model.diffusion_model) == dtypes(pruned.model.diffusion_model)
@@ -133,12 +133,12 @@ def test_records_without_precision_keys_still_load(arch, precision, bridge, tmp_
     ("weight_dtype", "float16", "is stored in bfloat16, but the record builds it in float16"),
     ("weight_dtype", "float8_e4m3fn", "is stored in bfloat16, but the record builds it in float8_e4m3fn"),
 ])
-def test_damaged_precision_key_is_a_clear_error(bridge, core, tmp_path, key, value, message):
+def test_damaged_precision_key_is_a_clear_error(weights, soft_gates, pruned_models, pruned_files, core, tmp_path, key, value, message):
     """A bf16 file whose record names another weight dtype, or a cast that is no compute dtype:
     one PrunedFileError at load (not a raw error from sampling)."""
     with torch.inference_mode():
-        pruned = prune(bridge, build("sd15", "bf16-cast-fp32"))
-    path = bridge.save_pruned_model(pruned, tmp_path / "p.safetensors")
+        pruned = prune(weights, soft_gates, pruned_models, pruned_files, build("sd15", "bf16-cast-fp32"))
+    path = pruned_files.save_pruned_model(pruned, tmp_path / "p.safetensors")
     with safetensors.safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
     record = json.loads(meta["record"])
@@ -146,12 +146,12 @@ def test_damaged_precision_key_is_a_clear_error(bridge, core, tmp_path, key, val
     meta["record"] = json.dumps(record)
     safetensors.torch.save_file(safetensors.torch.load_file(str(path)), str(path), metadata=meta)
     with pytest.raises(core.pruned_record.PrunedFileError, match=f"^p.safetensors: .*{message}"):
-        bridge.load_pruned_model(path)
+        pruned_files.load_pruned_model(path)
 
 
 @pytest.mark.parametrize("arch,precision,compute", [("flux", "fp32", BF16), ("sd15", "fp32", BF16),
                                                     ("flux", "fp8e4m3-cast-fp32", BF16)])
-def test_model_compute_dtype_carries_to_the_pruned_and_reloaded_model(arch, precision, compute, bridge, tmp_path):
+def test_model_compute_dtype_carries_to_the_pruned_and_reloaded_model(arch, precision, compute, weights, soft_gates, pruned_models, pruned_files, tmp_path):
     """ComfyUI's ModelComputeDtype (``set_model_compute_dtype``: an object patch plus forced weight
     casting) is the pruned MODEL's compute dtype in memory and after reloading."""
     _, ctx, pooled = ct.dims(arch)
@@ -159,19 +159,19 @@ def test_model_compute_dtype_carries_to_the_pruned_and_reloaded_model(arch, prec
     with torch.inference_mode():
         model = build(arch, precision).clone()
         model.set_model_compute_dtype(compute)
-        pruned = prune(bridge, model)
-        loaded = bridge.load_pruned_model(bridge.save_pruned_model(pruned, tmp_path / "p.safetensors"))
+        pruned = prune(weights, soft_gates, pruned_models, pruned_files, model)
+        loaded = pruned_files.load_pruned_model(pruned_files.save_pruned_model(pruned, tmp_path / "p.safetensors"))
         a = ct.sample(pruned, pos, neg, seed=3, steps=2)
         b = ct.sample(loaded, pos, neg, seed=3, steps=2)
         unpruned = ct.sample(model, pos, neg, seed=3, steps=2)
     assert torch.isfinite(a).all() and rel_err(a, unpruned) > 1e-4
     assert torch.equal(a, b)
     assert loaded.model.manual_cast_dtype == compute
-    assert bridge.pruning_info(loaded)["manual_cast_dtype"] == str(compute).removeprefix("torch.")
+    assert weights.pruning_info(loaded)["manual_cast_dtype"] == str(compute).removeprefix("torch.")
 
 
 @pytest.mark.parametrize("arch,precision", CASES)
-def test_pruned_model_computes_what_hard_masking_computes(arch, precision, bridge):
+def test_pruned_model_computes_what_hard_masking_computes(arch, precision, weights, soft_gates, pruned_models, pruned_files):
     """Slicing == hard masking in every storage precision: the pruned layers keep their host class,
     so manual cast and scaled-fp8 weight scales apply to what remains (modulation rows included)."""
     weight, cast, scaled, _ = PRECISIONS[precision]
@@ -179,10 +179,10 @@ def test_pruned_model_computes_what_hard_masking_computes(arch, precision, bridg
     pos, neg = ct.make_conditioning(arch, ctx, pooled, 10), ct.make_conditioning(arch, ctx, pooled, 11)
     with torch.inference_mode():
         model = build(arch, precision)
-        layout = bridge.model_layout(model)
+        layout = weights.model_layout(model)
         keep = random_keep(layout, seed=4)
-        pruned, _ = bridge.build_pruned_model(model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
+        pruned, _ = pruned_models.build_pruned_model(model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
         a = ct.sample(pruned, pos, neg, seed=3, steps=2)
-        b = ct.sample(bridge.soft_gated_model(model, layout, keep), pos, neg, seed=3, steps=2)
+        b = ct.sample(soft_gates.soft_gated_model(model, layout, keep), pos, neg, seed=3, steps=2)
     compute = cast or weight
     assert rel_err(a, b) <= (1e-5 if compute == F32 else 2e-2)

@@ -28,20 +28,20 @@ def _emptied(layout) -> tuple[str, ...]:
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_pruned_model_samples_like_hard_gated(arch, bridge):
+def test_pruned_model_samples_like_hard_gated(arch, weights, soft_gates, pruned_models):
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         tiny = ct.tiny(arch, seed=3)
         model = tiny.model
-        layout = bridge.model_layout(model)
+        layout = weights.model_layout(model)
         assert layout.arch == EXPECTED[arch][0]
         assert set(layout.kinds()) == EXPECTED[arch][1]
         before = ct.sample(model, tiny.positive, tiny.negative, seed=5)
-        snapshot = weights_snapshot(bridge.diffusion_module(model))
+        snapshot = weights_snapshot(weights.diffusion_module(model))
 
         keep = random_keep(layout, seed=11, empty=_emptied(layout))
         logits = {g.name: torch.randn(g.count) for g in layout.groups}
-        pruned, report = bridge.build_pruned_model(model, layout, keep, logits)
-        gated = bridge.soft_gated_model(model, layout, keep)
+        pruned, report = pruned_models.build_pruned_model(model, layout, keep, logits)
+        gated = soft_gates.soft_gated_model(model, layout, keep)
 
         out_pruned = ct.sample(pruned, tiny.positive, tiny.negative, seed=5)
         out_gated = ct.sample(gated, tiny.positive, tiny.negative, seed=5)
@@ -51,35 +51,35 @@ def test_pruned_model_samples_like_hard_gated(arch, bridge):
     assert rel_err(out_pruned, out_gated) <= 1e-4
     assert rel_err(out_pruned, before) > 1e-3  # pruning did change the model
     assert torch.equal(after, before)  # the input MODEL samples exactly as before
-    assert same_weights(bridge.diffusion_module(model), snapshot)
-    assert bridge.diffusion_module(pruned) is not bridge.diffusion_module(model)
+    assert same_weights(weights.diffusion_module(model), snapshot)
+    assert weights.diffusion_module(pruned) is not weights.diffusion_module(model)
     assert report.params_after < report.params_before
-    n_pruned = sum(p.numel() for p in bridge.diffusion_module(pruned).parameters())
+    n_pruned = sum(p.numel() for p in weights.diffusion_module(pruned).parameters())
     assert n_pruned == report.params_after
 
 
-def test_silenced_joint_heads_keep_one_zeroed_head(bridge):
+def test_silenced_joint_heads_keep_one_zeroed_head(weights, soft_gates, pruned_models):
     tiny = ct.tiny("flux", seed=4)
-    layout = bridge.model_layout(tiny.model)
+    layout = weights.model_layout(tiny.model)
     keep = {g.name: torch.ones(g.count, dtype=torch.bool) for g in layout.groups}
     keep["double_blocks.0:heads"][:] = False
     logits = {g.name: torch.zeros(g.count) for g in layout.groups}
     logits["double_blocks.0:heads"][2] = 5.0
-    pruned, _ = bridge.build_pruned_model(tiny.model, layout, keep, logits)
-    block = bridge.diffusion_module(pruned).double_blocks[0]
+    pruned, _ = pruned_models.build_pruned_model(tiny.model, layout, keep, logits)
+    block = weights.diffusion_module(pruned).double_blocks[0]
     assert block.num_heads == 1 and block.img_attn.num_heads == 1
     assert torch.count_nonzero(block.img_attn.proj.weight) == 0
-    assert bridge.pruning_info(pruned)["silenced"] == ["double_blocks.0:heads"]
+    assert weights.pruning_info(pruned)["silenced"] == ["double_blocks.0:heads"]
 
 
-def test_flux_single_block_split_sizes_follow_kept_units(bridge):
+def test_flux_single_block_split_sizes_follow_kept_units(weights, soft_gates, pruned_models):
     tiny = ct.tiny("flux", seed=5)
-    layout = bridge.model_layout(tiny.model)
+    layout = weights.model_layout(tiny.model)
     keep = {g.name: torch.ones(g.count, dtype=torch.bool) for g in layout.groups}
     keep["single_blocks.0:heads"][1:3] = False
     keep["single_blocks.0:neurons"][:100] = False
-    pruned, _ = bridge.build_pruned_model(tiny.model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
-    block = bridge.diffusion_module(pruned).single_blocks[0]
+    pruned, _ = pruned_models.build_pruned_model(tiny.model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
+    block = weights.diffusion_module(pruned).single_blocks[0]
     assert (block.num_heads, block.hidden_size, block.mlp_hidden_dim) == (2, 32, 156)
     assert block.linear1.out_features == 3 * 32 + 156 and block.linear2.in_features == 32 + 156
 
@@ -106,13 +106,13 @@ def _audited_paths(group) -> list[str]:
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_every_size_attribute_is_declared_and_follows_pruning(arch, bridge):
+def test_every_size_attribute_is_declared_and_follows_pruning(arch, weights, soft_gates, pruned_models):
     """Audit of ComfyUI's classes: an int attribute of a pruned module (or of the modules around it)
     that equals a group's unit count, or count × width, is a counter/dim of that group, and after
     pruning every counter/dim matches the weight shapes."""
     tiny = ct.tiny(arch, seed=3)
-    dm = bridge.diffusion_module(tiny.model)
-    layout = bridge.model_layout(tiny.model)
+    dm = weights.diffusion_module(tiny.model)
+    layout = weights.model_layout(tiny.model)
     declared = {(p, a) for g in layout.groups for p, a in g.counters + g.dims}
     undeclared = []
     for g in layout.groups:
@@ -132,19 +132,19 @@ def test_every_size_attribute_is_declared_and_follows_pruning(arch, bridge):
 
     keep = random_keep(layout, seed=9, empty=_emptied(layout))
     with torch.inference_mode():
-        pruned, report = bridge.build_pruned_model(tiny.model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
+        pruned, report = pruned_models.build_pruned_model(tiny.model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
     kept = {s.name: s.units_after for s in report.groups}
-    check_counts_match_shapes(dm, bridge.diffusion_module(pruned), layout, kept)
+    check_counts_match_shapes(dm, weights.diffusion_module(pruned), layout, kept)
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_advised_maximum_is_accepted_and_delivered(arch, bridge, core):
+def test_advised_maximum_is_accepted_and_delivered(arch, weights, soft_gates, pruned_models, core):
     """Apply Pruned Mask at the value its own refusal advises: accepted, at least that fraction
     removed (units that must stay were never counted as removable), and the report's kept counts
     are the pruned model's."""
     nodes = sub("nodes")
     tiny = ct.tiny(arch, seed=6)
-    layout = bridge.model_layout(tiny.model)
+    layout = weights.model_layout(tiny.model)
     mask = core.maskfile.MaskState.fresh(layout, 0.0)
     gen = torch.Generator().manual_seed(8)
     mask.logits = {g.name: torch.randn(g.count, generator=gen) for g in layout.groups}
@@ -160,7 +160,7 @@ def test_advised_maximum_is_accepted_and_delivered(arch, bridge, core):
     assert advised <= removed < advised + 0.02
     assert rel_err(out, out_soft) <= 1e-4
     kept = {name: k for name, (k, _total) in data.keep_counts.items()}
-    check_counts_match_shapes(bridge.diffusion_module(tiny.model), bridge.diffusion_module(pruned), layout, kept)
+    check_counts_match_shapes(weights.diffusion_module(tiny.model), weights.diffusion_module(pruned), layout, kept)
     assert all(kept[g.name] >= g.min_keep for g in layout.groups)
     rows = sub("nodes.report").chart_rows(data)
     assert sum(k for _, stats in rows for kind, (k, _) in stats.items() if kind == "head") == \

@@ -55,9 +55,9 @@ def lora_dirs(tmp_path_factory):
     folder_paths.filename_list_cache.clear() if hasattr(folder_paths, "filename_list_cache") else None
 
 
-def pruned_pair(arch: str, nodes, bridge, sparsity: float = 0.2, seed: int = 5):
+def pruned_pair(arch: str, nodes, weights, sampling, pruned_models, progress, sparsity: float = 0.2, seed: int = 5):
     tiny = ct.tiny(arch, seed=seed)
-    layout = bridge.model_layout(tiny.model)
+    layout = weights.model_layout(tiny.model)
     gen = torch.Generator().manual_seed(seed)
     state = sub("ecodiff_core.maskfile").MaskState.fresh(layout, 0.0)
     state.logits = {g.name: torch.randn(g.count, generator=gen) for g in layout.groups}
@@ -79,12 +79,12 @@ def stock_lora_loader():
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_recovery_lowers_distillation_loss(arch, nodes, bridge, host, core):
-    tiny, pruned = pruned_pair(arch, nodes, bridge)
+def test_recovery_lowers_distillation_loss(arch, nodes, weights, sampling, pruned_models, progress, host, core):
+    tiny, pruned = pruned_pair(arch, nodes, weights, sampling, pruned_models, progress)
     snap_o = weights_snapshot(tiny.model.model.diffusion_model)
     snap_p = weights_snapshot(pruned.model.diffusion_model)
     settings = sub("ecodiff_core.recover").RecoverSettings(rank=4, alpha=4.0, steps=12, lr=1e-2, batch=2, seed=0)
-    spec = bridge.SamplingSpec(width=64, height=64, steps=3, cfg=2.0, seed=1)
+    spec = sampling.SamplingSpec(width=64, height=64, steps=3, cfg=2.0, seed=1)
     with torch.inference_mode():
         result = host.recover_lora(tiny.model, pruned, conds(tiny), spec, settings, measure=True)
     assert result.loss_before > 0
@@ -96,8 +96,8 @@ def test_recovery_lowers_distillation_loss(arch, nodes, bridge, host, core):
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_saved_lora_with_stock_loader_equals_node_output(arch, nodes, bridge, host, lora_dirs):
-    tiny, pruned = pruned_pair(arch, nodes, bridge, seed=6)
+def test_saved_lora_with_stock_loader_equals_node_output(arch, nodes, weights, sampling, pruned_models, progress, host, lora_dirs):
+    tiny, pruned = pruned_pair(arch, nodes, weights, sampling, pruned_models, progress, seed=6)
     name = f"{arch}_recovered"
     with torch.inference_mode():
         model, summary = nodes.LoraRecover.execute(pruned, tiny.model, clip=ct.TinyClip(arch), lora_name=name,
@@ -114,18 +114,18 @@ def test_saved_lora_with_stock_loader_equals_node_output(arch, nodes, bridge, ho
     with safe_open(str(lora_dirs / "loras" / f"{name}.safetensors"), framework="pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     assert meta["rank"] == "4" and float(meta["alpha"]) == 4.0
-    assert meta["layout_fingerprint"] == bridge.pruning_info(pruned)["fingerprint"]
+    assert meta["layout_fingerprint"] == weights.pruning_info(pruned)["fingerprint"]
     assert meta["base_model"] == type(tiny.model.model.model_config).__name__
     assert all(k.startswith("diffusion_model.") for k in keys)
     ups = [k for k in keys if k.endswith(".lora_up.weight")]
     assert len(ups) == len(keys) // 3 and len(ups) > 0
 
 
-def test_training_wrappers_compute_what_the_loader_merges(nodes, bridge, host):
+def test_training_wrappers_compute_what_the_loader_merges(nodes, weights, sampling, pruned_models, progress, host):
     """The weight wrappers trained on and the patches of the saved file give the same samples."""
-    tiny, pruned = pruned_pair("flux", nodes, bridge, seed=9)
+    tiny, pruned = pruned_pair("flux", nodes, weights, sampling, pruned_models, progress, seed=9)
     rec = sub("ecodiff_core.recover")
-    layout = bridge.model_layout(tiny.model)
+    layout = weights.model_layout(tiny.model)
     with torch.inference_mode(False):
         paths = rec.lora_target_paths(pruned.model.diffusion_model, layout, "all_linear")
         lora = rec.LoraWeights.for_module(pruned.model.diffusion_model, paths, 3, 6.0, seed=1)
@@ -142,12 +142,12 @@ def test_training_wrappers_compute_what_the_loader_merges(nodes, bridge, host):
     assert rel_err(a, b) <= 1e-5 and rel_err(a, c) > 1e-4
 
 
-def test_interrupt_keeps_state_and_rerun_resumes(nodes, bridge, host, lora_dirs, monkeypatch):
+def test_interrupt_keeps_state_and_rerun_resumes(nodes, weights, sampling, pruned_models, progress, host, lora_dirs, monkeypatch):
     import comfy.model_management
 
     rec = sub("ecodiff_core.recover")
-    tiny, pruned = pruned_pair("sd15", nodes, bridge, seed=11)
-    real_update = bridge.Progress.update
+    tiny, pruned = pruned_pair("sd15", nodes, weights, sampling, pruned_models, progress, seed=11)
+    real_update = progress.Progress.update
     calls = []
 
     def interrupting(self, value, total=None):
@@ -156,7 +156,7 @@ def test_interrupt_keeps_state_and_rerun_resumes(nodes, bridge, host, lora_dirs,
             comfy.model_management.interrupt_current_processing(True)
         return real_update(self, value, total)
 
-    monkeypatch.setattr(bridge.Progress, "update", interrupting)
+    monkeypatch.setattr(progress.Progress, "update", interrupting)
     args = dict(RECOVER_ARGS, lora_name="resume_me")
     with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
         nodes.LoraRecover.execute(pruned, tiny.model, clip=ct.TinyClip("sd15"), **args)
@@ -164,7 +164,7 @@ def test_interrupt_keeps_state_and_rerun_resumes(nodes, bridge, host, lora_dirs,
     state = rec.load_recover_state(lora_dirs / "ecodiff_recover" / "resume_me.safetensors")
     assert state.progress["step"] == 3 and not state.progress["finished"]
     assert state.optimizer and "interrupted" in state.stop_reason
-    monkeypatch.setattr(bridge.Progress, "update", real_update)
+    monkeypatch.setattr(progress.Progress, "update", real_update)
     with torch.inference_mode():
         resumed = nodes.LoraRecover.execute(pruned, tiny.model, clip=ct.TinyClip("sd15"), **args).args[0]
         fresh = nodes.LoraRecover.execute(pruned, tiny.model, clip=ct.TinyClip("sd15"),
@@ -181,8 +181,8 @@ def test_interrupt_keeps_state_and_rerun_resumes(nodes, bridge, host, lora_dirs,
     assert rel_err(a, b) <= 1e-5
 
 
-def test_wrong_inputs_are_refused(nodes, bridge, host, core):
-    tiny, pruned = pruned_pair("flux", nodes, bridge, seed=12)
+def test_wrong_inputs_are_refused(nodes, weights, sampling, pruned_models, progress, host, core):
+    tiny, pruned = pruned_pair("flux", nodes, weights, sampling, pruned_models, progress, seed=12)
     other = ct.tiny("sd15", seed=1)
     with torch.inference_mode():
         with pytest.raises(core.errors.EcoDiffError, match="pruned MODEL"):
@@ -197,12 +197,12 @@ def test_wrong_inputs_are_refused(nodes, bridge, host, core):
 
 
 @pytest.mark.parametrize("change", ["prompts", "rank"])
-def test_unfinished_run_for_other_inputs_is_not_resumed(change, nodes, bridge, host, lora_dirs, monkeypatch):
+def test_unfinished_run_for_other_inputs_is_not_resumed(change, nodes, weights, sampling, pruned_models, progress, host, lora_dirs, monkeypatch):
     import comfy.model_management
 
     rec = sub("ecodiff_core.recover")
-    tiny, pruned = pruned_pair("sd3", nodes, bridge, seed=13)
-    real_update = bridge.Progress.update
+    tiny, pruned = pruned_pair("sd3", nodes, weights, sampling, pruned_models, progress, seed=13)
+    real_update = progress.Progress.update
 
     def interrupting(self, value, total=None):
         if value == 2:
@@ -210,11 +210,11 @@ def test_unfinished_run_for_other_inputs_is_not_resumed(change, nodes, bridge, h
         return real_update(self, value, total)
 
     args = dict(RECOVER_ARGS, lora_name=f"changed_{change}", train_steps=4)
-    monkeypatch.setattr(bridge.Progress, "update", interrupting)
+    monkeypatch.setattr(progress.Progress, "update", interrupting)
     with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
         nodes.LoraRecover.execute(pruned, tiny.model, clip=ct.TinyClip("sd3"), **args)
     comfy.model_management.interrupt_current_processing(False)
-    monkeypatch.setattr(bridge.Progress, "update", real_update)
+    monkeypatch.setattr(progress.Progress, "update", real_update)
     changed = dict(args, prompts="a castle on a hill") if change == "prompts" else dict(args, rank=2)
     with torch.inference_mode():
         summary = nodes.LoraRecover.execute(pruned, tiny.model, clip=ct.TinyClip("sd3"), **changed).args[1]
@@ -227,22 +227,22 @@ def test_unfinished_run_for_other_inputs_is_not_resumed(change, nodes, bridge, h
                                               ("sd15", torch.float8_e5m2, torch.float32),
                                               ("flux", torch.bfloat16, None)],
                          ids=["flux-fp8e4m3-cast-fp32", "sd15-fp8e5m2-cast-fp32", "flux-bf16"])
-def test_recovery_on_low_precision_weights(arch, weight, cast, nodes, bridge, host):
+def test_recovery_on_low_precision_weights(arch, weight, cast, nodes, weights, sampling, pruned_models, progress, host):
     """fp8 (ComfyUI's manual cast) and bf16 models: recovery trains (the LoRA is merged in float32
     and cast back, as ComfyUI's loader does), lowers the loss and leaves both inputs untouched."""
     _, ctx, pooled = ct.dims(arch)
     positive, negative = ct.make_conditioning(arch, ctx, pooled, 10), ct.make_conditioning(arch, ctx, pooled, 11)
     model = ct.build_model_precision(arch, 5, weight, cast)
-    layout = bridge.model_layout(model)
+    layout = weights.model_layout(model)
     keep = {g.name: torch.rand(g.count, generator=torch.Generator().manual_seed(1)) > 0.3 for g in layout.groups}
     for k in keep.values():
         k[0] = True
     with torch.inference_mode():
-        pruned, _ = bridge.build_pruned_model(model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
+        pruned, _ = pruned_models.build_pruned_model(model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
     snap_o = weights_snapshot(model.model.diffusion_model)
     snap_p = weights_snapshot(pruned.model.diffusion_model)
     settings = sub("ecodiff_core.recover").RecoverSettings(rank=4, alpha=4.0, steps=12, lr=1e-2, batch=2, seed=0)
-    spec = bridge.SamplingSpec(width=64, height=64, steps=3, cfg=2.0, seed=1)
+    spec = sampling.SamplingSpec(width=64, height=64, steps=3, cfg=2.0, seed=1)
     with torch.inference_mode():
         result = host.recover_lora(model, pruned, [(positive, negative)], spec, settings, measure=True)
     assert torch.isfinite(torch.tensor(result.loss_after))

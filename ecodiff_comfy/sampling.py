@@ -1,0 +1,186 @@
+"""Running a body inside ComfyUI's sampling machinery: the calibration trajectories' setup (size,
+steps, CFG, σ schedule, starting latents, conditioning) and one x0 denoiser per prompt.
+
+Facts this relies on (ComfyUI 0.3.64, checked again in ``tests/integration``):
+- ``CFGGuider`` prepares the model (loading through model_management, conds through
+  ``process_conds``) and its ``__call__`` is the CFG-combined x0 prediction in σ-space, so one Euler
+  loop serves EPS, V and flow models alike; a ``comfy.samplers.Sampler`` subclass gets the ready
+  guider in ``sample`` (``HostedRun`` runs the body there instead of sampling);
+- the executor runs nodes under ``torch.inference_mode()``: latents and conds are inference
+  tensors; bodies run in ``inference_mode(False)`` with copies (see ``weights``);
+- FLUX blocks add residuals in place: forward and backward run under
+  ``torch.autograd.graph.allow_mutation_on_saved_tensors`` (``grad_context``).
+ComfyUI is imported lazily so the pack imports without it.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..ecodiff_core.errors import EcoDiffError
+from ..ecodiff_core.learn import CalibrationSample
+from ..ecodiff_core.seeds import check_seed, derived_seed
+from .weights import diffusion_module, plain_tensors, require_own_weights, trainable_patcher
+
+LEARN_SAMPLERS: tuple[str, ...] = ("euler",)
+
+
+def scheduler_names() -> list[str]:
+    """ComfyUI's scheduler names (the σ schedules ``sigma_schedule`` accepts)."""
+    import comfy.samplers
+
+    return list(comfy.samplers.SCHEDULER_NAMES)
+
+
+@dataclass
+class SamplingSpec:
+    """What the calibration trajectories look like (the same as a KSampler run)."""
+
+    width: int = 1024
+    height: int = 1024
+    steps: int = 20
+    cfg: float = 5.0
+    sampler_name: str = "euler"
+    scheduler: str = "normal"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.sampler_name not in LEARN_SAMPLERS:
+            raise EcoDiffError(f"learning follows a deterministic trajectory; sampler '{self.sampler_name}' is not "
+                               f"supported, use one of {', '.join(LEARN_SAMPLERS)}")
+        if self.scheduler not in scheduler_names():
+            raise EcoDiffError(f"unknown scheduler '{self.scheduler}'; choose one of "
+                               f"{', '.join(scheduler_names())}")
+        if self.steps < 1:
+            raise EcoDiffError(f"steps must be >= 1, got {self.steps}")
+        if self.width < 8 or self.height < 8:
+            raise EcoDiffError(f"width and height must be >= 8 pixels, got {self.width}×{self.height}")
+        check_seed(self.seed)
+
+
+def sigma_schedule(model: Any, scheduler: str, steps: int) -> torch.Tensor:
+    """σ schedule from the model's own ``model_sampling`` (object patches included)."""
+    import comfy.samplers
+
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).float().cpu()
+
+
+def empty_latent(model: Any, spec: SamplingSpec) -> torch.Tensor:
+    latent_format = model.get_model_object("latent_format")
+    ratio = int(getattr(latent_format, "spacial_downscale_ratio", 8))
+    return torch.zeros(1, latent_format.latent_channels, spec.height // ratio, spec.width // ratio)
+
+
+def encode_prompts(clip: Any, prompts: Sequence[str], negative: str) -> list[tuple[list, list]]:
+    """(positive, negative) CONDITIONING for every prompt, through the CLIP's own encoder."""
+    if clip is None:
+        raise EcoDiffError("a CLIP model is needed to encode the calibration prompts "
+                           "(or connect positive/negative conditioning instead)")
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
+    return [(clip.encode_from_tokens_scheduled(clip.tokenize(p)), neg) for p in prompts]
+
+
+def _clone_tensors(obj: Any) -> Any:
+    """Deep copy of a CONDITIONING structure with every tensor cloned (no inference tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone_tensors(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_clone_tensors(v) for v in obj)
+    return obj
+
+def grad_context() -> contextlib.AbstractContextManager:
+    """FLUX's in-place residual adds: let autograd keep copies of mutated saved tensors."""
+    return torch.autograd.graph.allow_mutation_on_saved_tensors()
+
+
+def _host_sampler_class():
+    import comfy.samplers
+
+    class HostedRun(comfy.samplers.Sampler):
+        """A Sampler whose ``sample`` runs a body with the ready guider instead of sampling."""
+
+        def __init__(self, body: Callable[[Any, torch.Tensor, dict, torch.Tensor, torch.Tensor, bool], Any]) -> None:
+            self.body = body
+            self.result: Any = None
+
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                   disable_pbar=False):
+            max_denoise = self.max_denoise(model_wrap, sigmas)
+            self.result = self.body(model_wrap, sigmas, extra_args, noise, latent_image, max_denoise)
+            return latent_image if latent_image is not None else noise
+
+    return HostedRun
+
+
+@dataclass
+class Session:
+    """What a body running inside the guider gets: the module, samples and the σ schedule."""
+
+    module: nn.Module
+    samples: list[CalibrationSample]
+    sigmas: torch.Tensor
+    device: torch.device
+
+
+def run_with_denoisers(model: Any, conds: Sequence[tuple[list, list]], spec: SamplingSpec,
+                       body: Callable[[Session], Any]) -> Any:
+    """Load ``model`` through ComfyUI, build one x0 denoiser (CFG included) and one starting
+    latent x_T per (positive, negative) pair, and call ``body`` with them; returns its result."""
+    import comfy.sample
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    spec.validate()
+    if not conds:
+        raise EcoDiffError("no calibration prompts: give at least one non-empty prompt")
+    HostedRun = _host_sampler_class()
+    with torch.inference_mode(False):
+        patcher = trainable_patcher(model)
+        module = diffusion_module(patcher)
+        sigmas = sigma_schedule(patcher, spec.scheduler, spec.steps)
+        latent = comfy.sample.fix_empty_latent_channels(patcher, empty_latent(patcher, spec))
+        conds = _clone_tensors(list(conds))
+
+        def body_in_guider(guider, dev_sigmas, extra_args, noise, latent_image, max_denoise):
+            device = noise.device
+            ms = guider.inner_model.model_sampling
+            samples = []
+            for i, (pos, neg) in enumerate(conds):
+                processed = comfy.samplers.process_conds(
+                    guider.inner_model, noise,
+                    {"positive": comfy.sampler_helpers.convert_cond(pos),
+                     "negative": comfy.sampler_helpers.convert_cond(neg)},
+                    device, latent_image, None, derived_seed(spec.seed, i))
+                x_noise = comfy.sample.prepare_noise(latent, derived_seed(spec.seed, i)).to(device)
+                x_t = ms.noise_scaling(dev_sigmas[0], x_noise, latent_image, max_denoise)
+                samples.append(CalibrationSample(_denoiser(guider, processed, extra_args, derived_seed(spec.seed, i)), x_t))
+            require_own_weights(patcher, partial_ok=True)  # the guider loaded exactly this clone's weights
+            with plain_tensors(module):
+                return body(Session(module, samples, dev_sigmas, device))
+
+        guider = comfy.samplers.CFGGuider(patcher)
+        guider.set_conds(conds[0][0], conds[0][1])
+        guider.set_cfg(spec.cfg)
+        host = HostedRun(body_in_guider)
+        noise = comfy.sample.prepare_noise(latent, spec.seed)
+        guider.sample(noise, latent, host, sigmas, disable_pbar=True, seed=spec.seed)
+        return host.result
+
+
+def _denoiser(guider: Any, processed: dict, extra_args: dict, seed: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        guider.conds = processed
+        s = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1)
+        s = s.expand(x.shape[0]) if s.numel() == 1 else s
+        return guider(x, s, extra_args["model_options"], seed)
+
+    return denoise
+
