@@ -70,7 +70,7 @@ def patched(model, arch: str, seen: list):
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_identity_patches_leave_pruned_output_unchanged(arch, weights, pruned_models, pruned_files):
+def test_identity_patches_leave_pruned_output_unchanged(arch, weights, pruned_models):
     tiny = ct.tiny(arch, seed=3)
     layout = weights.model_layout(tiny.model)
     keep = unet_keep(layout, 2) if arch in ("sd15", "sdxl") else \
@@ -101,7 +101,7 @@ def _guidance_node(name: str, scale: float):
 
 
 @pytest.mark.parametrize("node", ["SelfAttentionGuidance", "PerturbedAttentionGuidance"])
-def test_stock_attention_guidance_on_pruned_unet(node, weights, pruned_models, pruned_files):
+def test_stock_attention_guidance_on_pruned_unet(node, weights, pruned_models):
     """Stock nodes that replace the middle block's attn1 work where that attention keeps one head
     (scale 0 reproduces the plain output through the patch where the node runs it), and are refused,
     naming the node and the block, where it keeps none."""

@@ -35,7 +35,7 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
-def fresh_pruned_state(weights, sampling, learning, soft_gates, pruned_models, pruned_files, arch: str, keep, logits) -> dict[str, torch.Tensor]:
+def fresh_pruned_state(weights, pruned_models, arch: str, keep, logits) -> dict[str, torch.Tensor]:
     """Reference: the pruned weights of a freshly built base that no clone ever patched."""
     with torch.inference_mode():
         fresh = ct.tiny(arch, seed=3).model
@@ -44,7 +44,7 @@ def fresh_pruned_state(weights, sampling, learning, soft_gates, pruned_models, p
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_pruning_after_a_lora_clone_sampled_reads_the_base_weights(arch, weights, sampling, learning, soft_gates, pruned_models, pruned_files):
+def test_pruning_after_a_lora_clone_sampled_reads_the_base_weights(arch, weights, soft_gates, pruned_models):
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         tiny = ct.tiny(arch, seed=3)
         base = tiny.model
@@ -68,7 +68,7 @@ def test_pruning_after_a_lora_clone_sampled_reads_the_base_weights(arch, weights
         base_after = ct.sample(base, tiny.positive, tiny.negative, seed=2)
         lora_after = ct.sample(lora, tiny.positive, tiny.negative, seed=2)
 
-    assert_same_state(state(pruned.model.diffusion_model), fresh_pruned_state(weights, sampling, learning, soft_gates, pruned_models, pruned_files, arch, keep, logits))
+    assert_same_state(state(pruned.model.diffusion_model), fresh_pruned_state(weights, pruned_models, arch, keep, logits))
     assert rel_err(out_pruned, out_soft) <= 1e-5
     assert rel_err(out_pruned_lora, out_soft_lora) <= 1e-5
     assert rel_err(out_pruned, out_pruned_lora) > 1e-3  # the LoRA does matter, and only in its own clone
@@ -76,7 +76,7 @@ def test_pruning_after_a_lora_clone_sampled_reads_the_base_weights(arch, weights
 
 
 @pytest.mark.parametrize("arch", ["sd15", "flux"])
-def test_saved_pruned_model_holds_its_own_weights(arch, weights, sampling, learning, soft_gates, pruned_models, pruned_files, tmp_path):
+def test_saved_pruned_model_holds_its_own_weights(arch, weights, pruned_models, pruned_files, tmp_path):
     """Save Pruned Model after clones of the base and of the pruned model sampled with LoRAs."""
     import safetensors.torch
 
@@ -90,7 +90,7 @@ def test_saved_pruned_model_holds_its_own_weights(arch, weights, sampling, learn
         ct.sample(lora_clone(pruned, seed=6), tiny.positive, tiny.negative, seed=2)  # patches the pruned module
         path = pruned_files.save_pruned_model(pruned, tmp_path / "pruned.safetensors")
     saved = safetensors.torch.load_file(str(path))
-    expected = fresh_pruned_state(weights, sampling, learning, soft_gates, pruned_models, pruned_files, arch, keep, logits)
+    expected = fresh_pruned_state(weights, pruned_models, arch, keep, logits)
     assert_same_state(saved, expected)
     # and those are the base weights, sliced: one attention projection checked by hand
     group = next(g for g in layout.groups if g.kind == "head")
@@ -104,7 +104,7 @@ def test_saved_pruned_model_holds_its_own_weights(arch, weights, sampling, learn
 
 
 @pytest.mark.parametrize("arch", ["sd15", "flux"])
-def test_learning_after_a_lora_clone_sampled_equals_learning_on_a_fresh_base(arch, weights, sampling, learning, soft_gates, pruned_models, pruned_files, core):
+def test_learning_after_a_lora_clone_sampled_equals_learning_on_a_fresh_base(arch, sampling, learning, core):
     spec = sampling.SamplingSpec(width=64, height=64, steps=2, cfg=2.0, seed=1)
     settings = core.learn.LearnSettings(epochs=2, accumulate=1, beta=0.1, lr={"head": 0.5, "neuron": 0.5, "channel": 0.5})
 
@@ -122,7 +122,7 @@ def test_learning_after_a_lora_clone_sampled_equals_learning_on_a_fresh_base(arc
     assert any(not torch.equal(v, torch.zeros_like(v)) for v in fresh.values())  # it did learn
 
 
-def test_a_clone_loaded_inside_own_weights_is_refused(weights, sampling, learning, soft_gates, pruned_models, pruned_files, core):
+def test_a_clone_loaded_inside_own_weights_is_refused(weights, core):
     """The guard of the one weight reader: another clone loaded while it reads is an error."""
     import comfy.model_management
 
@@ -135,7 +135,7 @@ def test_a_clone_loaded_inside_own_weights_is_refused(weights, sampling, learnin
                 comfy.model_management.load_models_gpu([lora], force_full_load=True)
 
 
-def wrapped_clone(weights, sampling, learning, soft_gates, pruned_models, pruned_files, model, layout, wrapper: str):
+def wrapped_clone(soft_gates, model, layout, wrapper: str):
     """A clone whose own patches are weight wrappers: TrainLoraNode-style adapters (scaled weights
     and biases on every other Linear), or the soft gates of Apply Pruned Mask's preview."""
     if wrapper == "soft gates":
@@ -145,7 +145,7 @@ def wrapped_clone(weights, sampling, learning, soft_gates, pruned_models, pruned
 
 @pytest.mark.parametrize("wrapper", ["adapters", "soft gates"])
 @pytest.mark.parametrize("arch", ["sd15", "flux"])
-def test_pruning_and_saving_fold_in_weight_wrappers(arch, wrapper, weights, sampling, learning, soft_gates, pruned_models, pruned_files, tmp_path):
+def test_pruning_and_saving_fold_in_weight_wrappers(arch, wrapper, weights, soft_gates, pruned_models, pruned_files, tmp_path):
     """Weight wrappers are the MODEL's own patches: the pruned MODEL computes what the soft-gated
     wrapped MODEL computes, Save Pruned Model writes what the MODEL computes with, and the input
     MODELs are unchanged."""
@@ -156,7 +156,7 @@ def test_pruning_and_saving_fold_in_weight_wrappers(arch, wrapper, weights, samp
         keep = random_keep(layout, seed=12)
         logits = {g.name: torch.zeros(g.count) for g in layout.groups}
         base_state = state(base.model.diffusion_model)
-        wrapped = wrapped_clone(weights, sampling, learning, soft_gates, pruned_models, pruned_files, base, layout, wrapper)
+        wrapped = wrapped_clone(soft_gates, base, layout, wrapper)
         wrappers_before = {k: list(v) for k, v in wrapped.weight_wrapper_patches.items()}
         sample = lambda m: ct.sample(m, tiny.positive, tiny.negative, seed=2)  # noqa: E731
         wrapped_before = sample(wrapped)
@@ -169,7 +169,7 @@ def test_pruning_and_saving_fold_in_weight_wrappers(arch, wrapper, weights, samp
         assert not getattr(pruned, "weight_wrapper_patches", {})  # folded in, not applied twice
 
         # Save Pruned Model of a pruned MODEL given its own wrappers; reloaded samples alike
-        pruned_wrapped = wrapped_clone(weights, sampling, learning, soft_gates, pruned_models, pruned_files, pruned_base, weights.model_layout(pruned_base), wrapper)
+        pruned_wrapped = wrapped_clone(soft_gates, pruned_base, weights.model_layout(pruned_base), wrapper)
         expected = sample(pruned_wrapped)
         path = pruned_files.save_pruned_model(pruned_wrapped, tmp_path / "wrapped.safetensors")
         reloaded = pruned_files.load_pruned_model(path)
@@ -182,7 +182,7 @@ def test_pruning_and_saving_fold_in_weight_wrappers(arch, wrapper, weights, samp
         assert torch.equal(sample(wrapped), wrapped_before)
 
 
-def test_pruning_a_soft_gated_model_gives_the_hard_masked_model(weights, sampling, learning, soft_gates, pruned_models, pruned_files):
+def test_pruning_a_soft_gated_model_gives_the_hard_masked_model(weights, soft_gates, pruned_models):
     """The preview's gates are weight wrappers: pruning the soft-gated MODEL with the same keep masks
     gives exactly the pruned base (kept units are scaled by 1), not a model ignoring the gates."""
     with torch.inference_mode():

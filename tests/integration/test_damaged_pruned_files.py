@@ -134,7 +134,7 @@ def _dtype_variants(good: bytes, tmp_path):
     yield "all tensors float16", _with_tensors(good, tmp_path, lambda sd: {k: v.half() for k, v in sd.items()})
 
 
-def test_damaged_pruned_files_load_or_give_a_clear_error(saved, weights, pruned_files, core, tmp_path):
+def test_damaged_pruned_files_load_or_give_a_clear_error(saved, pruned_files, core, tmp_path):
     tiny, good, reference = saved
     path = tmp_path / "fuzz.safetensors"
     outcomes, loaded = {}, []

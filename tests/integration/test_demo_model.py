@@ -112,7 +112,7 @@ def test_judge_reads_decoded_images_like_the_engine_judge(loaded, judge, emb):
         judge.parse_digits("seven")
 
 
-def test_units_match_the_diffusers_layout(loaded, reference, folders, weights, pruned_models, pruned_files):
+def test_units_match_the_diffusers_layout(loaded, reference, weights):
     from_comfy = weights.model_layout(loaded[0])
     from_diffusers = sub("ecodiff_core.archs").find_layout(reference.transformer)
     assert from_comfy.arch == "comfy_flux"

@@ -50,7 +50,7 @@ def _drop_cached_models():
     _CACHE.clear()  # ModelPatchers must not live until interpreter shutdown
 
 
-def pruned_case(arch: str, weights, soft_gates, pruned_models, pruned_files):
+def pruned_case(arch: str, weights, pruned_models):
     """(tiny, layout, keep, pruned MODEL) with random keep masks and emptied groups."""
     if arch not in _CACHE:
         tiny = ct.tiny(arch, seed=11)
@@ -164,8 +164,8 @@ def sample(tiny, model):
 
 @pytest.mark.parametrize("fmt", ["native", "diffusers"])
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_full_lora_on_pruned_equals_soft_gated(arch, fmt, weights, soft_gates, pruned_models, pruned_files):
-    tiny, layout, keep, pruned = pruned_case(arch, weights, soft_gates, pruned_models, pruned_files)
+def test_full_lora_on_pruned_equals_soft_gated(arch, fmt, weights, soft_gates, pruned_models):
+    tiny, layout, keep, pruned = pruned_case(arch, weights, pruned_models)
     cuts = cuts_of(pruned)
     lora = (native_lora if fmt == "native" else diffusers_lora)(tiny, cuts)
     with torch.inference_mode():
@@ -181,12 +181,12 @@ def test_full_lora_on_pruned_equals_soft_gated(arch, fmt, weights, soft_gates, p
     assert rel_err(a, plain) > 1e-3  # the LoRA does something
 
 
-def test_every_unit_kind_is_sliced(weights, soft_gates, pruned_models, pruned_files):
+def test_every_unit_kind_is_sliced(weights, pruned_models):
     """The cases above cover heads, neurons, modulation channels, FLUX single blocks, emptied
     (replaced) and silenced groups."""
     seen = set()
     for arch in ct.ARCHS:
-        _, layout, keep, pruned = pruned_case(arch, weights, soft_gates, pruned_models, pruned_files)
+        _, layout, keep, pruned = pruned_case(arch, weights, pruned_models)
         record = pruned.model.ecodiff_pruning
         cuts = cuts_of(pruned)
         seen |= {g.kind for g in layout.groups if not bool(keep[g.name].all())}
@@ -198,9 +198,9 @@ def test_every_unit_kind_is_sliced(weights, soft_gates, pruned_models, pruned_fi
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_pruned_size_lora_loads_unchanged(arch, weights, soft_gates, pruned_models, pruned_files):
+def test_pruned_size_lora_loads_unchanged(arch, weights, pruned_models):
     """A LoRA trained on the pruned model (LoRA Recover's keys) is added exactly as given."""
-    tiny, _, _, pruned = pruned_case(arch, weights, soft_gates, pruned_models, pruned_files)
+    tiny, _, _, pruned = pruned_case(arch, weights, pruned_models)
     g = torch.Generator().manual_seed(9)
     lora = {}
     for path, lin in pruned.model.diffusion_model.named_modules():
@@ -226,10 +226,10 @@ def _consumer_with_removed_columns(cuts):
 
 
 @pytest.mark.parametrize("problem", ["dora_across_cut", "oft", "other_shape"])
-def test_unsliceable_lora_is_a_clear_error(problem, weights, soft_gates, pruned_models, pruned_files, core):
+def test_unsliceable_lora_is_a_clear_error(problem, weights, pruned_models, core):
     import comfy.sd
 
-    tiny, _, _, pruned = pruned_case("sd15", weights, soft_gates, pruned_models, pruned_files)
+    tiny, _, _, pruned = pruned_case("sd15", weights, pruned_models)
     cuts = cuts_of(pruned)
     path = _consumer_with_removed_columns(cuts)
     weight = tiny.model.model.diffusion_model.get_submodule(path).weight.detach()
@@ -251,8 +251,8 @@ def test_unsliceable_lora_is_a_clear_error(problem, weights, soft_gates, pruned_
 
 
 @pytest.mark.parametrize("arch", ["sd15", "flux"])
-def test_loaded_pruned_model_and_its_clones_take_full_lora(arch, weights, soft_gates, pruned_models, pruned_files, tmp_path):
-    tiny, _, _, pruned = pruned_case(arch, weights, soft_gates, pruned_models, pruned_files)
+def test_loaded_pruned_model_and_its_clones_take_full_lora(arch, weights, pruned_models, pruned_files, tmp_path):
+    tiny, _, _, pruned = pruned_case(arch, weights, pruned_models)
     lora = native_lora(tiny, cuts_of(pruned), seed=8)
     with torch.inference_mode():
         path = pruned_files.save_pruned_model(pruned, tmp_path / f"{arch}.safetensors")
@@ -267,8 +267,8 @@ def test_loaded_pruned_model_and_its_clones_take_full_lora(arch, weights, soft_g
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_lora_loaded_before_apply_is_merged(arch, weights, soft_gates, pruned_models, pruned_files):
-    tiny, layout, keep, pruned = pruned_case(arch, weights, soft_gates, pruned_models, pruned_files)
+def test_lora_loaded_before_apply_is_merged(arch, weights, soft_gates, pruned_models):
+    tiny, layout, keep, pruned = pruned_case(arch, weights, pruned_models)
     lora = diffusers_lora(tiny, {}, seed=4)
     logits = {g.name: torch.zeros(g.count) for g in layout.groups}
     with torch.inference_mode():
@@ -281,10 +281,10 @@ def test_lora_loaded_before_apply_is_merged(arch, weights, soft_gates, pruned_mo
     assert rel_err(a, b) <= 1e-5 and rel_err(a, c) > 1e-3
 
 
-def test_key_map_wrapper_leaves_other_models_alone(weights, soft_gates, pruned_models, pruned_files):
+def test_key_map_wrapper_leaves_other_models_alone(weights, pruned_models):
     import comfy.lora
 
-    tiny, _, _, pruned = pruned_case("sd15", weights, soft_gates, pruned_models, pruned_files)
+    tiny, _, _, pruned = pruned_case("sd15", weights, pruned_models)
     assert getattr(comfy.lora.model_lora_keys_unet, "ecodiff_wrapped", False)
     full_keys = comfy.lora.model_lora_keys_unet(tiny.model.model, {})
     original = comfy.lora.model_lora_keys_unet.__wrapped__(tiny.model.model, {})
@@ -296,12 +296,12 @@ def test_key_map_wrapper_leaves_other_models_alone(weights, soft_gates, pruned_m
     assert set(map(str, pruned_keys.values())) <= set(map(str, full_keys.values()))
 
 
-def test_hook_lora_on_pruned_is_fitted_like_a_plain_lora(weights, soft_gates, pruned_models, pruned_files):
+def test_hook_lora_on_pruned_is_fitted_like_a_plain_lora(weights, pruned_models):
     """ComfyUI's hook LoRAs (Create Hook LoRA, add_hook_patches) get the same fitted patches."""
     import comfy.hooks
     import comfy.lora
 
-    tiny, _, _, pruned = pruned_case("flux", weights, soft_gates, pruned_models, pruned_files)
+    tiny, _, _, pruned = pruned_case("flux", weights, pruned_models)
     lora = diffusers_lora(tiny, cuts_of(pruned), seed=12)
     with torch.inference_mode(), LogCapture() as logs:
         hooked, _, group = comfy.hooks.load_hook_lora_for_models(pruned, None, lora, 1.0, 0.0)

@@ -41,7 +41,7 @@ def flux_run(nodes):
     return tiny, out, snapshot
 
 
-def test_learn_reduces_loss_and_leaves_model_untouched(flux_run, folders, weights, progress):
+def test_learn_reduces_loss_and_leaves_model_untouched(flux_run, folders):
     tiny, out, snapshot = flux_run
     mask, summary = out.args
     losses = [h["loss"] for h in mask.history]
@@ -85,7 +85,7 @@ def test_the_latest_state_is_handed_over_when_a_run_stops(progress, weights, kin
     assert saved == [state]
 
 
-def test_interrupt_keeps_mask_and_rerun_resumes(flux_run, nodes, folders, weights, progress, monkeypatch):
+def test_interrupt_keeps_mask_and_rerun_resumes(flux_run, nodes, folders, progress, monkeypatch):
     import comfy.model_management
 
     tiny = flux_run[0]
@@ -118,7 +118,7 @@ def test_interrupt_keeps_mask_and_rerun_resumes(flux_run, nodes, folders, weight
         torch.testing.assert_close(mask.logits[name], straight.logits[name], rtol=0, atol=1e-6)
 
 
-def interrupted_run(nodes, folders, weights, progress, monkeypatch, tiny, run_name, **overrides):
+def interrupted_run(nodes, progress, monkeypatch, tiny, run_name, **overrides):
     """Learn until the second progress update, then interrupt as POST /interrupt does."""
     import comfy.model_management
 
@@ -152,12 +152,12 @@ CHANGED_INPUTS = {
 
 
 @pytest.mark.parametrize("change", list(CHANGED_INPUTS))
-def test_rerun_with_changed_inputs_starts_fresh(nodes, folders, weights, progress, monkeypatch, change, caplog):
+def test_rerun_with_changed_inputs_starts_fresh(nodes, progress, monkeypatch, change, caplog):
     """An unfinished run under run_name is not continued for another checkpoint of the same
     architecture, other prompts or other settings: the result is a fresh run's and the summary says why."""
     tiny = ct.tiny("flux", seed=11)
     run_name = f"changed_{change.replace(' ', '_')}"
-    interrupted_run(nodes, folders, weights, progress, monkeypatch, tiny, run_name, **RESUME_ARGS)
+    interrupted_run(nodes, progress, monkeypatch, tiny, run_name, **RESUME_ARGS)
     overrides, reason = CHANGED_INPUTS[change]
     if overrides in ("checkpoint", "architecture"):
         tiny, overrides = ct.tiny("flux" if overrides == "checkpoint" else "sd15", seed=12), {}
@@ -187,7 +187,7 @@ def patched_model(model, patch: str):
 
 @pytest.mark.parametrize("before,after", [(None, "RescaleCFG"), (None, "v_prediction"), (None, "FreeU_V2"),
                                           (None, "weight wrapper"), ("FreeU_V2", None), ("FreeU_V2", "FreeU_V2")])
-def test_rerun_after_model_patches_changed_starts_fresh(nodes, folders, weights, progress, monkeypatch, before, after, caplog):
+def test_rerun_after_model_patches_changed_starts_fresh(nodes, progress, monkeypatch, before, after, caplog):
     """Patches that leave the weights alone (CFG functions, model_sampling object patches, model
     patches, weight wrappers) change what the model computes: a rerun resumes only when the model
     responds alike, and then to the uninterrupted run's result."""
@@ -195,7 +195,7 @@ def test_rerun_after_model_patches_changed_starts_fresh(nodes, folders, weights,
     base = tiny.model
     run_name = f"patched_{before}_{after}".replace(" ", "_")
     tiny.model = patched_model(base, before) if before else base
-    interrupted_run(nodes, folders, weights, progress, monkeypatch, tiny, run_name, **RESUME_ARGS)
+    interrupted_run(nodes, progress, monkeypatch, tiny, run_name, **RESUME_ARGS)
     tiny.model = patched_model(base, after) if after else base
     with caplog.at_level("WARNING", logger="ecodiff"):
         mask, summary = learn(nodes, tiny, run_name, **RESUME_ARGS).args
@@ -211,7 +211,7 @@ def test_rerun_after_model_patches_changed_starts_fresh(nodes, folders, weights,
     assert any(reason in r.getMessage() for r in caplog.records if r.name == "ecodiff")
 
 
-def test_apply_prune_and_soft_sample_alike(flux_run, nodes, folders, weights, progress):
+def test_apply_prune_and_soft_sample_alike(flux_run, nodes):
     tiny, out, snapshot = flux_run
     mask = out.args[0]
     with torch.inference_mode():
@@ -252,7 +252,7 @@ def test_pruned_model_takes_lora_patches(flux_run, nodes):
     assert rel_err(a, b) > 1e-6 and torch.equal(a, c)
 
 
-def test_mask_save_load_round_trip(flux_run, nodes, folders, weights, progress):
+def test_mask_save_load_round_trip(flux_run, nodes, folders):
     mask = flux_run[1].args[0]
     path = nodes.SaveSparsityMask.execute(mask, "round trip").args[0]
     assert path.endswith("round_trip.safetensors")
@@ -263,7 +263,7 @@ def test_mask_save_load_round_trip(flux_run, nodes, folders, weights, progress):
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_pruned_model_save_load_gives_identical_samples(arch, nodes, folders, weights, progress):
+def test_pruned_model_save_load_gives_identical_samples(arch, nodes, weights):
     tiny = ct.tiny(arch, seed=8)
     layout = weights.model_layout(tiny.model)
     gen = torch.Generator().manual_seed(0)
@@ -369,7 +369,7 @@ def test_pruned_model_runs_through_sampler_custom_advanced(flux_run, nodes):
     assert rel_err(samples, reference) <= 1e-4
 
 
-def _random_mask(folders, weights, progress, core, model, seed: int = 0):
+def _random_mask(weights, core, model, seed: int = 0):
     layout = weights.model_layout(model)
     state = core.maskfile.MaskState.fresh(layout, 0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -378,13 +378,13 @@ def _random_mask(folders, weights, progress, core, model, seed: int = 0):
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "flux", "sd3"])
-def test_default_keep_ratios_work_on_every_architecture(nodes, folders, weights, progress, core, arch):
+def test_default_keep_ratios_work_on_every_architecture(nodes, weights, core, arch):
     """The node's default keep_ratios names every kind; kinds the architecture lacks are ignored and
     the report says so; every present kind keeps exactly round(ratio × N) units."""
     default = next(i for i in nodes.ApplyPrunedMask.define_schema().inputs if i.id == "keep_ratios").default
     ratios = nodes.apply.parse_keep_ratios(default)
     tiny = ct.tiny(arch, seed=2)
-    layout, mask = _random_mask(folders, weights, progress, core, tiny.model)
+    layout, mask = _random_mask(weights, core, tiny.model)
     with torch.inference_mode():
         _, report = nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.2, default, "prune").args
     text = nodes.PruningReport.execute(report).args[0]
@@ -396,11 +396,11 @@ def test_default_keep_ratios_work_on_every_architecture(nodes, folders, weights,
 
 
 @pytest.mark.parametrize("arch", ["flux", "sd3"])
-def test_keep_ratio_below_heads_that_must_stay_keeps_them_and_says_so(nodes, folders, weights, progress, core, arch):
+def test_keep_ratio_below_heads_that_must_stay_keeps_them_and_says_so(nodes, weights, core, arch):
     """FLUX/SD3 attentions keep at least one head: head=0.05 keeps one head per block and the report
     says so, naming the smallest ratio kept exactly; that ratio keeps exactly round(ratio × N) heads."""
     tiny = ct.tiny(arch, seed=2)
-    _, mask = _random_mask(folders, weights, progress, core, tiny.model)
+    _, mask = _random_mask(weights, core, tiny.model)
     with torch.inference_mode():
         _, short = nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.2, "head=0.05", "prune").args
     assert "blocks cannot run without their last heads" in short.target
@@ -415,7 +415,7 @@ def test_keep_ratio_below_heads_that_must_stay_keeps_them_and_says_so(nodes, fol
     assert torch.isfinite(ct.sample(pruned, tiny.positive, tiny.negative, seed=1, steps=1)).all()
 
 
-def test_learn_at_the_largest_seed_wraps_per_prompt_seeds(nodes, folders, weights, progress):
+def test_learn_at_the_largest_seed_wraps_per_prompt_seeds(nodes):
     """seed = 2**64-1 (the schema's maximum) with several prompts: prompt i uses (seed + i) mod 2**64,
     so prompt 1 starts from the noise of seed 0 instead of overflowing."""
     import comfy.sample

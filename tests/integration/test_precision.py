@@ -46,7 +46,7 @@ def build(arch: str, precision: str):
     return model
 
 
-def prune(weights, soft_gates, pruned_models, pruned_files, model, seed: int = 4):
+def prune(weights, pruned_models, model, seed: int = 4):
     layout = weights.model_layout(model)
     keep = random_keep(layout, seed=seed)
     pruned, _ = pruned_models.build_pruned_model(model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
@@ -58,13 +58,13 @@ def dtypes(module: torch.nn.Module) -> dict[str, torch.dtype]:
 
 
 @pytest.mark.parametrize("arch,precision", CASES)
-def test_reloaded_pruned_model_samples_like_the_in_memory_one(arch, precision, weights, soft_gates, pruned_models, pruned_files, tmp_path):
+def test_reloaded_pruned_model_samples_like_the_in_memory_one(arch, precision, weights, pruned_models, pruned_files, tmp_path):
     weight, cast, scaled, _ = PRECISIONS[precision]
     _, ctx, pooled = ct.dims(arch)
     pos, neg = ct.make_conditioning(arch, ctx, pooled, 10), ct.make_conditioning(arch, ctx, pooled, 11)
     with torch.inference_mode():
         model = build(arch, precision)
-        pruned = prune(weights, soft_gates, pruned_models, pruned_files, model)
+        pruned = prune(weights, pruned_models, model)
         path = pruned_files.save_pruned_model(pruned, tmp_path / f"{arch}_{precision}.safetensors")
         loaded = pruned_files.load_pruned_model(path)
         a = ct.sample(pruned, pos, neg, seed=3, steps=2)
@@ -104,7 +104,7 @@ def _without_precision_keys(path, out):
 @pytest.mark.parametrize("arch,precision", [("flux", "fp8e4m3-cast-fp32"), ("flux", "fp16-cast-fp32"),
                                             ("flux", "fp32"), ("flux", "scaled-fp8e4m3"),
                                             ("sdxl", "fp8e4m3-cast-fp32")])
-def test_records_without_precision_keys_still_load(arch, precision, weights, soft_gates, pruned_models, pruned_files, tmp_path):
+def test_records_without_precision_keys_still_load(arch, precision, weights, pruned_models, pruned_files, tmp_path):
     """Older records: weight dtype from the record's unet_config, manual cast as ComfyUI's loaders
     pick it for this device (on CPU: float32 for every low-precision dtype), scales found in the file."""
     import comfy.model_management as mm
@@ -113,7 +113,7 @@ def test_records_without_precision_keys_still_load(arch, precision, weights, sof
     _, ctx, pooled = ct.dims(arch)
     pos, neg = ct.make_conditioning(arch, ctx, pooled, 10), ct.make_conditioning(arch, ctx, pooled, 11)
     with torch.inference_mode():
-        pruned = prune(weights, soft_gates, pruned_models, pruned_files, build(arch, precision))
+        pruned = prune(weights, pruned_models, build(arch, precision))
         path = pruned_files.save_pruned_model(pruned, tmp_path / "new.safetensors")
         loaded = pruned_files.load_pruned_model(_without_precision_keys(path, tmp_path / "old.safetensors"))
         expected_cast = mm.unet_manual_cast(weight, mm.get_torch_device())
@@ -133,11 +133,11 @@ def test_records_without_precision_keys_still_load(arch, precision, weights, sof
     ("weight_dtype", "float16", "is stored in bfloat16, but the record builds it in float16"),
     ("weight_dtype", "float8_e4m3fn", "is stored in bfloat16, but the record builds it in float8_e4m3fn"),
 ])
-def test_damaged_precision_key_is_a_clear_error(weights, soft_gates, pruned_models, pruned_files, core, tmp_path, key, value, message):
+def test_damaged_precision_key_is_a_clear_error(weights, pruned_models, pruned_files, core, tmp_path, key, value, message):
     """A bf16 file whose record names another weight dtype, or a cast that is no compute dtype:
     one PrunedFileError at load (not a raw error from sampling)."""
     with torch.inference_mode():
-        pruned = prune(weights, soft_gates, pruned_models, pruned_files, build("sd15", "bf16-cast-fp32"))
+        pruned = prune(weights, pruned_models, build("sd15", "bf16-cast-fp32"))
     path = pruned_files.save_pruned_model(pruned, tmp_path / "p.safetensors")
     with safetensors.safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
@@ -151,7 +151,7 @@ def test_damaged_precision_key_is_a_clear_error(weights, soft_gates, pruned_mode
 
 @pytest.mark.parametrize("arch,precision,compute", [("flux", "fp32", BF16), ("sd15", "fp32", BF16),
                                                     ("flux", "fp8e4m3-cast-fp32", BF16)])
-def test_model_compute_dtype_carries_to_the_pruned_and_reloaded_model(arch, precision, compute, weights, soft_gates, pruned_models, pruned_files, tmp_path):
+def test_model_compute_dtype_carries_to_the_pruned_and_reloaded_model(arch, precision, compute, weights, pruned_models, pruned_files, tmp_path):
     """ComfyUI's ModelComputeDtype (``set_model_compute_dtype``: an object patch plus forced weight
     casting) is the pruned MODEL's compute dtype in memory and after reloading."""
     _, ctx, pooled = ct.dims(arch)
@@ -159,7 +159,7 @@ def test_model_compute_dtype_carries_to_the_pruned_and_reloaded_model(arch, prec
     with torch.inference_mode():
         model = build(arch, precision).clone()
         model.set_model_compute_dtype(compute)
-        pruned = prune(weights, soft_gates, pruned_models, pruned_files, model)
+        pruned = prune(weights, pruned_models, model)
         loaded = pruned_files.load_pruned_model(pruned_files.save_pruned_model(pruned, tmp_path / "p.safetensors"))
         a = ct.sample(pruned, pos, neg, seed=3, steps=2)
         b = ct.sample(loaded, pos, neg, seed=3, steps=2)
@@ -171,7 +171,7 @@ def test_model_compute_dtype_carries_to_the_pruned_and_reloaded_model(arch, prec
 
 
 @pytest.mark.parametrize("arch,precision", CASES)
-def test_pruned_model_computes_what_hard_masking_computes(arch, precision, weights, soft_gates, pruned_models, pruned_files):
+def test_pruned_model_computes_what_hard_masking_computes(arch, precision, weights, soft_gates, pruned_models):
     """Slicing == hard masking in every storage precision: the pruned layers keep their host class,
     so manual cast and scaled-fp8 weight scales apply to what remains (modulation rows included)."""
     weight, cast, scaled, _ = PRECISIONS[precision]

@@ -20,7 +20,7 @@ def preflight():
     return sub("ecodiff_comfy.preflight")
 
 
-def spec_for(folders, sampling, size, cfg=2.0):
+def spec_for(sampling, size, cfg=2.0):
     return sampling.SamplingSpec(width=size, height=size, steps=3, cfg=cfg, seed=1)
 
 
@@ -37,7 +37,7 @@ def test_impossible_setting_stops_before_any_compute(nodes, folders, sampling, p
         learn(nodes, tiny, "too_big", prompts="a cat", width=4096, height=4096, epochs=1)
     assert not computed
     assert not (folders.folder(folders.MASK_FOLDER) / "too_big.safetensors").exists()
-    estimate = preflight.estimate(tiny.model, spec_for(folders, sampling, 4096), [(tiny.positive, tiny.negative)])
+    estimate = preflight.estimate(tiny.model, spec_for(sampling, 4096), [(tiny.positive, tiny.negative)])
     message = str(info.value)
     assert isinstance(info.value, preflight.InsufficientMemoryError)
     assert f"{estimate.total(False) / 1e9:.1f} GB" in message and "1.0 GB are free" in message
@@ -49,10 +49,10 @@ def test_impossible_setting_stops_before_any_compute(nodes, folders, sampling, p
     (1000.0, "auto", "off"), (None, "auto", "on"), (None, "off", "off"), (1000.0, "on", "on"),
 ])
 def test_auto_turns_block_checkpointing_on_only_when_the_plain_step_does_not_fit(
-        folders, sampling, preflight, core, monkeypatch, free_gb, mode, expected):
+        sampling, preflight, core, monkeypatch, free_gb, mode, expected):
     tiny = ct.tiny("flux", seed=4)
     conds = [(tiny.positive, tiny.negative)]
-    spec = spec_for(folders, sampling, 1024, cfg=1.0)
+    spec = spec_for(sampling, 1024, cfg=1.0)
     estimate = preflight.estimate(tiny.model, spec, conds)
     assert estimate.activations_blocks < estimate.activations_plain
     # a GPU whose free memory lies between the two totals (or plenty)
@@ -67,16 +67,16 @@ def test_auto_turns_block_checkpointing_on_only_when_the_plain_step_does_not_fit
     assert preflight.check(tiny.model, spec, conds, settings).block_checkpointing == expected
 
 
-def test_estimate_is_cached_per_layout_and_shape(folders, sampling, preflight, monkeypatch):
+def test_estimate_is_cached_per_layout_and_shape(sampling, preflight, monkeypatch):
     tiny = ct.tiny("sd15", seed=4)
     conds = [(tiny.positive, tiny.negative)]
     memory = sub("ecodiff_core.memory")
-    first = preflight.estimate(tiny.model, spec_for(folders, sampling, 96), conds)
+    first = preflight.estimate(tiny.model, spec_for(sampling, 96), conds)
     monkeypatch.setattr(preflight, "measure_learning_step", lambda *a, **k: pytest.fail("traced again"))
-    assert preflight.estimate(tiny.model, spec_for(folders, sampling, 96), conds) == first
+    assert preflight.estimate(tiny.model, spec_for(sampling, 96), conds) == first
     with memory.no_cache():
         monkeypatch.undo()
-        bigger = preflight.estimate(tiny.model, spec_for(folders, sampling, 192), conds)
+        bigger = preflight.estimate(tiny.model, spec_for(sampling, 192), conds)
     assert bigger.activations_plain > 3 * first.activations_plain  # 4× the pixels
 
 

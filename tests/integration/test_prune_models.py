@@ -58,7 +58,7 @@ def test_pruned_model_samples_like_hard_gated(arch, weights, soft_gates, pruned_
     assert n_pruned == report.params_after
 
 
-def test_silenced_joint_heads_keep_one_zeroed_head(weights, soft_gates, pruned_models):
+def test_silenced_joint_heads_keep_one_zeroed_head(weights, pruned_models):
     tiny = ct.tiny("flux", seed=4)
     layout = weights.model_layout(tiny.model)
     keep = {g.name: torch.ones(g.count, dtype=torch.bool) for g in layout.groups}
@@ -72,7 +72,7 @@ def test_silenced_joint_heads_keep_one_zeroed_head(weights, soft_gates, pruned_m
     assert weights.pruning_info(pruned)["silenced"] == ["double_blocks.0:heads"]
 
 
-def test_flux_single_block_split_sizes_follow_kept_units(weights, soft_gates, pruned_models):
+def test_flux_single_block_split_sizes_follow_kept_units(weights, pruned_models):
     tiny = ct.tiny("flux", seed=5)
     layout = weights.model_layout(tiny.model)
     keep = {g.name: torch.ones(g.count, dtype=torch.bool) for g in layout.groups}
@@ -106,7 +106,7 @@ def _audited_paths(group) -> list[str]:
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_every_size_attribute_is_declared_and_follows_pruning(arch, weights, soft_gates, pruned_models):
+def test_every_size_attribute_is_declared_and_follows_pruning(arch, weights, pruned_models):
     """Audit of ComfyUI's classes: an int attribute of a pruned module (or of the modules around it)
     that equals a group's unit count, or count × width, is a counter/dim of that group, and after
     pruning every counter/dim matches the weight shapes."""
@@ -138,7 +138,7 @@ def test_every_size_attribute_is_declared_and_follows_pruning(arch, weights, sof
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_advised_maximum_is_accepted_and_delivered(arch, weights, soft_gates, pruned_models, core):
+def test_advised_maximum_is_accepted_and_delivered(arch, weights, core):
     """Apply Pruned Mask at the value its own refusal advises: accepted, at least that fraction
     removed (units that must stay were never counted as removable), and the report's kept counts
     are the pruned model's."""

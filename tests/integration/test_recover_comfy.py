@@ -55,7 +55,7 @@ def lora_dirs(tmp_path_factory):
     folder_paths.filename_list_cache.clear() if hasattr(folder_paths, "filename_list_cache") else None
 
 
-def pruned_pair(arch: str, nodes, weights, sampling, pruned_models, progress, sparsity: float = 0.2, seed: int = 5):
+def pruned_pair(arch: str, nodes, weights, sparsity: float = 0.2, seed: int = 5):
     tiny = ct.tiny(arch, seed=seed)
     layout = weights.model_layout(tiny.model)
     gen = torch.Generator().manual_seed(seed)
@@ -79,8 +79,8 @@ def stock_lora_loader():
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_recovery_lowers_distillation_loss(arch, nodes, weights, sampling, pruned_models, progress, host, core):
-    tiny, pruned = pruned_pair(arch, nodes, weights, sampling, pruned_models, progress)
+def test_recovery_lowers_distillation_loss(arch, nodes, weights, sampling, host, core):
+    tiny, pruned = pruned_pair(arch, nodes, weights)
     snap_o = weights_snapshot(tiny.model.model.diffusion_model)
     snap_p = weights_snapshot(pruned.model.diffusion_model)
     settings = sub("ecodiff_core.recover").RecoverSettings(rank=4, alpha=4.0, steps=12, lr=1e-2, batch=2, seed=0)
@@ -96,8 +96,8 @@ def test_recovery_lowers_distillation_loss(arch, nodes, weights, sampling, prune
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_saved_lora_with_stock_loader_equals_node_output(arch, nodes, weights, sampling, pruned_models, progress, host, lora_dirs):
-    tiny, pruned = pruned_pair(arch, nodes, weights, sampling, pruned_models, progress, seed=6)
+def test_saved_lora_with_stock_loader_equals_node_output(arch, nodes, weights, host, lora_dirs):
+    tiny, pruned = pruned_pair(arch, nodes, weights, seed=6)
     name = f"{arch}_recovered"
     with torch.inference_mode():
         model, summary = nodes.LoraRecover.execute(pruned, tiny.model, clip=ct.TinyClip(arch), lora_name=name,
@@ -121,9 +121,9 @@ def test_saved_lora_with_stock_loader_equals_node_output(arch, nodes, weights, s
     assert len(ups) == len(keys) // 3 and len(ups) > 0
 
 
-def test_training_wrappers_compute_what_the_loader_merges(nodes, weights, sampling, pruned_models, progress, host):
+def test_training_wrappers_compute_what_the_loader_merges(nodes, weights, host):
     """The weight wrappers trained on and the patches of the saved file give the same samples."""
-    tiny, pruned = pruned_pair("flux", nodes, weights, sampling, pruned_models, progress, seed=9)
+    tiny, pruned = pruned_pair("flux", nodes, weights, seed=9)
     rec = sub("ecodiff_core.recover")
     layout = weights.model_layout(tiny.model)
     with torch.inference_mode(False):
@@ -142,11 +142,11 @@ def test_training_wrappers_compute_what_the_loader_merges(nodes, weights, sampli
     assert rel_err(a, b) <= 1e-5 and rel_err(a, c) > 1e-4
 
 
-def test_interrupt_keeps_state_and_rerun_resumes(nodes, weights, sampling, pruned_models, progress, host, lora_dirs, monkeypatch):
+def test_interrupt_keeps_state_and_rerun_resumes(nodes, weights, progress, host, lora_dirs, monkeypatch):
     import comfy.model_management
 
     rec = sub("ecodiff_core.recover")
-    tiny, pruned = pruned_pair("sd15", nodes, weights, sampling, pruned_models, progress, seed=11)
+    tiny, pruned = pruned_pair("sd15", nodes, weights, seed=11)
     real_update = progress.Progress.update
     calls = []
 
@@ -181,8 +181,8 @@ def test_interrupt_keeps_state_and_rerun_resumes(nodes, weights, sampling, prune
     assert rel_err(a, b) <= 1e-5
 
 
-def test_wrong_inputs_are_refused(nodes, weights, sampling, pruned_models, progress, host, core):
-    tiny, pruned = pruned_pair("flux", nodes, weights, sampling, pruned_models, progress, seed=12)
+def test_wrong_inputs_are_refused(nodes, weights, host, core):
+    tiny, pruned = pruned_pair("flux", nodes, weights, seed=12)
     other = ct.tiny("sd15", seed=1)
     with torch.inference_mode():
         with pytest.raises(core.errors.EcoDiffError, match="pruned MODEL"):
@@ -197,11 +197,11 @@ def test_wrong_inputs_are_refused(nodes, weights, sampling, pruned_models, progr
 
 
 @pytest.mark.parametrize("change", ["prompts", "rank"])
-def test_unfinished_run_for_other_inputs_is_not_resumed(change, nodes, weights, sampling, pruned_models, progress, host, lora_dirs, monkeypatch):
+def test_unfinished_run_for_other_inputs_is_not_resumed(change, nodes, weights, progress, host, lora_dirs, monkeypatch):
     import comfy.model_management
 
     rec = sub("ecodiff_core.recover")
-    tiny, pruned = pruned_pair("sd3", nodes, weights, sampling, pruned_models, progress, seed=13)
+    tiny, pruned = pruned_pair("sd3", nodes, weights, seed=13)
     real_update = progress.Progress.update
 
     def interrupting(self, value, total=None):
@@ -227,7 +227,7 @@ def test_unfinished_run_for_other_inputs_is_not_resumed(change, nodes, weights, 
                                               ("sd15", torch.float8_e5m2, torch.float32),
                                               ("flux", torch.bfloat16, None)],
                          ids=["flux-fp8e4m3-cast-fp32", "sd15-fp8e5m2-cast-fp32", "flux-bf16"])
-def test_recovery_on_low_precision_weights(arch, weight, cast, nodes, weights, sampling, pruned_models, progress, host):
+def test_recovery_on_low_precision_weights(arch, weight, cast, nodes, weights, sampling, pruned_models, host):
     """fp8 (ComfyUI's manual cast) and bf16 models: recovery trains (the LoRA is merged in float32
     and cast back, as ComfyUI's loader does), lowers the loss and leaves both inputs untouched."""
     _, ctx, pooled = ct.dims(arch)
