@@ -350,19 +350,23 @@ def select_by_ratios(layout: Layout, logits: dict[str, torch.Tensor],
     return keep
 
 
-def ratio_shortfalls(layout: Layout, keep_ratios: dict[str, float]) -> list[str]:
+def ratio_shortfalls(layout: Layout, keep_ratios: dict[str, float], align: int = 1) -> list[str]:
     """One sentence per kind whose keep ratio asks for fewer units than its groups' ``min_keep``
-    units (e.g. the last head of FLUX/MMDiT joint attentions): what is kept instead, why, and the
-    smallest ratio that is kept exactly."""
+    units (e.g. the last head of FLUX/MMDiT joint attentions) or, with ``align`` > 1, than the
+    fewest aligned units they may keep: what is kept instead, why, and the smallest ratio that
+    keeps no more."""
     notes = []
     for kind, ratio in _check_ratios(keep_ratios).items():
         groups = [g for g in layout.groups if g.kind == kind]
-        total, must_stay = sum(g.count for g in groups), sum(g.min_keep for g in groups)
+        total, must_stay = sum(g.count for g in groups), sum(aligned_floor(g, align) for g in groups)
         asked = round(ratio * total)
         if asked < must_stay:
+            why = (f"{sum(1 for g in groups if g.min_keep)} blocks cannot run without their last {kind}s"
+                   if align == 1 else f"with kept features aligned to {align}, each group keeps a multiple of "
+                   f"{kind}s that covers the {kind}s it must keep")
             notes.append(f"keep_ratios {kind}={ratio!r} keeps {must_stay} of the {total} {kind}s of '{layout.arch}', "
-                         f"not {asked}: {sum(1 for g in groups if g.min_keep)} blocks cannot run without their last "
-                         f"{kind}s (the smallest {kind} ratio kept exactly is {min_keep_ratio(total, must_stay)})")
+                         f"not {asked}: {why} (the smallest {kind} ratio kept exactly is "
+                         f"{min_keep_ratio(total, must_stay)})")
     return notes
 
 
@@ -384,7 +388,7 @@ def plan_pruning(model: nn.Module, layout: Layout, logits: dict[str, torch.Tenso
         if ignored:
             log.info("EcoDiff keep_ratios: ignored %s ('%s' has no such units; it has %s)",
                      ", ".join(ignored), layout.arch, ", ".join(layout.kinds()))
-        notes = ratio_shortfalls(layout, target.keep_ratios)
+        notes = ratio_shortfalls(layout, target.keep_ratios, target.align)
         for note in notes:
             log.warning("EcoDiff %s", note)
     elif target.mode == "params":

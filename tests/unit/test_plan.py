@@ -384,3 +384,18 @@ def test_align_one_is_the_unaligned_plan(name: str) -> None:
 def test_bad_alignment_is_rejected(align) -> None:
     with pytest.raises(EcoDiffError, match="PruneTarget.align"):
         PruneTarget(params=0.2, align=align)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_aligned_keep_ratio_below_the_aligned_floor_keeps_it_and_says_so(name: str) -> None:
+    """Alignment to 16 with one unit that must stay per group: each group keeps at least one aligned
+    chunk; the smallest ratio keeps exactly that and the plan says so."""
+    model, _, layout = case(name)
+    layout = must_keep_layout(layout, 1)
+    plan = plan_pruning(model, layout, random_logits(layout, 8),
+                        PruneTarget(keep_ratios={"neuron": MIN_KEEP_RATIO}, align=16))
+    groups = [g for g in layout.groups if g.kind == "neuron"]
+    floor = sum(min(16, g.count) for g in groups)  # width 1: 16 neurons, or the whole group
+    assert sum(int(plan.keep[g.name].sum()) for g in groups) == floor
+    [note] = plan.notes
+    assert f"keeps {floor} of the" in note and "aligned to 16" in note
