@@ -215,3 +215,12 @@ def test_no_reads_to_the_host_inside_the_step_loop(objective: str, prompt_batch:
         return counter.count
 
     assert reads(2) == reads(5)
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "2"])
+def test_bad_prompt_batch_is_rejected(value) -> None:
+    from ecodiff_core.errors import SettingsError
+
+    model, layout, _, _ = problem("sd15", [1], cfg=False)
+    with pytest.raises(SettingsError, match="prompt_batch"):
+        MaskLearner(model, layout, LearnSettings(prompt_batch=value))
