@@ -240,7 +240,7 @@ def _aligned_chunks(groups: Sequence[UnitGroup], logits: dict[str, torch.Tensor]
         cuts = torch.tensor([g.count - k for k in kept])
         sums = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(lam[order], 0)])
         scores = torch.cummax((sums[cuts[1:]] - sums[cuts[:-1]]) / (cuts[1:] - cuts[:-1]), 0).values
-        rows += [(index, int(a), int(b), float(sc)) for a, b, sc in zip(cuts[:-1], cuts[1:], scores)]
+        rows += [(index, a, b, sc) for a, b, sc in zip(cuts[:-1].tolist(), cuts[1:].tolist(), scores.tolist())]
     return orders, rows
 
 
