@@ -1,13 +1,15 @@
 """x0-predicting denoisers in σ-space for diffusers models (UNet ε-prediction, FLUX flow).
 
 Each returns ``denoise(x, sigma) -> x0`` with classifier-free guidance inside, which is what the
-trajectory code and the learner need.  The ComfyUI bridge builds the same thing from ComfyUI's own
+trajectory code and the learner need; ``x`` may hold several prompts (B, …) with conditioning of
+batch B.  The ``*_batch`` builders make batchable calibration samples
+(``CalibrationSample.batchable``): conditioning ``{"cond": kwargs, "uncond": kwargs or None}``.  The ComfyUI bridge builds the same thing from ComfyUI's own
 model sampling; these serve the command line, the benchmarks and the tests.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -32,9 +34,10 @@ class EpsSchedule:
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         return cls(((1 - alphas_cumprod) / alphas_cumprod).sqrt())
 
-    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional timestep by interpolating log σ, as k-diffusion's discrete denoisers do."""
-        log_sigmas = self.sigmas.log().to(sigma.device)
+    def timestep(self, sigma: torch.Tensor, log_sigmas: torch.Tensor | None = None) -> torch.Tensor:
+        """Fractional timestep by interpolating log σ, as k-diffusion's discrete denoisers do
+        (``log_sigmas``: ``self.sigmas.log()`` already on σ's device, to spare a copy per call)."""
+        log_sigmas = self.sigmas.log().to(sigma.device) if log_sigmas is None else log_sigmas
         log_sigma = sigma.double().log().clamp(log_sigmas[0], log_sigmas[-1])
         high = torch.searchsorted(log_sigmas, log_sigma.reshape(1)).clamp(1, len(log_sigmas) - 1)
         low = high - 1
@@ -54,11 +57,14 @@ def unet_eps_denoiser(unet: nn.Module, schedule: EpsSchedule, cond: dict[str, An
                       uncond: dict[str, Any] | None = None, cfg: float = 1.0) -> Denoiser:
     """``cond``/``uncond`` hold the UNet's conditioning kwargs (encoder_hidden_states, added_cond_kwargs)."""
     kwargs = _batch_kwargs(cond, uncond)
+    log_sigmas: dict[torch.device, torch.Tensor] = {}  # per device, copied there once
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         batch = x if uncond is None else torch.cat([x, x])
         c_in = 1.0 / (sigma**2 + 1).sqrt()
-        t = schedule.timestep(sigma).to(x.dtype).expand(batch.shape[0])
+        if sigma.device not in log_sigmas:
+            log_sigmas[sigma.device] = schedule.sigmas.log().to(sigma.device)
+        t = schedule.timestep(sigma, log_sigmas[sigma.device]).to(x.dtype).expand(batch.shape[0])
         eps = unet(batch * c_in, t, return_dict=False, **kwargs)[0]
         x0 = batch - sigma * eps
         return _guide(x0, uncond, cfg)
@@ -81,6 +87,29 @@ def flux_flow_denoiser(transformer: nn.Module, cond: dict[str, Any], uncond: dic
         return _guide(batch - sigma * v, uncond, cfg)
 
     return denoise
+
+
+def unet_eps_batch(unet: nn.Module, schedule: EpsSchedule, cfg: float = 1.0) -> Callable[[dict], Denoiser]:
+    """A ``batch_denoiser`` for :func:`unet_eps_denoiser`: conditioning ``{"cond": kwargs, "uncond":
+    kwargs or None}`` → denoiser.  Use one builder for all samples that may share a batch."""
+    def build(conditioning: dict) -> Denoiser:
+        return unet_eps_denoiser(unet, schedule, conditioning["cond"], conditioning["uncond"], cfg)
+
+    return build
+
+
+def flux_flow_batch(transformer: nn.Module, img_ids: torch.Tensor, txt_ids: torch.Tensor,
+                    cfg: float = 1.0) -> Callable[[dict], Denoiser]:
+    """A ``batch_denoiser`` for :func:`flux_flow_denoiser`: conditioning ``{"cond": kwargs,
+    "uncond": kwargs or None}`` without the position ids, which all prompts share (given here)."""
+    ids = {"img_ids": img_ids, "txt_ids": txt_ids}
+
+    def build(conditioning: dict) -> Denoiser:
+        uncond = conditioning["uncond"]
+        return flux_flow_denoiser(transformer, {**conditioning["cond"], **ids},
+                                  None if uncond is None else {**uncond, **ids}, cfg)
+
+    return build
 
 
 def _guide(x0: torch.Tensor, uncond: dict | None, cfg: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .archs import checkpoint_block_paths
+from .batching import NotStackable, stack_latents, stack_tree
 from .block_checkpoint import MODES as BLOCK_MODES
 from .block_checkpoint import checkpointed_blocks
 from .errors import SettingsError
@@ -46,12 +47,17 @@ class LearnSettings:
     block_checkpointing: str = "auto"
     objective: Objective = "end_to_end"
     seed: int = 0
+    # calibration samples per denoiser call (they share each step's gate sample); 1 = one by one
+    prompt_batch: int = 1
 
     def validate(self) -> None:
         if self.epochs < 1:
             raise SettingsError(f"epochs must be >= 1, got {self.epochs}")
         if self.accumulate < 1:
             raise SettingsError(f"accumulate must be >= 1, got {self.accumulate}")
+        if isinstance(self.prompt_batch, bool) or not isinstance(self.prompt_batch, int) or self.prompt_batch < 1:
+            raise SettingsError(f"prompt_batch (calibration prompts per denoiser call) must be an integer >= 1, "
+                                f"got {self.prompt_batch!r}")
         if not (self.beta >= 0 and math.isfinite(self.beta)):
             raise SettingsError(f"beta (sparsity weight) must be a finite number >= 0, got {self.beta}")
         if self.regularizer not in REGULARIZERS:
@@ -81,12 +87,46 @@ class LearnSettings:
 
 @dataclass
 class CalibrationSample:
-    """One prompt's problem: its denoiser (conditioning and CFG inside) and its starting latent x_T."""
+    """One trajectory's problem: its denoiser (conditioning and CFG inside) and its starting latent
+    x_T, shape (B, …) for B ≥ 1 prompts.
+
+    Optionally batchable (see :mod:`.batching`): ``batch_denoiser(c)`` builds the denoiser of
+    conditioning ``c`` (tensors with the prompt dimension B first) and ``denoise`` is
+    ``batch_denoiser(conditioning)``; with ``LearnSettings.prompt_batch`` > 1, samples that share
+    one ``batch_denoiser`` run as one batch.  Build such samples with :meth:`batchable`."""
 
     denoise: Denoiser
     noise: torch.Tensor
     target: torch.Tensor | None = None
     teacher: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    conditioning: Any = None
+    batch_denoiser: Callable[[Any], Denoiser] | None = None
+
+    @classmethod
+    def batchable(cls, batch_denoiser: Callable[[Any], Denoiser], conditioning: Any,
+                  noise: torch.Tensor) -> "CalibrationSample":
+        return cls(batch_denoiser(conditioning), noise, conditioning=conditioning, batch_denoiser=batch_denoiser)
+
+
+def stack_samples(samples: Sequence[CalibrationSample]) -> CalibrationSample:
+    """One sample for several: conditioning, x_T, targets and teacher steps concatenated along the
+    prompt dimension, denoised by their shared ``batch_denoiser``.  Raises NotStackable (why)."""
+    first = samples[0]
+    if first.batch_denoiser is None or any(s.batch_denoiser is not first.batch_denoiser for s in samples):
+        raise NotStackable("their denoisers cannot take a batch (no shared batch_denoiser: the host builds "
+                           "one denoiser per prompt)")
+    rows = [s.noise.shape[0] for s in samples]
+    conditioning = stack_tree([s.conditioning for s in samples], rows)
+    noise = stack_latents([s.noise for s in samples], "starting latents")
+    target = stack_latents([s.target for s in samples], "targets")
+    teacher = None
+    if any(s.teacher is not None for s in samples):
+        if any(s.teacher is None for s in samples):
+            raise NotStackable("some samples have no teacher steps")
+        teacher = tuple([stack_latents([s.teacher[part][i] for s in samples], "teacher steps")
+                         for i in range(len(first.teacher[part]))] for part in (0, 1))
+    return CalibrationSample(first.batch_denoiser(conditioning), noise, target, teacher, conditioning,
+                             first.batch_denoiser)
 
 
 @dataclass
@@ -181,6 +221,7 @@ class MaskLearner:
         self.block_checkpointing = use_block_checkpointing(
             settings.block_checkpointing, step_memory, free_memory, device)
         self.block_paths = checkpoint_block_paths(model, layout.arch) if self.block_checkpointing else []
+        self.batching_note = ""  # why samples ran one by one despite prompt_batch (logged once)
 
     # -- optimiser -----------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -232,18 +273,26 @@ class MaskLearner:
         return out
 
     # -- gates ---------------------------------------------------------------------------------
-    def _gate_setter(self, noise_seed: int) -> Callable[[int], None]:
+    def _gate_setter(self, noise_seed: int, steps: int = 1) -> Callable[[int], None]:
+        """``before_step(i)`` installs step i's gate sample; the noise of steps 0…steps-1 is drawn
+        on the CPU (reproducible across devices) and moved to the device in one copy, here."""
         total = self.layout.total_units()
         names = [g.name for g in self.layout.groups]
         sizes = [g.count for g in self.layout.groups]
+        device = next(iter(self.logits.values())).device
+
+        def noise(step_list: list[int]) -> dict[int, tuple[torch.Tensor, ...]]:
+            rows = [uniform_noise(total, torch.Generator().manual_seed(_seed(noise_seed, i))) for i in step_list]
+            moved = torch.stack(rows).to(device)
+            return {i: torch.split(row, sizes) for i, row in zip(step_list, moved)}
+
+        drawn = noise(list(range(steps)))
 
         def before_step(step: int) -> None:
-            generator = torch.Generator().manual_seed(_seed(noise_seed, step))
-            uniform = uniform_noise(total, generator)
-            values = {}
-            for name, u in zip(names, torch.split(uniform, sizes)):
-                lam = self.logits[name]
-                values[name] = sample_gate(lam, u.to(lam.device), self.settings.gate)
+            if step not in drawn:
+                drawn.update(noise([step]))
+            values = {name: sample_gate(self.logits[name], u, self.settings.gate)
+                      for name, u in zip(names, drawn[step])}
             self.controller.set(values)
 
         return before_step
@@ -270,16 +319,36 @@ class MaskLearner:
             return contextlib.nullcontext()
         return checkpointed_blocks(self.model, self.block_paths, self.controller)
 
-    def _sample_gradient(self, s: CalibrationSample, sigmas: torch.Tensor, noise_seed: int):
+    def _sample_gradient(self, s: CalibrationSample, sigmas: torch.Tensor, noise_seed: int,
+                         weights: torch.Tensor | None = None):
         params = list(self.logits.values())
-        before_step = self._gate_setter(noise_seed)
+        before_step = self._gate_setter(noise_seed, len(sigmas) - 1)
         if self.settings.objective == "per_step":
             return per_step_gradient(s.denoise, sigmas, s.teacher, params, before_step, self.grad_context,
-                                     self._step_context)
+                                     self._step_context, weights)
         return trajectory_gradient(
             s.denoise, s.noise, sigmas, s.target, params, before_step, self.settings.checkpointing, self.grad_context,
-            self._step_context,
+            self._step_context, weights,
         )
+
+    def _batches(self, samples: Sequence[CalibrationSample],
+                 indices: list[int]) -> list[tuple[list[int], CalibrationSample]]:
+        """``indices`` in order, cut into runs of at most ``prompt_batch`` samples that stack, each
+        with its (stacked) sample; samples that do not stack run alone, and the log says why once."""
+        out: list[tuple[list[int], CalibrationSample]] = []
+        for index in indices:
+            if out and len(out[-1][0]) < self.settings.prompt_batch:
+                members = out[-1][0] + [index]
+                try:
+                    out[-1] = (members, stack_samples([samples[i] for i in members]))
+                    continue
+                except NotStackable as why:
+                    if not self.batching_note:
+                        self.batching_note = str(why)
+                        log.info("EcoDiff prompt_batch=%d: calibration samples run one by one: %s",
+                                 self.settings.prompt_batch, why)
+            out.append(([index], samples[index]))
+        return out
 
     def learn(
         self,
@@ -319,19 +388,29 @@ class MaskLearner:
     ) -> StepInfo | None:
         params = list(self.logits.values())
         grads = [torch.zeros_like(p) for p in params]
-        recon = 0.0
-        for index in indices:
-            noise_seed = _seed(self.settings.seed, epoch, index)
-            result = self._sample_gradient(samples[index], sigmas, noise_seed)
-            recon += result.loss / len(indices)
+        recon_sum = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        n = len(indices)
+        for members, s in self._batches(samples, indices):
+            # one gate sample per step for the whole batch; alone, each sample keeps its own
+            noise_seed = _seed(self.settings.seed, epoch, members[0])
+            if len(members) == 1:
+                result, scale = self._sample_gradient(s, sigmas, noise_seed), 1.0 / n
+            else:  # each prompt row weighted as its sample's one-by-one loss would be
+                weights = torch.cat([torch.full((r,), 1.0 / (n * r), dtype=torch.float64, device=s.noise.device)
+                                     for r in (samples[i].noise.shape[0] for i in members)])
+                result, scale = self._sample_gradient(s, sigmas, noise_seed, weights), 1.0
+            recon_sum += result.loss_tensor.double() * scale
             for acc, g in zip(grads, result.grads):
-                acc.add_(g, alpha=1.0 / len(indices))
+                acc.add_(g, alpha=scale)
             self.controller.set(None)
         with torch.enable_grad():
             reg = self._regularizer()
             reg_grads = torch.autograd.grad(self.settings.beta * reg, params)
-        loss = recon + self.settings.beta * reg.item()
-        if not math.isfinite(loss) or not all(torch.isfinite(g).all() for g in grads):
+        # the only reads back to the host: once per optimiser step, for the log and the stop test
+        recon, reg_value = recon_sum.item(), reg.item()
+        loss = recon + self.settings.beta * reg_value
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().item() if grads else True
+        if not math.isfinite(loss) or not finite:
             self.stop_reason = (
                 f"non-finite loss ({loss}) at step {self.progress['step'] + 1}; stopped with the last "
                 "good mask kept. Lower the learning rates or check the model's outputs."
@@ -344,14 +423,14 @@ class MaskLearner:
         self.progress["step"] += 1
         self.progress["position"] += len(indices)
         sparsity = self.sparsity()
-        self.history.append({"step": self.progress["step"], "loss": loss, "recon": recon, "reg": reg.item()})
+        self.history.append({"step": self.progress["step"], "loss": loss, "recon": recon, "reg": reg_value})
         return StepInfo(
             self.progress["step"],
             total_steps,
             epoch,
             loss,
             recon,
-            reg.item(),
+            reg_value,
             sparsity,
             time.perf_counter() - start_time,
         )

@@ -5,6 +5,11 @@ heads, neurons and channels alike; units are removed in that order until the rem
 the budget, so the result overshoots the target by less than the cost of one unit.  The
 ``min_keep`` best units of each group are never removed (they are not counted as prunable), so
 every plan that is accepted is delivered by ``prune_model`` as planned.
+
+With an alignment (``PruneTarget.align``, e.g. 8 on CUDA) every group keeps a feature width that is
+a multiple of it, so pruned GEMMs stay on tensor-core-friendly shapes: units are removed in aligned
+chunks of a group (its lowest-logit units first), ranked globally by their mean logit, and the
+budget overshoots by less than the cost of one chunk.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from .units import UNIT_KINDS, Layout, UnitGroup, parameter_costs
 
 MAX_FRACTION = 0.95
 MIN_KEEP_RATIO = 0.05
+MAX_ALIGN = 256
 log = logging.getLogger("ecodiff")
 
 
@@ -44,11 +50,19 @@ def _check_fraction(name: str, value: object) -> float:
 @dataclass
 class PruneTarget:
     """What to remove: a fraction of all parameters, a fraction of all FLOPs, or a keep ratio per
-    unit kind (e.g. ``{"head": 0.7, "neuron": 0.9}``).  Exactly one is set."""
+    unit kind (e.g. ``{"head": 0.7, "neuron": 0.9}``).  Exactly one is set.
+
+    ``align`` (features, ≥ 1; 1 = off) keeps the kept feature width of every unit group at a
+    multiple of ``align``: kept neurons and modulation channels (width 1) at multiples of ``align``,
+    kept heads at a count whose ``heads × head_dim`` is a multiple (any count when ``head_dim`` is
+    already one).  A group may also stay whole, or be emptied when nothing in it must stay.  The
+    engine default is 1 (CPU gains nothing); hosts pass 8 on CUDA so pruned GEMMs stay on
+    tensor-core paths.  Budgets are then met to within one aligned chunk of units."""
 
     params: float | None = _Default(0.2)
     flops: float | None = None
     keep_ratios: dict[str, float] | None = None
+    align: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.params, _Default) and (self.flops is not None or self.keep_ratios is not None):
@@ -63,6 +77,10 @@ class PruneTarget:
             self.flops = _check_fraction("flops", self.flops)
         if self.keep_ratios is not None:
             self.keep_ratios = _check_ratios(self.keep_ratios)
+        if isinstance(self.align, bool) or not isinstance(self.align, int) or not 1 <= self.align <= MAX_ALIGN:
+            raise EcoDiffError(f"PruneTarget.align is the multiple of features every pruned module keeps "
+                               f"(1 = off, 8 for CUDA tensor cores) and must be an integer in [1, {MAX_ALIGN}], "
+                               f"got {self.align!r}")
 
     @property
     def mode(self) -> str:
@@ -122,6 +140,7 @@ class PrunePlan:
     ignored_kinds: list[str] = field(default_factory=list)
     # where the plan keeps more than asked (keep ratios below the units that must stay), in words
     notes: list[str] = field(default_factory=list)
+    align: int = 1  # kept features per group are multiples of this (PruneTarget.align)
 
     @property
     def removed_fraction(self) -> float:
@@ -183,19 +202,92 @@ def _removal_order(groups: Sequence[UnitGroup], values: torch.Tensor,
     return order[~protected_units(groups, logits)[order]]
 
 
+def unit_step(group: UnitGroup, align: int) -> int:
+    """Units per aligned chunk of ``group``: the fewest units whose features (units × width) are a
+    multiple of ``align`` (1 for heads whose head_dim is already a multiple)."""
+    return align // math.gcd(align, group.width)
+
+
+def aligned_floor(group: UnitGroup, align: int) -> int:
+    """The fewest units ``group`` may keep under ``align``: the smallest multiple of its
+    :func:`unit_step` that is ≥ ``min_keep`` (0 when nothing must stay), or all of them."""
+    step = unit_step(group, align)
+    lowest = -(-group.min_keep // step) * step
+    return lowest if lowest <= group.count else group.count
+
+
+def aligned_removable(group: UnitGroup, align: int = 1) -> int:
+    """How many units a planner may remove from ``group`` under ``align`` (``removable`` at 1)."""
+    return group.count - aligned_floor(group, align)
+
+
+def _aligned_chunks(groups: Sequence[UnitGroup], logits: dict[str, torch.Tensor], align: int):
+    """Per group: its removable units in removal order (lowest logit first, stable) and the cuts
+    between aligned chunks; over all groups, each chunk's (group index, start, stop, score), the
+    score being the chunk's mean logit made non-decreasing within the group."""
+    protected = protected_units(groups, logits)
+    orders, rows, offset = [], [], 0
+    for index, g in enumerate(groups):
+        lam = logits[g.name]
+        order = torch.sort(lam, stable=True).indices
+        order = order[~protected[offset:offset + g.count][order]]
+        offset += g.count
+        orders.append(order)
+        step, floor = unit_step(g, align), aligned_floor(g, align)
+        if floor >= g.count:
+            continue
+        kept = [g.count] + list(range((g.count - 1) // step * step, floor - 1, -step))
+        cuts = torch.tensor([g.count - k for k in kept])
+        sums = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(lam[order], 0)])
+        scores = torch.cummax((sums[cuts[1:]] - sums[cuts[:-1]]) / (cuts[1:] - cuts[:-1]), 0).values
+        rows += [(index, a, b, sc) for a, b, sc in zip(cuts[:-1].tolist(), cuts[1:].tolist(), scores.tolist())]
+    return orders, rows
+
+
+def _remove_aligned(groups: Sequence[UnitGroup], logits: dict[str, torch.Tensor], unit_cost: Sequence[float],
+                    budget: float, align: int, exceed: str) -> dict[str, torch.Tensor]:
+    """Remove aligned chunks, lowest mean logit first (stable; one group's chunks in order), until
+    the removed cost ≥ ``budget``; ``exceed`` = "raise" or "clip" when the chunks hold less."""
+    orders, rows = _aligned_chunks(groups, logits, align)
+    cost = torch.tensor([unit_cost[gi] * (b - a) for gi, a, b, _ in rows], dtype=torch.float64)
+    available = float(cost.sum())
+    if budget > available * (1 + 1e-12):
+        if exceed == "raise":
+            raise EcoDiffError(f"budget {budget:,.0f} exceeds the {available:,.0f} held by all removable units "
+                               f"aligned to {align} (units that must stay, min_keep, are not removable)")
+        budget = available
+    removed_count = [0] * len(groups)
+    if budget > 0 and rows:
+        order = torch.sort(torch.tensor([r[3] for r in rows], dtype=torch.float64), stable=True).indices
+        cum = torch.cumsum(cost[order], 0)
+        n = int(torch.searchsorted(cum, torch.tensor([budget], dtype=torch.float64) * (1 - 1e-12))) + 1
+        for chunk in order[:min(n, order.numel())].tolist():
+            gi, _, stop, _ = rows[chunk]
+            removed_count[gi] = max(removed_count[gi], stop)
+    keep = {}
+    for g, units, count in zip(groups, orders, removed_count):
+        mask = torch.ones(g.count, dtype=torch.bool)
+        mask[units[:count]] = False
+        keep[g.name] = mask
+    return keep
+
+
 def select_units(layout: Layout, logits: dict[str, torch.Tensor], costs: dict[str, float],
-                 budget: float) -> dict[str, torch.Tensor]:
+                 budget: float, align: int = 1) -> dict[str, torch.Tensor]:
     """Remove the lowest-logit units (one global ranking, stable) until removed cost ≥ ``budget``;
-    the ``min_keep`` best units of each group are never removed."""
+    the ``min_keep`` best units of each group are never removed.  With ``align`` > 1, units go in
+    aligned chunks (see :class:`PruneTarget`) and the cost overshoots by less than one chunk."""
     logits = check_logits(layout, logits)
     groups, values = _flatten(layout, logits)
     missing = [g.name for g in groups if g.name not in costs]
     if missing:
         raise EcoDiffError(f"no unit cost for {len(missing)} group(s), e.g. '{missing[0]}'; compute costs "
                            "for this very layout (units.parameter_costs or flops.measure_flops)")
-    unit_cost = torch.cat([torch.full((g.count,), float(costs[g.name]), dtype=torch.float64) for g in groups])
-    if (unit_cost < 0).any():
+    if any(float(costs[g.name]) < 0 for g in groups):
         raise EcoDiffError("unit costs must be non-negative")
+    if align > 1:
+        return _remove_aligned(groups, logits, [float(costs[g.name]) for g in groups], budget, align, "raise")
+    unit_cost = torch.cat([torch.full((g.count,), float(costs[g.name]), dtype=torch.float64) for g in groups])
     order = _removal_order(groups, values, logits)
     available = float(unit_cost[order].sum())
     if budget > available * (1 + 1e-12):
@@ -233,11 +325,12 @@ def min_keep_ratio(kind_units: int, must_stay: int, decimals: int = 3) -> float:
 
 
 def select_by_ratios(layout: Layout, logits: dict[str, torch.Tensor],
-                     keep_ratios: dict[str, float]) -> dict[str, torch.Tensor]:
+                     keep_ratios: dict[str, float], align: int = 1) -> dict[str, torch.Tensor]:
     """Keep the top ``round(ratio × N)`` units of each kind, ranked globally within the kind.  Kinds
     the layout does not have are ignored (see :func:`ignored_ratio_kinds`).  The ``min_keep`` best
     units of each group always stay, so a ratio below what they hold keeps them and no more (
-    :func:`ratio_shortfalls` says so in words).  Raises EcoDiffError for bad ratios."""
+    :func:`ratio_shortfalls` says so in words).  With ``align`` > 1 units go in aligned chunks (see
+    :class:`PruneTarget`): at most one chunk fewer units are kept.  Raises EcoDiffError for bad ratios."""
     logits = check_logits(layout, logits)
     keep_ratios = _check_ratios(keep_ratios)
     ignored_ratio_kinds(layout, keep_ratios)
@@ -247,6 +340,9 @@ def select_by_ratios(layout: Layout, logits: dict[str, torch.Tensor],
             continue
         groups, values = _flatten(layout, logits, kind)
         n_remove = values.numel() - round(ratio * values.numel())
+        if align > 1:
+            keep.update(_remove_aligned(groups, logits, [1.0] * len(groups), n_remove, align, "clip"))
+            continue
         order = _removal_order(groups, values, logits)
         removed = torch.zeros(values.numel(), dtype=torch.bool)
         removed[order[:min(n_remove, order.numel())]] = True
@@ -254,19 +350,23 @@ def select_by_ratios(layout: Layout, logits: dict[str, torch.Tensor],
     return keep
 
 
-def ratio_shortfalls(layout: Layout, keep_ratios: dict[str, float]) -> list[str]:
+def ratio_shortfalls(layout: Layout, keep_ratios: dict[str, float], align: int = 1) -> list[str]:
     """One sentence per kind whose keep ratio asks for fewer units than its groups' ``min_keep``
-    units (e.g. the last head of FLUX/MMDiT joint attentions): what is kept instead, why, and the
-    smallest ratio that is kept exactly."""
+    units (e.g. the last head of FLUX/MMDiT joint attentions) or, with ``align`` > 1, than the
+    fewest aligned units they may keep: what is kept instead, why, and the smallest ratio that
+    keeps no more."""
     notes = []
     for kind, ratio in _check_ratios(keep_ratios).items():
         groups = [g for g in layout.groups if g.kind == kind]
-        total, must_stay = sum(g.count for g in groups), sum(g.min_keep for g in groups)
+        total, must_stay = sum(g.count for g in groups), sum(aligned_floor(g, align) for g in groups)
         asked = round(ratio * total)
         if asked < must_stay:
+            why = (f"{sum(1 for g in groups if g.min_keep)} blocks cannot run without their last {kind}s"
+                   if align == 1 else f"with kept features aligned to {align}, each group keeps a multiple of "
+                   f"{kind}s that covers the {kind}s it must keep")
             notes.append(f"keep_ratios {kind}={ratio!r} keeps {must_stay} of the {total} {kind}s of '{layout.arch}', "
-                         f"not {asked}: {sum(1 for g in groups if g.min_keep)} blocks cannot run without their last "
-                         f"{kind}s (the smallest {kind} ratio kept exactly is {min_keep_ratio(total, must_stay)})")
+                         f"not {asked}: {why} (the smallest {kind} ratio kept exactly is "
+                         f"{min_keep_ratio(total, must_stay)})")
     return notes
 
 
@@ -283,26 +383,26 @@ def plan_pruning(model: nn.Module, layout: Layout, logits: dict[str, torch.Tenso
     ignored: list[str] = []
     notes: list[str] = []
     if target.mode == "keep_ratios":
-        keep = select_by_ratios(layout, logits, target.keep_ratios)
+        keep = select_by_ratios(layout, logits, target.keep_ratios, target.align)
         ignored = ignored_ratio_kinds(layout, target.keep_ratios)
         if ignored:
             log.info("EcoDiff keep_ratios: ignored %s ('%s' has no such units; it has %s)",
                      ", ".join(ignored), layout.arch, ", ".join(layout.kinds()))
-        notes = ratio_shortfalls(layout, target.keep_ratios)
+        notes = ratio_shortfalls(layout, target.keep_ratios, target.align)
         for note in notes:
             log.warning("EcoDiff %s", note)
     elif target.mode == "params":
         budget = target.params * total
-        prunable = sum(costs[g.name] * g.removable for g in layout.groups)
-        _check_reachable("parameters", budget, total, prunable, layout)
-        keep = select_units(layout, logits, costs, budget)
+        _check_reachable("parameters", budget, total, _prunable(layout, costs, target.align), layout, target.align)
+        keep = select_units(layout, logits, costs, budget, target.align)
     else:
         if flop_costs is None:
             raise EcoDiffError("a FLOP target needs flop_costs: measure them with "
                                "ecodiff_core.flops.measure_flops(model, layout, run) first")
         budget = target.flops * flop_costs.total
-        _check_reachable("FLOPs", budget, flop_costs.total, flop_costs.prunable(layout), layout)
-        keep = select_units(layout, logits, flop_costs.per_unit, budget)
+        _check_reachable("FLOPs", budget, flop_costs.total, _prunable(layout, flop_costs.per_unit, target.align),
+                         layout, target.align)
+        keep = select_units(layout, logits, flop_costs.per_unit, budget, target.align)
     removed_params = sum(costs[g.name] * int((~keep[g.name]).sum()) for g in layout.groups)
     removed_flops = None
     if flop_costs is not None:
@@ -311,7 +411,12 @@ def plan_pruning(model: nn.Module, layout: Layout, logits: dict[str, torch.Tenso
                      total_params=total, removed_flops=removed_flops,
                      total_flops=None if flop_costs is None else flop_costs.total,
                      emptied_owners=[g.owner for g in emptied_groups(layout, keep)], ignored_kinds=ignored,
-                     notes=notes)
+                     notes=notes, align=target.align)
+
+
+def _prunable(layout: Layout, unit_costs: dict[str, float], align: int) -> float:
+    """Cost a planner may remove: every group's removable units under ``align`` at their unit cost."""
+    return sum(unit_costs[g.name] * aligned_removable(g, align) for g in layout.groups)
 
 
 def max_fraction(prunable: float, total: float, decimals: int = 3) -> float:
@@ -326,9 +431,12 @@ def max_fraction(prunable: float, total: float, decimals: int = 3) -> float:
     return min(max(value, 0.0), MAX_FRACTION)
 
 
-def _check_reachable(what: str, budget: float, total: float, prunable: float, layout: Layout) -> None:
+def _check_reachable(what: str, budget: float, total: float, prunable: float, layout: Layout,
+                     align: int = 1) -> None:
     if budget > prunable:
+        aligned = f", nor units that alignment to {align} features keeps" if align > 1 else ""
         raise EcoDiffError(
             f"the target removes {budget:,.0f} {what} ({budget / total:.1%} of {total:,.0f}), but the "
             f"removable units of '{layout.arch}' hold only {prunable:,.0f} ({prunable / total:.1%}; units "
-            f"that must stay are not counted); lower the target to at most {max_fraction(prunable, total)}")
+            f"that must stay are not counted{aligned}); lower the target to at most "
+            f"{max_fraction(prunable, total)}")

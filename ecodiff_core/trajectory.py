@@ -5,6 +5,10 @@ included).  The gradient of a loss on the final latent is taken either through t
 with time-step checkpointing: a no-grad rollout keeps each step's input latent, then each step is
 recomputed with grad, one at a time from the last, with one vector-Jacobian product for the
 parameters and the step's input together.  Memory is that of one step, whatever the step count.
+
+A batch of several prompts (``x`` of shape (B, …)) runs the same code; ``weights`` (B,) then give
+each row's share of the loss, so one batched call equals the weighted sum of one-by-one calls.  No
+value is read back to the host inside the step loops (losses stay on the device).
 """
 
 from __future__ import annotations
@@ -50,9 +54,30 @@ def sample(
 
 @dataclass
 class TrajectoryGradient:
-    loss: float
+    """``loss_tensor``: the loss as a 0-dim tensor on the device (``loss`` reads it to the host)."""
+
+    loss_tensor: torch.Tensor
     final: torch.Tensor
     grads: list[torch.Tensor]
+
+    @property
+    def loss(self) -> float:
+        return self.loss_tensor.item()
+
+
+def trajectory_loss(final: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE(final, target) over all elements; with ``weights`` (B,), Σ_b weights[b] · MSE of row b
+    (a batch of prompts weighted as their one-by-one losses would be).  0-dim tensor."""
+    if weights is None:
+        return torch.nn.functional.mse_loss(final, target)
+    return (_row_weights(weights, final) * (final - target) ** 2).sum()
+
+
+def _row_weights(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``weights`` (B,) as per-element factors of ``like`` (B, …): weights[b] / elements per row."""
+    if weights.shape != like.shape[:1]:
+        raise SettingsError(f"loss weights have shape {tuple(weights.shape)}, expected ({like.shape[0]},): one per row")
+    return (weights / like[0].numel()).to(like).reshape(-1, *[1] * (like.ndim - 1))
 
 
 def _accumulate(total: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
@@ -71,8 +96,9 @@ def trajectory_gradient(
     checkpointing: bool = True,
     grad_context: Callable[[], ContextManager] = contextlib.nullcontext,
     step_context: Callable[[], ContextManager] = contextlib.nullcontext,
+    weights: torch.Tensor | None = None,
 ) -> TrajectoryGradient:
-    """Gradient of MSE(final latent, target) w.r.t. ``params``.
+    """Gradient of MSE(final latent, target) w.r.t. ``params`` (``weights``: see :func:`trajectory_loss`).
 
     ``before_step(i)`` must make step ``i`` a deterministic function of ``params`` (e.g. install gates
     sampled from replayed noise): the checkpointed path calls it twice per step and relies on the
@@ -81,26 +107,26 @@ def trajectory_gradient(
     """
     check_sigmas(sigmas)
     if checkpointing:
-        return _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_context, step_context)
-    return _through_graph(denoise, noise, sigmas, target, params, before_step, grad_context, step_context)
+        return _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_context, step_context, weights)
+    return _through_graph(denoise, noise, sigmas, target, params, before_step, grad_context, step_context, weights)
 
 
 def _through_graph(denoise, noise, sigmas, target, params, before_step, grad_context,
-                   step_context=contextlib.nullcontext) -> TrajectoryGradient:
+                   step_context=contextlib.nullcontext, weights=None) -> TrajectoryGradient:
     with torch.enable_grad(), grad_context(), step_context():
         x = noise
         for i in range(len(sigmas) - 1):
             before_step(i)
             x = euler_step(x, denoise(x, sigmas[i]), sigmas[i], sigmas[i + 1])
-        loss = torch.nn.functional.mse_loss(x, target)
+        loss = trajectory_loss(x, target, weights)
         grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     total = [torch.zeros_like(p) for p in params]
     _accumulate(total, grads)
-    return TrajectoryGradient(loss.item(), x.detach(), total)
+    return TrajectoryGradient(loss.detach(), x.detach(), total)
 
 
 def _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_context,
-                  step_context=contextlib.nullcontext) -> TrajectoryGradient:
+                  step_context=contextlib.nullcontext, weights=None) -> TrajectoryGradient:
     inputs: list[torch.Tensor] = []
     x = noise
     with torch.no_grad():
@@ -109,8 +135,11 @@ def _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_cont
             before_step(i)
             x = euler_step(x, denoise(x, sigmas[i]), sigmas[i], sigmas[i + 1])
     final = x
-    loss = torch.nn.functional.mse_loss(final, target)
-    upstream = 2.0 * (final - target) / final.numel()
+    loss = trajectory_loss(final, target, weights)
+    if weights is None:
+        upstream = 2.0 * (final - target) / final.numel()
+    else:
+        upstream = 2.0 * _row_weights(weights, final) * (final - target)
     total = [torch.zeros_like(p) for p in params]
     for i in reversed(range(len(sigmas) - 1)):
         x_grad, grads = step_vjp(denoise, inputs[i], sigmas, i, upstream, params, before_step, i > 0,
@@ -118,7 +147,7 @@ def _checkpointed(denoise, noise, sigmas, target, params, before_step, grad_cont
         if i > 0:
             upstream = x_grad
         _accumulate(total, grads)
-    return TrajectoryGradient(loss.item(), final, total)
+    return TrajectoryGradient(loss, final, total)
 
 
 def step_vjp(
@@ -173,17 +202,19 @@ def per_step_gradient(
     before_step: StepHook,
     grad_context: Callable[[], ContextManager] = contextlib.nullcontext,
     step_context: Callable[[], ContextManager] = contextlib.nullcontext,
+    weights: torch.Tensor | None = None,
 ) -> TrajectoryGradient:
-    """The local baseline: mean over steps of MSE(gated x0, ungated x0) on the teacher's own inputs."""
+    """The local baseline: mean over steps of MSE(gated x0, ungated x0) on the teacher's own inputs
+    (``weights``: see :func:`trajectory_loss`)."""
     inputs, x0s = teacher
     steps = len(inputs)
     total = [torch.zeros_like(p) for p in params]
-    loss = 0.0
+    loss = torch.zeros((), dtype=x0s[-1].dtype, device=x0s[-1].device)
     for i in range(steps):
         with torch.enable_grad(), grad_context(), step_context():
             before_step(i)
-            step_loss = torch.nn.functional.mse_loss(denoise(inputs[i], sigmas[i]), x0s[i]) / steps
+            step_loss = trajectory_loss(denoise(inputs[i], sigmas[i]), x0s[i], weights) / steps
             grads = torch.autograd.grad(step_loss, list(params), allow_unused=True)
         _accumulate(total, grads)
-        loss += step_loss.item()
+        loss += step_loss.detach()
     return TrajectoryGradient(loss, x0s[-1], total)

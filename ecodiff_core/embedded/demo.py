@@ -87,13 +87,16 @@ class DemoSettings:
 def calibration_samples(
     model, prompts: list[str], cfg: float, per_trajectory: int, seed: int
 ) -> list[CalibrationSample]:
-    """Prompts batched into trajectories; each batch gets its own fixed x_T."""
+    """Prompts batched into trajectories; each batch gets its own fixed x_T.  The samples are
+    batchable (``LearnSettings.prompt_batch`` runs several trajectories as one batch)."""
     from .model import initial_noise
 
     samples = []
+    build = model.batch_denoiser(cfg)
     for k, start in enumerate(range(0, len(prompts), per_trajectory)):
         chunk = prompts[start : start + per_trajectory]
-        samples.append(CalibrationSample(model.make_denoiser(chunk, cfg), initial_noise(len(chunk), derived_seed(seed, 1000 + k))))
+        samples.append(CalibrationSample.batchable(build, model.conditioning(chunk, cfg),
+                                                   initial_noise(len(chunk), derived_seed(seed, 1000 + k))))
     return samples
 
 

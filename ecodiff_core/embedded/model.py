@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -108,10 +109,24 @@ class DefaultModel(nn.Module):
         The text is encoded once, without gradients; gradients flow through ``transformer`` (pass a
         pruned or gated copy to sample it with the same code).  ``cfg == 1`` skips the uncond branch.
         """
+        conditioning = self.conditioning(prompts, cfg)
+        return self.denoiser_from_embeddings(conditioning["cond"], conditioning["uncond"], cfg, transformer)
+
+    def conditioning(self, prompts: list[str], cfg: float) -> dict:
+        """``{"cond": (tokens, pooled), "uncond": (tokens, pooled) or None}`` for ``prompts``, encoded
+        without gradients; tensors have the prompt dimension first (stackable, see ``batching``)."""
         with torch.no_grad():
             cond = self.encode(list(prompts))
             uncond = self.encode([""] * len(prompts)) if cfg != 1.0 else None
-        return self.denoiser_from_embeddings(cond, uncond, cfg, transformer)
+        return {"cond": cond, "uncond": uncond}
+
+    def batch_denoiser(self, cfg: float, transformer: nn.Module | None = None) -> Callable[[dict], Denoiser]:
+        """Conditioning (from :meth:`conditioning`, several stacked) → denoiser: the
+        ``batch_denoiser`` of batchable calibration samples."""
+        def build(conditioning: dict) -> Denoiser:
+            return self.denoiser_from_embeddings(conditioning["cond"], conditioning["uncond"], cfg, transformer)
+
+        return build
 
     def denoiser_from_embeddings(
         self,

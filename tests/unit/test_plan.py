@@ -272,3 +272,130 @@ def test_refused_values_are_shown_out_of_range(kwargs: dict, shown: str) -> None
     """A value just outside the range is shown with every digit, never rounded into the range."""
     with pytest.raises(EcoDiffError, match=shown.replace(".", r"\.")):
         PruneTarget(**kwargs)
+
+
+# -- alignment: kept features per group at multiples of PruneTarget.align -----------------------------
+def aligned_ok(g, kept: int, align: int) -> bool:
+    """Kept units of ``g`` are allowed under ``align``: all of them, or a feature width that is a
+    multiple of ``align`` and keeps the units that must stay."""
+    return kept == g.count or (kept * g.width % align == 0 and kept >= g.min_keep)
+
+
+def chunk_cost(g, costs: dict, align: int) -> float:
+    """The cost of the fewest units whose features are a multiple of ``align`` (the test's own rule)."""
+    step = next(n for n in range(1, align + 1) if n * g.width % align == 0)
+    return costs[g.name] * step
+
+
+@pytest.mark.parametrize("mode", ["params", "flops"])
+@pytest.mark.parametrize("align", [8, 16])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_aligned_budget_lands_within_one_chunk_and_slicing_equals_masking(name: str, align: int, mode: str) -> None:
+    """Every group keeps all its units or an aligned feature width; the budget is met to within one
+    aligned chunk; the pruned Linears cut by groups are multiples of ``align`` (tiny models have
+    aligned offsets); the pruned model computes what the hard-gated model computes."""
+    from test_prune import gated_output, rel_err
+
+    from tests.pruned_shapes import check_counts_match_shapes
+
+    model, inputs, layout = case(name)
+    logits = random_logits(layout, 3)
+    if mode == "params":
+        costs, fc = parameter_costs(model, layout), None
+        plan = plan_pruning(model, layout, logits, PruneTarget(params=0.3, align=align))
+        removed = plan.removed_params
+    else:
+        fc = measure_flops(model, layout, lambda: model(**inputs))
+        costs = fc.per_unit
+        plan = plan_pruning(model, layout, logits, PruneTarget(flops=0.3, align=align), flop_costs=fc)
+        removed = plan.removed_flops
+    kept = {g.name: int(plan.keep[g.name].sum()) for g in layout.groups}
+    assert plan.align == align
+    assert all(aligned_ok(g, kept[g.name], align) for g in layout.groups)
+    assert any(0 < kept[g.name] < g.count for g in layout.groups)
+    biggest = max(chunk_cost(g, costs, align) for g in layout.groups if kept[g.name] < g.count)
+    assert plan.budget <= removed < plan.budget + biggest
+    for g in layout.groups:  # within a group the lowest logits go
+        lam = logits[g.name]
+        if 0 < kept[g.name] < g.count:
+            assert lam[~plan.keep[g.name]].max() <= lam[plan.keep[g.name]].min()
+    pruned = prune_model(model, layout, plan.keep)
+    check_counts_match_shapes(model, pruned, layout, kept)
+    cut: dict[tuple[str, str], list] = {}
+    for g in layout.groups:
+        for s in g.slices:
+            cut.setdefault((s.module, s.side), []).append(g)
+    for (module, side), groups in cut.items():  # Linears whose features are all units of cut groups
+        original = model.get_submodule(module).weight.shape[1 if side == "in" else 0]
+        if sum(g.count * g.width for g in groups) == original and all(0 < kept[g.name] < g.count for g in groups):
+            assert pruned.get_submodule(module).weight.shape[1 if side == "in" else 0] % align == 0, module
+    assert rel_err(gated_output(model, inputs, layout, plan.keep), run_model(pruned, inputs)) <= 1e-5
+
+
+def run_model(model, inputs):
+    from tiny_models import run
+
+    return run(model, inputs)
+
+
+@pytest.mark.parametrize("align", [8, 16])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_aligned_keep_ratios_keep_at_most_one_chunk_less(name: str, align: int) -> None:
+    model, _, layout = case(name)
+    ratios = {"head": 0.6, "neuron": 0.7, "channel": 0.8}
+    plan = plan_pruning(model, layout, random_logits(layout, 4), PruneTarget(keep_ratios=ratios, align=align))
+    for kind in layout.kinds():
+        groups = [g for g in layout.groups if g.kind == kind]
+        kept = sum(int(plan.keep[g.name].sum()) for g in groups)
+        step = max(align // __import__("math").gcd(align, g.width) for g in groups)
+        asked = round(ratios[kind] * layout.total_units(kind))
+        assert asked - step < kept <= asked
+        assert all(aligned_ok(g, int(plan.keep[g.name].sum()), align) for g in groups)
+
+
+@pytest.mark.parametrize("must_keep", [1, 3])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_aligned_plans_keep_the_units_that_must_stay(name: str, must_keep: int) -> None:
+    """With min_keep, the smallest aligned count above it stays; the advised maximum is accepted."""
+    model, _, layout = case(name)
+    layout = must_keep_layout(layout, must_keep)
+    logits = random_logits(layout, 6)
+    with pytest.raises(EcoDiffError, match="alignment to 8") as err:
+        plan_pruning(model, layout, logits, PruneTarget(params=0.9, align=8))
+    advised = float(str(err.value).rsplit("at most ", 1)[1])
+    plan = plan_pruning(model, layout, logits, PruneTarget(params=advised, align=8))
+    for g in layout.groups:
+        kept = int(plan.keep[g.name].sum())
+        assert aligned_ok(g, kept, 8)
+        assert set(torch.topk(logits[g.name], g.min_keep).indices.tolist()) <= set(
+            plan.keep[g.name].nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_align_one_is_the_unaligned_plan(name: str) -> None:
+    model, _, layout = case(name)
+    logits = random_logits(layout, 7)
+    plain = plan_pruning(model, layout, logits, PruneTarget(params=0.25))
+    one = plan_pruning(model, layout, logits, PruneTarget(params=0.25, align=1))
+    assert all(torch.equal(plain.keep[n], one.keep[n]) for n in plain.keep)
+
+
+@pytest.mark.parametrize("align", [0, -8, 1.5, True, "8", 1000])
+def test_bad_alignment_is_rejected(align) -> None:
+    with pytest.raises(EcoDiffError, match="PruneTarget.align"):
+        PruneTarget(params=0.2, align=align)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_aligned_keep_ratio_below_the_aligned_floor_keeps_it_and_says_so(name: str) -> None:
+    """Alignment to 16 with one unit that must stay per group: each group keeps at least one aligned
+    chunk; the smallest ratio keeps exactly that and the plan says so."""
+    model, _, layout = case(name)
+    layout = must_keep_layout(layout, 1)
+    plan = plan_pruning(model, layout, random_logits(layout, 8),
+                        PruneTarget(keep_ratios={"neuron": MIN_KEEP_RATIO}, align=16))
+    groups = [g for g in layout.groups if g.kind == "neuron"]
+    floor = sum(min(16, g.count) for g in groups)  # width 1: 16 neurons, or the whole group
+    assert sum(int(plan.keep[g.name].sum()) for g in groups) == floor
+    [note] = plan.notes
+    assert f"keeps {floor} of the" in note and "aligned to 16" in note

@@ -26,8 +26,11 @@ def test_calibration_noise_of_the_largest_seed_wraps():
     from ecodiff_core.embedded.model import initial_noise
 
     class Stub:
-        def make_denoiser(self, chunk, cfg):
+        def conditioning(self, chunk, cfg):
             return None
+
+        def batch_denoiser(self, cfg):
+            return lambda conditioning: None
 
     samples = calibration_samples(Stub(), ["a", "b", "c"], 1.0, 2, SEED_MAX)
     assert torch.equal(samples[0].noise, initial_noise(2, 999)) and torch.equal(samples[1].noise, initial_noise(1, 1000))
