@@ -4,6 +4,7 @@
   ``SKIP_REASON`` says what to set when it is missing.
 - ``bootstrap()``: ``import comfy`` works in this process, on CPU: the checkout first on ``sys.path``,
   torchvision's missing C operators declared (``ecodiff_core/_compat.py``), ``--cpu``.
+- ``comfy_nodes()``: ComfyUI's ``nodes`` module, checked not to be shadowed.
 - ``load_pack()`` / ``sub(name)``: this repository imported as ComfyUI imports a custom node pack (a
   package named after its folder, relative imports), under the name ``PACK``.
 - ``python scripts/comfy_env.py ARGS``: ``python $COMFYUI_PATH/main.py ARGS`` with the same torchvision
@@ -71,6 +72,19 @@ def bootstrap() -> None:
 
     args.cpu = True
     import comfy.model_management  # noqa: F401  (must come after args.cpu)
+
+
+def comfy_nodes() -> ModuleType:
+    """ComfyUI's ``nodes.py`` module, after ``bootstrap()``; RuntimeError when another ``nodes`` (such as this
+    pack's ``nodes/`` package) shadows it on ``sys.path``."""
+    bootstrap()
+    import nodes
+
+    root = os.path.realpath(comfy_path())
+    if not os.path.realpath(getattr(nodes, "__file__", "")).startswith(root + os.sep):
+        raise RuntimeError(f"'nodes' resolves to {getattr(nodes, '__file__', None)}, not ComfyUI's nodes.py "
+                           f"(something put a bare 'nodes' ahead of {root} on sys.path)")
+    return nodes
 
 
 def load_pack() -> ModuleType:

@@ -6,8 +6,8 @@
 from ComfyUI's own node classes and this pack's, loaded in-process
 (``scripts/workflow_schema.object_info_in_process``), so widget values line up with the nodes exactly.
 ``--check`` writes nothing and exits 1 when a file differs from what would be written.  The files are
-checked before writing (``scripts/workflow_check.py``) and committed; tests validate them (tests/unit/test_example_workflows.py, tests/server,
-tests/browser).
+checked before writing (``scripts/workflow_check.py``) and committed; tests validate them
+(tests/unit/test_example_workflows.py, tests/server, tests/browser).
 """
 from __future__ import annotations
 

@@ -180,11 +180,7 @@ def object_info_in_process() -> dict:
         spec.loader.exec_module(package)
     import utils.install_util  # noqa: F401
 
-    import nodes as comfy_nodes
-
-    if not os.path.realpath(getattr(comfy_nodes, "__file__", "")).startswith(comfy_root + os.sep):
-        raise RuntimeError(f"'nodes' resolves to {getattr(comfy_nodes, '__file__', None)}, not ComfyUI's nodes.py "
-                           f"(something put a bare 'nodes' ahead of {comfy_root} on sys.path)")
+    comfy_nodes = comfy_env.comfy_nodes()
     if not getattr(comfy_nodes, "_ecodiff_tests_extras_loaded", False):
         asyncio.run(comfy_nodes.init_builtin_extra_nodes())
         comfy_nodes._ecodiff_tests_extras_loaded = True

@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scripts import comfy_env
 from scripts.comfy_env import ROOT, SKIP_REASON, comfy_path
 
 TESTS = ROOT / "tests"
-LAUNCHER = Path(comfy_env.__file__)  # python LAUNCHER ARGS = python $COMFYUI_PATH/main.py ARGS (+ workaround)
+LAUNCHER = ROOT / "scripts" / "comfy_env.py"  # python LAUNCHER ARGS = python $COMFYUI_PATH/main.py ARGS (+ workaround)
 TINY_PACK = TESTS / "server" / "tiny_models_pack"
 PACK_DIR_NAME = "ComfyUI-EcoDiff"  # the folder name ComfyUI sees (web files are served under it)
 TINY_PACK_DIR_NAME = "ecodiff_tiny_models"

@@ -2,14 +2,12 @@
 stock LoraLoaderModelOnly gives the node's output model, interrupt/resume, refused inputs."""
 from __future__ import annotations
 
-import os
-
 import comfy_tiny as ct
 import pytest
 import torch
 from comfy_checks import random_mask, rel_err, same_weights, weights_snapshot
 
-from scripts.comfy_env import sub
+from scripts.comfy_env import comfy_nodes, sub
 
 RECOVER_ARGS = dict(prompts="a red fox in snow\na lighthouse in a storm", negative_prompt="", max_prompts=0,
                     width=64, height=64, sample_steps=3, cfg=2.0, scheduler="normal", states="pruned", rank=4,
@@ -59,11 +57,7 @@ def conds(tiny):
 
 
 def stock_lora_loader():
-    import nodes as comfy_nodes
-
-    root = os.path.realpath(ct.comfy_path())
-    assert os.path.realpath(comfy_nodes.__file__).startswith(root + os.sep), "'nodes' is not ComfyUI's nodes.py"
-    return comfy_nodes.LoraLoaderModelOnly()
+    return comfy_nodes().LoraLoaderModelOnly()
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
