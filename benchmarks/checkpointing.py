@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):  # run as a file: the repository root is where `ecodiff_core` is
+    sys.path.insert(0, str(ROOT))
 
 from ecodiff_core.archs import find_layout  # noqa: E402
 from ecodiff_core.denoisers import EpsSchedule, unet_eps_denoiser  # noqa: E402

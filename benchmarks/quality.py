@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: the repository root is where `ecodiff_core` is
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ecodiff_core.archs import find_layout  # noqa: E402
 from ecodiff_core.baselines import magnitude_scores, random_scores, taylor_scores  # noqa: E402

@@ -2,11 +2,12 @@
 
     COMFYUI_PATH=/path/to/ComfyUI .venv/bin/python scripts/make_example_workflows.py [--check]
 
-Schemas (inputs, widget order, defaults, outputs) come from ComfyUI's own node classes and this pack's,
-loaded in-process (``tests/workflow_tools.object_info_in_process``), so widget values line up with the
-nodes exactly.  ``--check`` writes nothing and exits 1 when a file differs from what would be written.
-The files are committed; tests validate them (tests/unit/test_example_workflows.py, tests/server,
-tests/browser).
+(or ``python -m scripts.make_example_workflows``).  Schemas (inputs, widget order, defaults, outputs) come
+from ComfyUI's own node classes and this pack's, loaded in-process
+(``scripts/workflow_schema.object_info_in_process``), so widget values line up with the nodes exactly.
+``--check`` writes nothing and exits 1 when a file differs from what would be written.  The files are
+checked before writing (``scripts/workflow_check.py``) and committed; tests validate them
+(tests/unit/test_example_workflows.py, tests/server, tests/browser).
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import sys
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+if __package__ in (None, ""):  # run as a file: the repository root is where `scripts` and `ecodiff_core` are
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import workflow_tools as wt
+from scripts.workflow_check import check_against_schemas, check_structure  # noqa: E402
+from scripts.workflow_graph import WorkflowBuilder  # noqa: E402
+from scripts.workflow_schema import EXAMPLES, ROOT, object_info_in_process  # noqa: E402
 
 SDXL_NOTE = """# EcoDiff on SDXL: learn a mask, prune, compare
 
@@ -108,7 +111,7 @@ SIZES = {
 }
 
 
-def add(b: wt.WorkflowBuilder, kind: str, pos, widgets=None, title=None):
+def add(b: WorkflowBuilder, kind: str, pos, widgets=None, title=None):
     return b.add(kind, pos, widgets, size=SIZES.get(kind), title=title)
 
 
@@ -136,7 +139,7 @@ def sampling_tail(b, model_original, model_pruned, positive, negative, latent, v
 def learn_workflow(info: dict, *, loaders: str, note: str, learn: dict, sampler: dict, size: int,
                    sparsity: float = 0.2, mask_file: str | None = None, guidance: float | None = None,
                    models: dict, recover: dict | None = None) -> dict:
-    b = wt.WorkflowBuilder(info)
+    b = WorkflowBuilder(info)
     b.note(note, (0, 0), (440, 380))
     if loaders == "checkpoint":
         ck = add(b, "CheckpointLoaderSimple", (0, 420), {"ckpt_name": models["ckpt"]})
@@ -190,7 +193,7 @@ def learn_workflow(info: dict, *, loaders: str, note: str, learn: dict, sampler:
 
 
 def shared_mask_workflow(info: dict) -> dict:
-    b = wt.WorkflowBuilder(info)
+    b = WorkflowBuilder(info)
     b.note(SHARED_NOTE, (0, 0), (440, 360))
     ck = add(b, "CheckpointLoaderSimple", (0, 400), {"ckpt_name": "sd_xl_base_1.0.safetensors"})
     lm = add(b, "EcoDiffLoadMask", (480, 460), {"mask_name": "sdxl_ecodiff_mask.safetensors"})
@@ -231,7 +234,6 @@ DEMO_LEARN = {"max_prompts": 20, "epochs": 6, "accumulate": 1, "steps": 10}
 
 def demo_prompts() -> str:
     """The embedded model's calibration prompts, round-robin over the digits (first N cover all ten)."""
-    sys.path.insert(0, str(ROOT))
     from ecodiff_core.embedded.text import calibration_prompts
 
     prompts, labels = calibration_prompts(10)
@@ -240,7 +242,7 @@ def demo_prompts() -> str:
 
 
 def demo_workflow(info: dict) -> dict:
-    b = wt.WorkflowBuilder(info)
+    b = WorkflowBuilder(info)
     note = DEMO_NOTE.format(n_learn=DEMO_LEARN["max_prompts"], epochs=DEMO_LEARN["epochs"], batch=DEMO_BATCH,
                             timing=DEMO_TIMING)
     b.note(note, (0, 0), (440, 420))
@@ -341,14 +343,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the files instead of writing them")
     args = parser.parse_args()
-    info = wt.object_info_in_process()
+    info = object_info_in_process()
     stale = []
     for name, wf in build_all(info).items():
-        problems = wt.check_structure(wf) + wt.check_against_schemas(wf, info)
+        problems = check_structure(wf) + check_against_schemas(wf, info)
         if problems:
             print(f"{name}: " + "\n  ".join(problems), file=sys.stderr)
             return 1
-        path = wt.EXAMPLES / f"{name}.json"
+        path = EXAMPLES / f"{name}.json"
         text = json.dumps(wf, indent=2, ensure_ascii=False) + "\n"
         if args.check:
             if not path.is_file() or path.read_text(encoding="utf-8") != text:

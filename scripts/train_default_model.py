@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: the repository root is where `ecodiff_core` is
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ecodiff_core.embedded.data import load_digit_split, pack
 from ecodiff_core.embedded.evaluation import EvalSettings, evaluate_model

@@ -1,11 +1,12 @@
 """Start and drive a real ComfyUI server for the server and browser tests.
 
-``ComfyServer`` runs ``$COMFYUI_PATH/main.py --cpu`` (through ``tests/server/launch_comfyui.py``) on a
+``ComfyServer`` runs ``$COMFYUI_PATH/main.py --cpu`` (through ``scripts/comfy_env.py``) on a
 free port of 127.0.0.1 with every working folder (models, custom_nodes, input, output, temp, user) in a
 temporary base directory and an in-memory database; custom node packs are symlinked into that
 ``custom_nodes``.  Every wait is bounded; ``stop()`` ends the server's own process group only.
 
-Nothing here imports ComfyUI: the server runs in its own process.  The websocket helpers use aiohttp,
+Nothing here imports ComfyUI: the server runs in its own process.  ``SKIP_REASON`` and ``comfy_path``
+are ``scripts/comfy_env.py``'s.  The websocket helpers use aiohttp,
 which ComfyUI's requirements install (it is imported only when a websocket is opened).
 """
 from __future__ import annotations
@@ -25,20 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-LAUNCHER = TESTS / "server" / "launch_comfyui.py"
+from scripts.comfy_env import ROOT, SKIP_REASON, comfy_path
+
+TESTS = ROOT / "tests"
+LAUNCHER = ROOT / "scripts" / "comfy_env.py"  # python LAUNCHER ARGS = python $COMFYUI_PATH/main.py ARGS (+ workaround)
 TINY_PACK = TESTS / "server" / "tiny_models_pack"
 PACK_DIR_NAME = "ComfyUI-EcoDiff"  # the folder name ComfyUI sees (web files are served under it)
 TINY_PACK_DIR_NAME = "ecodiff_tiny_models"
 HOST = "127.0.0.1"
-SKIP_NO_COMFYUI = ("COMFYUI_PATH is not set (or not a ComfyUI checkout): these tests start a real ComfyUI server "
-                   "from it, e.g. COMFYUI_PATH=/path/to/ComfyUI pytest tests/server tests/browser")
-
-
-def comfy_path() -> str | None:
-    path = os.environ.get("COMFYUI_PATH")
-    return path if path and os.path.isfile(os.path.join(path, "main.py")) else None
 
 
 def free_port() -> int:
@@ -84,7 +79,7 @@ class ComfyServer:
     def start(self, timeout: float = 180.0) -> ComfyServer:
         root = comfy_path()
         if root is None:
-            raise ServerError(SKIP_NO_COMFYUI)
+            raise ServerError(SKIP_REASON)
         self._prepare()
         cmd = [sys.executable, str(LAUNCHER), "--cpu", "--listen", HOST, "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base),

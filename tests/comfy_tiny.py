@@ -1,9 +1,10 @@
 """Tiny random-weight models of ComfyUI's real SD1.5, SDXL, FLUX and SD3 classes, for tests.
 
 Shared by the integration tests and by the server test's test-only node pack.  Nothing here is
-imported by the node pack itself.  ``bootstrap()`` makes ComfyUI importable on a CPU-only machine
-(``COMFYUI_PATH`` on ``sys.path``, CPU mode, torchvision's missing C operators declared); every
-builder calls it.
+imported by the node pack itself.  ``bootstrap()`` (from ``scripts/comfy_env.py``) makes ComfyUI
+importable on a CPU-only machine; every builder calls it.  This file also works loaded alone from
+its path (the test node pack inside a ComfyUI server, the shared reproducers): it then loads
+``scripts/comfy_env.py`` from its file.
 
 Built as ComfyUI itself does (``comfy.supported_models.<Arch>(unet_config).get_model``) because
 ComfyUI's state-dict detection only recognises full-size models.  ``comfy.ops`` leaves weights
@@ -12,52 +13,24 @@ uninitialised, so every parameter is filled from a seeded generator.
 from __future__ import annotations
 
 import math
-import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+try:
+    from scripts import comfy_env  # the repository root on sys.path (pytest's pythonpath)
+except ImportError:  # loaded alone from this file: the environment module from its file, sys.path untouched
+    import importlib.util
+    from pathlib import Path
+
+    _spec = importlib.util.spec_from_file_location(
+        "ecodiff_comfy_env", Path(__file__).resolve().parent.parent / "scripts" / "comfy_env.py")
+    comfy_env = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(comfy_env)
+
+bootstrap = comfy_env.bootstrap
 ARCHS: tuple[str, ...] = ("sd15", "sdxl", "flux", "sd3")
-COMFY_SKIP_REASON = ("COMFYUI_PATH is not set: these tests need a ComfyUI checkout "
-                     "(e.g. COMFYUI_PATH=/path/to/ComfyUI pytest tests/integration)")
-
-
-def comfy_path() -> str | None:
-    path = os.environ.get("COMFYUI_PATH")
-    return path if path and os.path.isdir(path) else None
-
-
-def _declare_torchvision_ops() -> None:
-    """PyPI's torchvision wheels beside CPU torch lack their C operators; declare the two schemas
-    torchvision's meta registrations need so ``import torchvision`` (used by ComfyUI) succeeds."""
-    try:
-        import torchvision  # noqa: F401
-        return
-    except RuntimeError:
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]
-    except ImportError:
-        return
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _declare_torchvision_ops.lib = lib  # keep the library alive
-    import torchvision  # noqa: F401
-
-
-def bootstrap() -> None:
-    """Make ``import comfy`` work in-process on CPU; idempotent."""
-    path = comfy_path()
-    if path is None:
-        raise RuntimeError(COMFY_SKIP_REASON)
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    _declare_torchvision_ops()
-    from comfy.cli_args import args
-    args.cpu = True
-    import comfy.model_management  # noqa: F401  (must come after args.cpu)
 
 
 @dataclass

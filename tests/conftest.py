@@ -1,11 +1,24 @@
-"""Suite-wide pytest hooks: a per-tier summary (unit, integration, server, browser) at the end of a run,
-so a CI log shows at a glance which tiers ran and which skipped, and why."""
+"""Suite-wide fixtures and hooks: a per-tier summary (unit, integration, server, browser) at the end of a
+run, so a CI log shows at a glance which tiers ran and which skipped, and why.
+
+Test helpers import as modules: ``pyproject.toml`` puts the repository root (``ecodiff_core``,
+``scripts.comfy_env``, ...) and ``tests/`` (``comfy_tiny``, ``comfy_server``, ...) on ``sys.path``."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of small models: avoids oversubscription on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _tier(nodeid: str) -> str:

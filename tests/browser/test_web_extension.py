@@ -19,17 +19,13 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import comfy_server
 import pytest
 
-TESTS = Path(__file__).resolve().parent.parent
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
-
-import comfy_server
-import workflow_tools as wt
+from scripts import workflow_schema as ws
+from scripts.comfy_env import SKIP_REASON, comfy_path
 
 SCRIPT = Path(__file__).resolve().parent / "ui_check.cjs"
 EXTENSION_URL = "/extensions/ComfyUI-EcoDiff/"
@@ -42,8 +38,8 @@ def chromium_path() -> str | None:
 
 
 def missing_requirement() -> str | None:
-    if comfy_server.comfy_path() is None:
-        return comfy_server.SKIP_NO_COMFYUI
+    if comfy_path() is None:
+        return SKIP_REASON
     try:
         import comfyui_frontend_package  # noqa: F401
     except ImportError:
@@ -73,7 +69,7 @@ def ui_results(tmp_path_factory):
         config = {
             "url": server.url, "chromium": chromium_path(), "out_dir": str(shots), "timeout_ms": 180_000,
             "api_prompt": graph, "learn_id": "4", "compare_id": "11", "expected_steps": 4,
-            "workflows": {p.stem: wt.load(p) for p in wt.example_paths()},
+            "workflows": {p.stem: ws.load(p) for p in ws.example_paths()},
         }
         config_path = base / "ui_check_config.json"
         config_path.write_text(json.dumps(config), encoding="utf-8")
@@ -112,7 +108,7 @@ def test_extension_is_registered_without_errors(ui_results):
 def test_learn_node_gets_a_chart_that_is_neither_saved_nor_sent(ui_results):
     learn = ui_results["steps"]["learnNode"]
     assert learn["chart"] and learn["chartIsLast"] and learn["chartHeight"] >= 100, learn
-    slots = wt.widget_slots(ui_results["_object_info"]["EcoDiffLearnMask"])
+    slots = ws.widget_slots(ui_results["_object_info"]["EcoDiffLearnMask"])
     assert learn["savedValues"] == len(slots), "the chart must not add a widgets_values entry"
     assert learn["sentInputs"] is not None and "ecodiff_chart" not in learn["sentInputs"]
     assert learn["fits"], "the node is tall enough for its widgets and the chart"
@@ -139,7 +135,7 @@ def test_compare_node_opens_a_slider_view(ui_results):
     assert (ui_results["_shots"] / "compare_overlay.png").is_file()
 
 
-@pytest.mark.parametrize("name", [p.stem for p in wt.example_paths()])
+@pytest.mark.parametrize("name", [p.stem for p in ws.example_paths()])
 def test_example_workflow_round_trips_through_the_frontend(ui_results, name):
     r = ui_results["steps"]["workflows"][name]
     assert r["missing"] == [], f"unknown node types in the frontend: {r['missing']}"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from scripts.comfy_env import sub
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
@@ -18,6 +20,14 @@ def random_keep(layout, seed: int = 1, p: float = 0.4, empty: tuple[str, ...] = 
             k[0] = True
         keep[g.name] = torch.zeros(g.count, dtype=torch.bool) if g.name in empty else k
     return keep
+
+
+def random_mask(layout, seed: int = 0):
+    """The pack's ``MaskState`` for ``layout``, standard-normal logits from ``seed`` (stands in for a learned mask)."""
+    state = sub("ecodiff_core.maskfile").MaskState.fresh(layout, 0.0)
+    gen = torch.Generator().manual_seed(seed)
+    state.logits = {g.name: torch.randn(g.count, generator=gen) for g in layout.groups}
+    return state
 
 
 def weights_snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,18 +1,9 @@
 """Integration tests on tiny real ComfyUI models; skipped unless COMFYUI_PATH points at ComfyUI."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-TESTS = Path(__file__).resolve().parent.parent
-ROOT = TESTS.parent
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
-
-import comfy_tiny  # noqa: E402
-from comfy_pack import load_pack, sub  # noqa: E402
+from scripts.comfy_env import SKIP_REASON, comfy_path, load_pack, sub
 
 
 @pytest.fixture(scope="session")
@@ -23,8 +14,8 @@ def pack():
 @pytest.fixture(scope="session", autouse=True)
 def comfy_dirs(tmp_path_factory):
     """Model, temp and output folders of this test session (never the user's)."""
-    if comfy_tiny.comfy_path() is None:
-        pytest.skip(comfy_tiny.COMFY_SKIP_REASON)
+    if comfy_path() is None:
+        pytest.skip(SKIP_REASON)
     load_pack()
     import folder_paths
 
@@ -60,3 +51,8 @@ progress = _host_module("progress")
 @pytest.fixture(scope="session")
 def core():
     return sub("ecodiff_core")
+
+
+@pytest.fixture(scope="session")
+def nodes():
+    return sub("nodes")

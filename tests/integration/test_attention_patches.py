@@ -7,7 +7,8 @@ import comfy_tiny as ct
 import pytest
 import torch
 from comfy_checks import random_keep, rel_err
-from comfy_pack import sub
+
+from scripts.comfy_env import sub
 
 
 def identity_attention(q, k, v, extra_options):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import comfy_tiny as ct
 import pytest
 import torch
-from comfy_pack import sub
+
+from scripts.comfy_env import sub
 
 BLOCKS = {"sd15": {"ResBlock", "BasicTransformerBlock"}, "sdxl": {"ResBlock", "BasicTransformerBlock"},
           "flux": {"DoubleStreamBlock", "SingleStreamBlock"}, "sd3": {"JointBlock"}}

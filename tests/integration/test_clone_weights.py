@@ -7,7 +7,6 @@ import comfy_tiny as ct
 import pytest
 import torch
 from comfy_checks import random_keep, rel_err, wrap_linears
-from comfy_pack import sub
 
 
 def lora_clone(model, seed: int = 5, rank: int = 4, scale: float = 0.3):

@@ -12,18 +12,16 @@ import comfy_tiny as ct
 import pytest
 import safetensors.torch
 import torch
-from comfy_pack import sub
+from comfy_checks import random_mask
+from file_damage import header_end, truncations_and_bit_flips
 
 
 @pytest.fixture(scope="module")
-def saved(weights, pruned_files, tmp_path_factory):
+def saved(weights, pruned_files, nodes, tmp_path_factory):
     """A tiny SD1.5 pruned with a random mask, saved; its bytes and reference sample."""
-    nodes = sub("nodes")
     tiny = ct.tiny("sd15", seed=5)
     layout = weights.model_layout(tiny.model)
-    gen = torch.Generator().manual_seed(0)
-    state = sub("ecodiff_core.maskfile").MaskState.fresh(layout, 0.0)
-    state.logits = {g.name: torch.randn(g.count, generator=gen) for g in layout.groups}
+    state = random_mask(layout)
     with torch.inference_mode():
         pruned = nodes.ApplyPrunedMask.execute(tiny.model, state, "params", 0.2, "", "prune").args[0]
         path = pruned_files.save_pruned_model(pruned, tmp_path_factory.mktemp("pruned") / "good.safetensors")
@@ -33,8 +31,8 @@ def saved(weights, pruned_files, tmp_path_factory):
 
 def _header(data: bytes) -> tuple[dict, bytes]:
     """The safetensors JSON header and the tensor bytes after it."""
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    end = header_end(data)
+    return json.loads(data[8:end]), data[end:]
 
 
 def _with_record(good: bytes, tmp_path, edit) -> bytes:
@@ -50,15 +48,9 @@ def _with_record(good: bytes, tmp_path, edit) -> bytes:
 
 def _variants(good: bytes, tmp_path):
     rng = random.Random(7)
-    header_end = 8 + struct.unpack("<Q", good[:8])[0]
-    for cut in sorted({0, 5, 8, 100, header_end - 1, header_end, header_end + 7, len(good) - 1,
-                       *rng.sample(range(len(good)), 6)}):
-        yield f"truncated at {cut}", good[:cut]
-    for k in range(24):
-        pos = rng.randrange(header_end) if k % 4 else rng.randrange(len(good))
-        flipped = bytearray(good)
-        flipped[pos] ^= 1 << rng.randrange(8)
-        yield f"bit flip at {pos}", bytes(flipped)
+    end = header_end(good)
+    yield from truncations_and_bit_flips(good, rng, (0, 5, 8, 100, end - 1, end, end + 7, len(good) - 1),
+                                         random_cuts=6, flips=24, anywhere_every=4)
     record = json.loads(_header(good)[0]["__metadata__"]["record"])
     for key in record:
         yield f"without {key}", _with_record(good, tmp_path,

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 from comfy_checks import random_keep, rel_err
-from comfy_pack import sub
+
+from scripts.comfy_env import sub
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +139,7 @@ def test_pruned_demo_model_saves_and_loads(loaded, folders, weights, pruned_mode
     assert rel_err(a, comfy_samples(mp, clip, DIGIT_PROMPTS[:4], noise, sigmas, 1.5)) > 1e-3  # really pruned
 
 
-def test_nodes_return_the_demo_objects_and_judge_text(loaded):
-    nodes = sub("nodes")
+def test_nodes_return_the_demo_objects_and_judge_text(loaded, nodes):
     with torch.inference_mode():
         model, clip, vae = nodes.DemoModel.execute().args
         assert model is not loaded[0] and model.model.diffusion_model is not loaded[0].model.diffusion_model

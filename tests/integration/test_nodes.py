@@ -5,18 +5,14 @@ from __future__ import annotations
 import comfy_tiny as ct
 import pytest
 import torch
-from comfy_checks import rel_err, same_weights, weights_snapshot, wrap_linears
-from comfy_pack import sub
+from comfy_checks import random_mask, rel_err, same_weights, weights_snapshot, wrap_linears
+
+from scripts.comfy_env import sub
 
 LEARN_ARGS = dict(prompts="a red fox in snow\na lighthouse in a storm\na bowl of ramen", negative_prompt="",
                   max_prompts=0, width=64, height=64, steps=3, cfg=2.0, sampler_name="euler", scheduler="normal",
                   seed=7, epochs=2, accumulate=1, beta=0.1, regularizer="l1", lr_heads=0.5, lr_neurons=0.5,
                   lr_channels=0.5, checkpointing=True, resume=True)
-
-
-@pytest.fixture(scope="module")
-def nodes():
-    return sub("nodes")
 
 
 def interrupt_processing(value: bool = True) -> None:
@@ -86,23 +82,8 @@ def test_the_latest_state_is_handed_over_when_a_run_stops(progress, weights, kin
 
 
 def test_interrupt_keeps_mask_and_rerun_resumes(flux_run, nodes, folders, progress, monkeypatch):
-    import comfy.model_management
-
     tiny = flux_run[0]
-    calls = {"n": 0}
-    original = progress.Progress.update
-
-    def interrupting_update(self, value, total=None):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            interrupt_processing(True)
-        original(self, value, total)
-
-    monkeypatch.setattr(progress.Progress, "update", interrupting_update)
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
-        learn(nodes, tiny, "flux_interrupt")
-    interrupt_processing(False)
-    monkeypatch.setattr(progress.Progress, "update", original)
+    interrupted_run(nodes, progress, monkeypatch, tiny, "flux_interrupt")
 
     path = folders.folder(folders.MASK_FOLDER) / "flux_interrupt.safetensors"
     saved = sub("ecodiff_core.maskfile").load_mask(path)
@@ -266,9 +247,7 @@ def test_mask_save_load_round_trip(flux_run, nodes, folders):
 def test_pruned_model_save_load_gives_identical_samples(arch, nodes, weights):
     tiny = ct.tiny(arch, seed=8)
     layout = weights.model_layout(tiny.model)
-    gen = torch.Generator().manual_seed(0)
-    state = sub("ecodiff_core.maskfile").MaskState.fresh(layout, 0.0)
-    state.logits = {g.name: torch.randn(g.count, generator=gen) for g in layout.groups}
+    state = random_mask(layout)
     with torch.inference_mode():
         pruned = nodes.ApplyPrunedMask.execute(tiny.model, state, "params", 0.15, "", "prune").args[0]
         nodes.SavePrunedModel.execute(pruned, f"{arch}_pruned")
@@ -369,22 +348,19 @@ def test_pruned_model_runs_through_sampler_custom_advanced(flux_run, nodes):
     assert rel_err(samples, reference) <= 1e-4
 
 
-def _random_mask(weights, core, model, seed: int = 0):
+def _random_mask(weights, model, seed: int = 0):
     layout = weights.model_layout(model)
-    state = core.maskfile.MaskState.fresh(layout, 0.0)
-    gen = torch.Generator().manual_seed(seed)
-    state.logits = {g.name: torch.randn(g.count, generator=gen) for g in layout.groups}
-    return layout, state
+    return layout, random_mask(layout, seed)
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "flux", "sd3"])
-def test_default_keep_ratios_work_on_every_architecture(nodes, weights, core, arch):
+def test_default_keep_ratios_work_on_every_architecture(nodes, weights, arch):
     """The node's default keep_ratios names every kind; kinds the architecture lacks are ignored and
     the report says so; every present kind keeps exactly round(ratio × N) units."""
     default = next(i for i in nodes.ApplyPrunedMask.define_schema().inputs if i.id == "keep_ratios").default
     ratios = nodes.apply.parse_keep_ratios(default)
     tiny = ct.tiny(arch, seed=2)
-    layout, mask = _random_mask(weights, core, tiny.model)
+    layout, mask = _random_mask(weights, tiny.model)
     with torch.inference_mode():
         _, report = nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.2, default, "prune").args
     text = nodes.PruningReport.execute(report).args[0]
@@ -396,11 +372,11 @@ def test_default_keep_ratios_work_on_every_architecture(nodes, weights, core, ar
 
 
 @pytest.mark.parametrize("arch", ["flux", "sd3"])
-def test_keep_ratio_below_heads_that_must_stay_keeps_them_and_says_so(nodes, weights, core, arch):
+def test_keep_ratio_below_heads_that_must_stay_keeps_them_and_says_so(nodes, weights, arch):
     """FLUX/SD3 attentions keep at least one head: head=0.05 keeps one head per block and the report
     says so, naming the smallest ratio kept exactly; that ratio keeps exactly round(ratio × N) heads."""
     tiny = ct.tiny(arch, seed=2)
-    _, mask = _random_mask(weights, core, tiny.model)
+    _, mask = _random_mask(weights, tiny.model)
     with torch.inference_mode():
         _, short = nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.2, "head=0.05", "prune").args
     assert "blocks cannot run without their last heads" in short.target

@@ -6,13 +6,9 @@ from __future__ import annotations
 import comfy_tiny as ct
 import pytest
 import torch
-from comfy_pack import sub
 from test_nodes import learn
 
-
-@pytest.fixture(scope="module")
-def nodes():
-    return sub("nodes")
+from scripts.comfy_env import sub
 
 
 @pytest.fixture(scope="module")

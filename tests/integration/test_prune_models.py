@@ -7,10 +7,10 @@ import re
 import comfy_tiny as ct
 import pytest
 import torch
-from comfy_checks import random_keep, rel_err, same_weights, weights_snapshot
-from comfy_pack import sub
+from comfy_checks import random_keep, random_mask, rel_err, same_weights, weights_snapshot
+from pruned_shapes import check_counts_match_shapes
 
-from tests.pruned_shapes import check_counts_match_shapes
+from scripts.comfy_env import sub
 
 EXPECTED = {
     "sd15": ("comfy_unet", {"head", "neuron"}),
@@ -138,16 +138,13 @@ def test_every_size_attribute_is_declared_and_follows_pruning(arch, weights, pru
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)
-def test_advised_maximum_is_accepted_and_delivered(arch, weights, core):
+def test_advised_maximum_is_accepted_and_delivered(arch, nodes, weights, core):
     """Apply Pruned Mask at the value its own refusal advises: accepted, at least that fraction
     removed (units that must stay were never counted as removable), and the report's kept counts
     are the pruned model's."""
-    nodes = sub("nodes")
     tiny = ct.tiny(arch, seed=6)
     layout = weights.model_layout(tiny.model)
-    mask = core.maskfile.MaskState.fresh(layout, 0.0)
-    gen = torch.Generator().manual_seed(8)
-    mask.logits = {g.name: torch.randn(g.count, generator=gen) for g in layout.groups}
+    mask = random_mask(layout, 8)
     with torch.inference_mode():
         with pytest.raises(core.errors.EcoDiffError, match="at most") as refused:
             nodes.ApplyPrunedMask.execute(tiny.model, mask, "params", 0.95, "", "prune")

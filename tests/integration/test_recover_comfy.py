@@ -2,13 +2,12 @@
 stock LoraLoaderModelOnly gives the node's output model, interrupt/resume, refused inputs."""
 from __future__ import annotations
 
-import os
-
 import comfy_tiny as ct
 import pytest
 import torch
-from comfy_checks import rel_err, same_weights, weights_snapshot
-from comfy_pack import sub
+from comfy_checks import random_mask, rel_err, same_weights, weights_snapshot
+
+from scripts.comfy_env import comfy_nodes, sub
 
 RECOVER_ARGS = dict(prompts="a red fox in snow\na lighthouse in a storm", negative_prompt="", max_prompts=0,
                     width=64, height=64, sample_steps=3, cfg=2.0, scheduler="normal", states="pruned", rank=4,
@@ -17,22 +16,11 @@ RECOVER_ARGS = dict(prompts="a red fox in snow\na lighthouse in a storm", negati
 
 
 @pytest.fixture(scope="module")
-def nodes():
-    return sub("nodes")
-
-
-@pytest.fixture(scope="module")
 def host():
     return sub("ecodiff_comfy.recover")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids oversubscription on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,9 +46,7 @@ def lora_dirs(tmp_path_factory):
 def pruned_pair(arch: str, nodes, weights, sparsity: float = 0.2, seed: int = 5):
     tiny = ct.tiny(arch, seed=seed)
     layout = weights.model_layout(tiny.model)
-    gen = torch.Generator().manual_seed(seed)
-    state = sub("ecodiff_core.maskfile").MaskState.fresh(layout, 0.0)
-    state.logits = {g.name: torch.randn(g.count, generator=gen) for g in layout.groups}
+    state = random_mask(layout, seed)
     with torch.inference_mode():
         pruned = nodes.ApplyPrunedMask.execute(tiny.model, state, "params", sparsity, "", "prune").args[0]
     return tiny, pruned
@@ -71,11 +57,7 @@ def conds(tiny):
 
 
 def stock_lora_loader():
-    import nodes as comfy_nodes
-
-    root = os.path.realpath(ct.comfy_path())
-    assert os.path.realpath(comfy_nodes.__file__).startswith(root + os.sep), "'nodes' is not ComfyUI's nodes.py"
-    return comfy_nodes.LoraLoaderModelOnly()
+    return comfy_nodes().LoraLoaderModelOnly()
 
 
 @pytest.mark.parametrize("arch", ct.ARCHS)

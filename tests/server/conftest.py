@@ -2,22 +2,16 @@
 the test-only tiny-models pack; skipped unless COMFYUI_PATH points at a ComfyUI checkout."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
+import comfy_server
 import pytest
 
-TESTS = Path(__file__).resolve().parent.parent
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
-
-import comfy_server
+from scripts.comfy_env import SKIP_REASON, comfy_path
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if comfy_server.comfy_path() is None:
-        pytest.skip(comfy_server.SKIP_NO_COMFYUI)
+    if comfy_path() is None:
+        pytest.skip(SKIP_REASON)
     try:
         import aiohttp  # noqa: F401  (ComfyUI's requirements bring it; the websocket client uses it)
     except ImportError:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 import re
 import time
-from pathlib import Path
 
 import comfy_server
 import pytest
-import workflow_tools as wt
+from workflow_api import to_api
 
-WORKFLOW = Path(__file__).resolve().parent.parent.parent / "example_workflows" / "demo_digits_learn_prune_compare.json"
+from scripts import workflow_schema as ws
+from scripts.comfy_env import SKIP_REASON, comfy_path
+
+WORKFLOW = ws.EXAMPLES / "demo_digits_learn_prune_compare.json"
 RUN_TIMEOUT = 1800.0  # generous: the suite's machines are shared; a quiet 2-core CPU needs a few minutes
 MIN_ACCURACY = {"original": 0.99, "pruned": 0.97}
 
@@ -24,8 +26,8 @@ MIN_ACCURACY = {"original": 0.99, "pruned": 0.97}
 def server(tmp_path_factory):
     """A fresh server for this module, with one intra-op thread unless OMP_NUM_THREADS says otherwise: the
     2.3 M-parameter model gains nothing from more, and on a shared CPU spinning OpenMP threads cost 10x."""
-    if comfy_server.comfy_path() is None:
-        pytest.skip(comfy_server.SKIP_NO_COMFYUI)
+    if comfy_path() is None:
+        pytest.skip(SKIP_REASON)
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = saved or "1"
     srv = comfy_server.ComfyServer(tmp_path_factory.mktemp("comfy_demo_server"))
@@ -50,7 +52,7 @@ def judge_scores(text: str) -> tuple[int, int, float]:
 
 def test_demo_workflow_prunes_30_percent_and_keeps_the_digits(server):
     info = server.object_info()
-    prompt = wt.to_api(wt.load(WORKFLOW), info)
+    prompt = to_api(ws.load(WORKFLOW), info)
     judges = {n["inputs"]["label"]: nid for nid, n in prompt.items() if n["class_type"] == "EcoDiffJudgeDigits"}
     assert sorted(judges) == ["original", "pruned"]
     start = time.monotonic()

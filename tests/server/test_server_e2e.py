@@ -12,8 +12,11 @@ import math
 from pathlib import Path
 
 import pytest
-import workflow_tools as wt
 from comfy_server import learn_inputs, learn_prune_compare_graph
+from workflow_api import to_api
+
+from scripts import workflow_check as wc
+from scripts import workflow_schema as ws
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ECODIFF_NODES = ("EcoDiffLearnMask", "EcoDiffApplyMask", "EcoDiffSaveMask", "EcoDiffLoadMask",
@@ -107,14 +110,14 @@ def test_object_info_lists_every_ecodiff_node_as_documented(server):
     info = server.object_info()
     missing = [n for n in ECODIFF_NODES if n not in info]
     assert not missing, f"not in /object_info: {missing}\n{server.log_tail()}"
-    documented = wt.documented_inputs()
+    documented = wc.documented_inputs()
     for name in ECODIFF_NODES:
         node = info[name]
         assert node["category"] == "EcoDiff", name
-        names = [s.name for s in wt.schema_inputs(node)]
+        names = [s.name for s in ws.schema_inputs(node)]
         assert name in documented, f"{name} is not in docs/nodes.md"
         assert sorted(names) == sorted(documented[name]), f"{name}: server {names} vs docs {documented[name]}"
-        untipped = [s.name for s in wt.schema_inputs(node) if not s.options.get("tooltip")]
+        untipped = [s.name for s in ws.schema_inputs(node) if not s.options.get("tooltip")]
         assert not untipped, f"{name}: inputs without a tooltip: {untipped}"
         tips = node.get("output_tooltips") or []
         assert len(tips) == len(node["output"]) and all(tips), f"{name}: outputs without a tooltip: {tips}"
@@ -129,20 +132,20 @@ def test_web_extension_and_workflow_templates_are_served(server):
     status, body = server.request("GET", "/extensions/ComfyUI-EcoDiff/ecodiff.js")
     assert status == 200 and b"registerExtension" in body and b"ecodiff.learn" in body
     templates = server.get_json("/api/workflow_templates")
-    assert sorted(templates.get("ComfyUI-EcoDiff", [])) == sorted(p.stem for p in wt.example_paths()), templates
+    assert sorted(templates.get("ComfyUI-EcoDiff", [])) == sorted(p.stem for p in ws.example_paths()), templates
 
 
-@pytest.mark.parametrize("path", wt.example_paths(), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", ws.example_paths(), ids=lambda p: p.stem)
 def test_example_workflow_uses_only_known_nodes_and_inputs(server, path):
     info = server.object_info()
-    wf = wt.load(path)
-    problems = wt.check_structure(wf) + wt.check_against_schemas(wf, info)
+    wf = ws.load(path)
+    problems = wc.check_structure(wf) + wc.check_against_schemas(wf, info)
     assert not problems, "\n".join(problems)
-    assert wt.to_api(wf, info), "empty prompt"
+    assert to_api(wf, info), "empty prompt"
 
 
 def test_every_example_workflow_has_a_tiny_stand_in():
-    assert sorted(EXAMPLE_ARCH) == sorted(p.stem for p in wt.example_paths())
+    assert sorted(EXAMPLE_ARCH) == sorted(p.stem for p in ws.example_paths())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,12 +215,12 @@ def test_interrupt_stops_learning_keeps_mask_and_rerun_resumes(server):
     assert again.end == "execution_interrupted"
 
 
-@pytest.mark.parametrize("path", wt.example_paths(), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", ws.example_paths(), ids=lambda p: p.stem)
 def test_example_workflow_runs_on_tiny_models(server, path):
     info = server.object_info()
     arch = EXAMPLE_ARCH[path.stem]
     seed = MODEL_SEED[path.stem]
-    prompt = tiny_variant(wt.to_api(wt.load(path), info), arch, tag=path.stem, model_seed=seed)
+    prompt = tiny_variant(to_api(ws.load(path), info), arch, tag=path.stem, model_seed=seed)
     for node in prompt.values():  # a shared mask: learn and save one for the tiny model first
         if node["class_type"] == "EcoDiffLoadMask":
             stem = Path(node["inputs"]["mask_name"]).stem

@@ -2,14 +2,12 @@
 (no ComfyUI needed; the real classes are covered by tests/integration)."""
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.plan import PruneTarget, plan_pruning
 from ecodiff_core.replacements import EmptyAttention
-from ecodiff_core.errors import EcoDiffError
 from ecodiff_core.prune import prune_model
 
 H, HD, DIM, MLP = 4, 8, 32, 64

@@ -10,6 +10,7 @@ import struct
 
 import pytest
 import torch
+from file_damage import header_end, truncations_and_bit_flips
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_models import build
@@ -74,15 +75,9 @@ def _outcome_of_mask(path, model, layout) -> str:
 def _mask_variants(good: bytes, tmp_path):
     """(label, bytes) of damaged mask files: truncations, bit flips, edited metadata and tensors."""
     rng = random.Random(1234)
-    header_end = 8 + struct.unpack("<Q", good[:8])[0]
-    for cut in sorted({0, 1, 7, 8, 9, 20, header_end - 1, header_end, header_end + 1, len(good) - 1,
-                       *rng.sample(range(len(good)), 12)}):
-        yield f"truncated at {cut}", good[:cut]
-    for k in range(150):
-        pos = rng.randrange(header_end) if k % 3 else rng.randrange(len(good))
-        flipped = bytearray(good)
-        flipped[pos] ^= 1 << rng.randrange(8)
-        yield f"bit flip at {pos}", bytes(flipped)
+    end = header_end(good)
+    yield from truncations_and_bit_flips(good, rng, (0, 1, 7, 8, 9, 20, end - 1, end, end + 1, len(good) - 1),
+                                         random_cuts=12, flips=150, anywhere_every=3)
     yield "header length 2^62", struct.pack("<Q", 1 << 62) + good[8:]
     tensors, meta = _metadata(good, tmp_path)
     json_keys = ("kinds", "settings", "progress", "history", "inputs", "loss_summary")

@@ -7,18 +7,14 @@ choices) are checked against the node classes' own schemas, loaded in-process.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from workflow_api import to_api
 
-TESTS = Path(__file__).resolve().parent.parent
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
+from scripts import workflow_check as wc
+from scripts import workflow_schema as ws
+from scripts.comfy_env import SKIP_REASON, comfy_path
 
-import workflow_tools as wt
-
-PATHS = wt.example_paths()
+PATHS = ws.example_paths()
 LEARN_FLOWS = [p for p in PATHS if "learn" in p.stem]
 EXPECTED = {"sdxl_learn_prune_compare", "sd15_learn_prune_compare", "flux_schnell_learn_prune_compare",
             "flux_dev_learn_prune_compare", "sd35_large_learn_prune_compare", "shared_mask_apply_sample",
@@ -34,7 +30,7 @@ def source(wf: dict, node: dict, input_name: str) -> tuple[int, int] | None:
     inp = next((i for i in node["inputs"] if i["name"] == input_name), None)
     if inp is None or inp.get("link") is None:
         return None
-    link = wt.links_by_id(wf)[inp["link"]]
+    link = ws.links_by_id(wf)[inp["link"]]
     return link[1], link[2]
 
 
@@ -44,8 +40,8 @@ def test_the_promised_workflows_exist():
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_structure_and_links(path):
-    wf = wt.load(path)
-    problems = wt.check_structure(wf)
+    wf = ws.load(path)
+    problems = wc.check_structure(wf)
     assert not problems, "\n".join(problems)
     assert wf["last_node_id"] == max(n["id"] for n in wf["nodes"])
     assert all(isinstance(n["pos"], list) and len(n["pos"]) == 2 for n in wf["nodes"])
@@ -53,10 +49,10 @@ def test_structure_and_links(path):
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_has_a_note_and_documented_ecodiff_nodes(path):
-    wf = wt.load(path)
-    notes = wt.notes(wf)
+    wf = ws.load(path)
+    notes = ws.notes(wf)
     assert notes and all(n["widgets_values"] and len(n["widgets_values"][0]) > 80 for n in notes)
-    documented = wt.documented_inputs()
+    documented = wc.documented_inputs()
     ours = [n for n in wf["nodes"] if n["type"].startswith("EcoDiff")]
     assert ours
     for node in ours:
@@ -67,8 +63,8 @@ def test_has_a_note_and_documented_ecodiff_nodes(path):
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_original_and_pruned_are_sampled_alike_and_compared(path):
-    wf = wt.load(path)
-    nodes = wt.nodes_by_id(wf)
+    wf = ws.load(path)
+    nodes = ws.nodes_by_id(wf)
     apply_ = by_type(wf, "EcoDiffApplyMask")
     samplers = by_type(wf, "KSampler")
     assert len(apply_) == 1 and len(samplers) == 2
@@ -97,7 +93,7 @@ def test_original_and_pruned_are_sampled_alike_and_compared(path):
 
 @pytest.mark.parametrize("path", LEARN_FLOWS, ids=lambda p: p.stem)
 def test_learning_matches_the_sampling_setup(path):
-    wf = wt.load(path)
+    wf = ws.load(path)
     learn = by_type(wf, "EcoDiffLearnMask")
     assert len(learn) == 1
     learn = learn[0]
@@ -117,18 +113,17 @@ def test_learning_matches_the_sampling_setup(path):
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def object_info():
-    if wt.comfy_path_or_none() is None:
-        pytest.skip("COMFYUI_PATH is not set: node schemas come from a ComfyUI checkout "
-                    "(e.g. COMFYUI_PATH=/path/to/ComfyUI pytest tests/unit/test_example_workflows.py)")
-    return wt.object_info_in_process()
+    if comfy_path() is None:
+        pytest.skip(SKIP_REASON)
+    return ws.object_info_in_process()
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_nodes_and_widgets_match_the_node_schemas(object_info, path):
-    wf = wt.load(path)
-    problems = wt.check_against_schemas(wf, object_info)
+    wf = ws.load(path)
+    problems = wc.check_against_schemas(wf, object_info)
     assert not problems, "\n".join(problems)
-    prompt = wt.to_api(wf, object_info)
+    prompt = to_api(wf, object_info)
     learn = [n for n in prompt.values() if n["class_type"] == "EcoDiffLearnMask"]
     for node in learn:  # widgets_values map to the right names (order), not just the right count
         assert node["inputs"]["sampler_name"] == "euler" and isinstance(node["inputs"]["checkpointing"], bool)

@@ -5,10 +5,9 @@ import functools
 
 import pytest
 import torch
+from pruned_shapes import check_counts_match_shapes
 from tiny_models import MODEL_NAMES, build, must_keep_layout, run
 from torch import nn
-
-from tests.pruned_shapes import check_counts_match_shapes
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.replacements import EmptyAttention, EmptyFluxJointAttention, EmptyPreOnlyAttention

@@ -21,13 +21,7 @@ from ecodiff_core.recover import (DistillProblem, LoraRecoverer, LoraWeights, Re
 PROMPTS = ["a handwritten three", "the digit seven", "a written zero", "number five"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The embedded model is small: one thread avoids oversubscription on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,27 +38,22 @@ def _randomise(model: nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
 
 
+#: what the tiny SD1.5- and SDXL-like UNets share: two 8x8 levels of cross-attention blocks
+_TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+                  norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24)
+
+
 def tiny_sd15() -> nn.Module:
-    d = diffusers_module()
-    return d.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24, attention_head_dim=2,  # diffusers' misnomer: number of heads
+    return diffusers_module().UNet2DConditionModel(
+        **_TINY_UNET, attention_head_dim=2,  # diffusers' misnomer: number of heads
     )
 
 
 def tiny_sdxl() -> nn.Module:
-    d = diffusers_module()
-    return d.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
-        cross_attention_dim=24, addition_embed_type="text_time", addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=12 + 6 * 4,
+    return diffusers_module().UNet2DConditionModel(
+        **_TINY_UNET, transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=12 + 6 * 4,
     )
 
 

@@ -74,57 +74,47 @@ _SEED = ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_genera
                  "tooltip": "Seed of the random weights."})
 
 
-class EcoDiffTinyCheckpointLoader:
+class _TinyLoader:
+    """What the loaders share: category, entry point, and required inputs from ``INPUTS``."""
+
     CATEGORY = "EcoDiff/testing"
-    DESCRIPTION = "TEST ONLY: a tiny random-weight checkpoint (MODEL, CLIP, VAE) of a real ComfyUI architecture."
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
+    INPUTS: dict = {"arch": _ARCH}
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"arch": _ARCH, "seed": _SEED}}
+        return {"required": dict(cls.INPUTS)}
+
+
+class EcoDiffTinyCheckpointLoader(_TinyLoader):
+    DESCRIPTION = "TEST ONLY: a tiny random-weight checkpoint (MODEL, CLIP, VAE) of a real ComfyUI architecture."
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    INPUTS = {"arch": _ARCH, "seed": _SEED}
 
     def load(self, arch, seed):
         return tiny_model(arch, seed), tiny_clip(arch), tiny_vae(arch)
 
 
-class EcoDiffTinyUNETLoader:
-    CATEGORY = "EcoDiff/testing"
+class EcoDiffTinyUNETLoader(_TinyLoader):
     DESCRIPTION = "TEST ONLY: a tiny random-weight diffusion model of a real ComfyUI architecture."
     RETURN_TYPES = ("MODEL",)
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"arch": _ARCH, "seed": _SEED}}
+    INPUTS = {"arch": _ARCH, "seed": _SEED}
 
     def load(self, arch, seed):
         return (tiny_model(arch, seed),)
 
 
-class EcoDiffTinyCLIPLoader:
-    CATEGORY = "EcoDiff/testing"
+class EcoDiffTinyCLIPLoader(_TinyLoader):
     DESCRIPTION = "TEST ONLY: a stand-in text encoder giving deterministic conditioning for a tiny architecture."
     RETURN_TYPES = ("CLIP",)
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"arch": _ARCH}}
 
     def load(self, arch):
         return (tiny_clip(arch),)
 
 
-class EcoDiffTinyVAELoader:
-    CATEGORY = "EcoDiff/testing"
+class EcoDiffTinyVAELoader(_TinyLoader):
     DESCRIPTION = "TEST ONLY: a tiny random-weight VAE (real comfy.sd.VAE) for a tiny architecture."
     RETURN_TYPES = ("VAE",)
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"arch": _ARCH}}
 
     def load(self, arch):
         return (tiny_vae(arch),)
