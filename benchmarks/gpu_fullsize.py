@@ -25,9 +25,9 @@ the same code on tiny configs in well under a minute (the integration test does,
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -37,11 +37,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):  # run as a file: the repository root is where `scripts` and `ecodiff_core` are
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ecodiff_core._compat import ensure_torchvision_importable  # noqa: E402
 from ecodiff_core.archs import find_layout  # noqa: E402
+from scripts.comfy_env import prepare_import  # noqa: E402
 from ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner  # noqa: E402
 from ecodiff_core.memory import LiveBytes, weight_bytes  # noqa: E402
 from ecodiff_core.plan import PruneTarget, plan_pruning  # noqa: E402
@@ -95,12 +95,10 @@ WEIGHTS = {"bf16": (torch.bfloat16, None), "fp8": (torch.float8_e4m3fn, torch.bf
 
 def bootstrap(device: torch.device) -> None:
     """Make ComfyUI importable from COMFYUI_PATH (CPU mode for --device cpu)."""
-    path = os.environ.get("COMFYUI_PATH")
-    if not path or not os.path.isdir(path):
-        sys.exit("set COMFYUI_PATH to a ComfyUI checkout (its model classes are benchmarked)")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    ensure_torchvision_importable()
+    try:
+        prepare_import()
+    except RuntimeError as e:
+        sys.exit(f"{e} (the benchmark runs ComfyUI's own model classes)")
     from comfy.cli_args import args
 
     if device.type == "cpu":
@@ -241,7 +239,7 @@ def pruned_sampling(model: Any, p: Problem, align: int, device: torch.device) ->
     try:
         model.diffusion_model = pruned
         sample(p.denoise, p.noise, p.sigmas[:2])  # warm-up: kernels for the new shapes
-        seconds, _ = timed(device, lambda: sample(p.denoise, p.noise, p.sigmas))
+        seconds, _ = timed(device, functools.partial(sample, p.denoise, p.noise, p.sigmas))
     finally:
         model.diffusion_model = original
         del pruned
@@ -262,7 +260,7 @@ def measure(arch: Arch, weights: str, size: int, steps: int, device: torch.devic
     row = Row(arch.name, weights, weight_bytes(module) / GB)
     p = problem(model, arch, size, steps, device)
     sample(p.denoise, p.noise, p.sigmas[:2])  # warm-up
-    row.values["infer_s"], target = timed(device, lambda: sample(p.denoise, p.noise, p.sigmas))
+    row.values["infer_s"], target = timed(device, functools.partial(sample, p.denoise, p.noise, p.sigmas))
     log(f"{arch.name} {weights}: inference trajectory {row.values['infer_s']:.2f} s")
     for mode in ("off", "on"):
         seconds, peak = learning_trajectory(model, p, target, mode, device)

@@ -9,14 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import comfy_tiny
 import pytest
+
+from scripts.comfy_env import comfy_path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_cpu_run_prints_a_complete_table() -> None:
-    env = dict(os.environ, COMFYUI_PATH=comfy_tiny.comfy_path())
+    env = dict(os.environ, COMFYUI_PATH=comfy_path())
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_fullsize.py"), "--device", "cpu", "--tiny"],
                           capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
