@@ -13,6 +13,9 @@ CATEGORY = "EcoDiff"
 MaskType = io.Custom("ECODIFF_MASK")
 ReportType = io.Custom("ECODIFF_REPORT")
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "ecodiff_comfy" / "calibration_prompts.txt"
+#: ``control_after_generate`` of seeds: "fixed" where comfy_api can say so (io.ControlAfterGenerate, newer
+#: ComfyUI); otherwise the control widget is added and web/ecodiff.js sets it to "fixed" on new nodes.
+SEED_CONTROL = io.ControlAfterGenerate.fixed if hasattr(io, "ControlAfterGenerate") else True
 
 
 def default_prompts() -> str:

@@ -16,10 +16,15 @@ TESTS = Path(__file__).resolve().parent.parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
+import workflow_layout
 import workflow_tools as wt
 
 PATHS = wt.example_paths()
 LEARN_FLOWS = [p for p in PATHS if "learn" in p.stem]
+#: model folder of each loader input (where ComfyUI looks for the file, and where it downloads it)
+MODEL_DIRECTORY = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "vae_name": "vae",
+                   "clip_name": "text_encoders", "clip_name1": "text_encoders", "clip_name2": "text_encoders",
+                   "clip_name3": "text_encoders"}
 EXPECTED = {"sdxl_learn_prune_compare", "sd15_learn_prune_compare", "flux_schnell_learn_prune_compare",
             "flux_dev_learn_prune_compare", "sd35_large_learn_prune_compare", "shared_mask_apply_sample",
             "demo_digits_learn_prune_compare", "sd15_learn_prune_recover_compare"}
@@ -112,6 +117,40 @@ def test_learning_matches_the_sampling_setup(path):
     sampler = by_type(wf, "KSampler")[0]["widgets_values"]
     assert (sampler[3], sampler[5]) == (cfg, scheduler), "learn on the trajectories you sample"
     assert values[0].count("\n") >= 50, "the shipped calibration prompts"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_no_two_nodes_overlap(path):
+    wf = wt.load(path)
+    assert workflow_layout.overlaps(wf) == []
+    # the check itself sees an overlap: two nodes at the same place
+    first, second = wf["nodes"][0], wf["nodes"][1]
+    moved = dict(wf, nodes=[first, dict(second, pos=[first["pos"][0] + 10, first["pos"][1] + 10])])
+    assert len(workflow_layout.overlaps(moved)) == 1
+
+
+def model_files(node: dict) -> dict[str, str]:
+    """Loader input name -> file name (loaders have no control widgets: values follow widget inputs)."""
+    names = [i["name"] for i in node["inputs"] if i.get("widget")]
+    return {n: v for n, v in zip(names, node.get("widgets_values") or []) if n in MODEL_DIRECTORY}
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if "demo" not in p.stem], ids=lambda p: p.stem)
+def test_loaders_carry_model_metadata_for_the_download(path):
+    wf = wt.load(path)
+    loaders = [n for n in wf["nodes"] if model_files(n)]
+    assert loaders, "a workflow on a downloaded model has loaders"
+    for node in loaders:
+        models = {m["name"]: m for m in node["properties"].get("models", [])}
+        for input_name, file_name in model_files(node).items():
+            where = f"{node['type']} #{node['id']} {input_name}={file_name}"
+            assert file_name in models, f"{where}: no properties.models entry"
+            model = models[file_name]
+            assert model["directory"] == MODEL_DIRECTORY[input_name], where
+            # what frontend 1.27 accepts for a download: a .safetensors file from huggingface.co or civitai.com
+            assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + file_name), where
+            assert file_name.endswith(".safetensors")
+        assert set(models) == set(model_files(node).values()), f"{node['type']} #{node['id']}: stale entries"
 
 
 # ------------------------------------------------------------------------------------------------
