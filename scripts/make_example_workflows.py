@@ -105,8 +105,8 @@ SIZES = {
     "TripleCLIPLoader": (315, 106), "VAELoader": (315, 58), "CLIPTextEncode": (400, 180),
     "EmptyLatentImage": (315, 106), "EmptySD3LatentImage": (315, 106), "FluxGuidance": (315, 58),
     "KSampler": (315, 262), "VAEDecode": (210, 46), "EcoDiffLearnMask": (440, 960), "EcoDiffApplyMask": (340, 170),
-    "EcoDiffSaveMask": (340, 130), "EcoDiffLoadMask": (340, 150), "EcoDiffPruningReport": (600, 640),
-    "EcoDiffCompare": (720, 520), "EcoDiffDemoModel": (315, 98), "EcoDiffJudgeDigits": (400, 200),
+    "EcoDiffSaveMask": (340, 150), "EcoDiffLoadMask": (340, 170), "EcoDiffPruningReport": (600, 640),
+    "EcoDiffCompare": (720, 520), "EcoDiffDemoModel": (315, 98), "EcoDiffJudgeDigits": (400, 220),
     "EcoDiffLoraRecover": (440, 860),
 }
 REPORT_POS = (1900, 720)  # under the KSamplers, beside the Apply node: no wire passes behind it

@@ -34,6 +34,7 @@ const COMPARE_BUTTON = "slider compare";
 const REPORT_NODE = "EcoDiffPruningReport";
 const REPORT_BUTTON = "open report";
 const TEXT_WIDGET = "ecodiff_result";
+const TEXT_MIN_HEIGHT = 76;
 /** nodes whose ui "text" is their result: they get the text widget as soon as they are created */
 const TEXT_NODES = new Set([LEARN_NODE, RECOVER_NODE, REPORT_NODE, "EcoDiffSaveMask", "EcoDiffLoadMask",
                             "EcoDiffSavePrunedModel", "EcoDiffJudgeDigits"]);
@@ -247,6 +248,7 @@ function addTextWidget(node) {
   widget.options ??= {};
   widget.options.serialize = false; // not sent with the prompt
   widget.options.read_only = true;
+  widget.options.getMinHeight ??= () => TEXT_MIN_HEIGHT; // five lines (the frontend's default is 50 px)
   const el = widget.element ?? widget.inputEl;
   if (el) {
     el.readOnly = true;
