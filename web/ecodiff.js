@@ -253,7 +253,10 @@ function addTextWidget(node) {
   if (el) {
     el.readOnly = true;
     el.classList?.add("ecodiff-result");
-    Object.assign(el.style, { fontFamily: "monospace", fontSize: "11px", whiteSpace: "pre", overflowWrap: "normal" });
+    // the report's table keeps its columns (scrolls sideways); other results wrap
+    const table = nodeClass(node) === REPORT_NODE;
+    Object.assign(el.style, { fontFamily: "monospace", fontSize: "11px", whiteSpace: table ? "pre" : "pre-wrap",
+                              overflowWrap: table ? "normal" : "anywhere" });
   }
   fitHeight(node);
   return widget;

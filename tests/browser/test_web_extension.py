@@ -18,6 +18,7 @@ skipped with the reason otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -41,7 +42,8 @@ DEMO = wt.EXAMPLES / "demo_digits_learn_prune_compare.json"
 RUN = {"max_prompts": 5, "epochs": 2, "accumulate": 1}  # 10 optimiser steps of the digits model
 #: screenshots of the run -> README images (docs/images), copied when ECODIFF_DOCS_IMAGES names a folder
 DOCS_IMAGES = {"live_chart.png": "learn_live_chart.png", "compare_view.png": "compare_view.png",
-               "report_view_clip.png": "pruning_report_view.png"}
+               "report_view_clip.png": "pruning_report_view.png",
+               "workflow_demo_digits_learn_prune_compare.png": "demo_digits_workflow.png"}
 #: text each result box must show after the run (besides the node's exact ui text)
 RESULT_WORDS = {
     "EcoDiffLearnMask": ("optimiser steps", "saved to models/"),
@@ -78,6 +80,16 @@ def missing_requirement() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread for the server unless OMP_NUM_THREADS says otherwise (as
+    tests/server/test_demo_workflow.py): the digits model gains nothing from more, and on a shared CPU
+    spinning OpenMP threads cost far more."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+        yield
+
+
 @pytest.fixture(scope="module")
 def ui_results(tmp_path_factory):
     reason = missing_requirement()
@@ -85,7 +97,7 @@ def ui_results(tmp_path_factory):
         pytest.skip(reason)
     base = tmp_path_factory.mktemp("comfy_browser")
     shots = tmp_path_factory.mktemp("screenshots")
-    with comfy_server.ComfyServer(base) as server:
+    with one_thread(), comfy_server.ComfyServer(base) as server:
         graph, ids = run_graph(server.object_info())
         config = {
             "url": server.url, "chromium": chromium_path(), "out_dir": str(shots), "timeout_ms": 600_000,
