@@ -36,6 +36,25 @@ async function nodeClip(page, id, pad = 12) {
   }, { id, pad });
 }
 
+/** Press button ``name`` of graph node ``id`` (slider compare, open report): the overlay it opens, its
+ *  images (``selector``) once loaded, the compare frame's split and the report's table. */
+async function pressViewButton(page, id, name, selector) {
+  return page.evaluate(async ({ id, name, selector }) => {
+    const n = window.app.graph.getNodeById(Number(id));
+    const button = n && n.widgets.find((w) => w.name === name);
+    if (!button) return { button: false };
+    button.callback && button.callback(button, window.app.canvas, n);
+    const el = document.getElementById("ecodiff-compare-overlay");
+    const imgs = el ? [...el.querySelectorAll(selector)] : [];
+    await Promise.all(imgs.map((img) => img.complete ? null : new Promise((r) => { img.onload = img.onerror = r; })));
+    const frame = el && el.querySelector(".ecodiff-compare-frame");
+    const table = el && el.querySelector(".ecodiff-report-table");
+    return { button: true, overlay: !!el, split: frame ? frame.dataset.split : null,
+             table: table ? table.textContent : null,
+             imgs: imgs.map((i) => ({ natural: [i.naturalWidth, i.naturalHeight], shown: [i.width, i.height] })) };
+  }, { id, name, selector });
+}
+
 /** The result box of graph node ``id``: its value, and whether the user sees it (on screen, not covered). */
 async function resultBox(page, id) {
   return page.evaluate((id) => {
@@ -184,19 +203,11 @@ async function main() {
       }
       await focusNode(page, cfg.learn_id);
       await page.screenshot({ path: path.join(cfg.out_dir, "live_chart.png"), clip: await nodeClip(page, cfg.learn_id) });
-      const overlay = await page.evaluate(async (id) => {
-        const n = window.app.graph.getNodeById(Number(id));
-        const button = n && n.widgets.find((w) => w.name === "slider compare");
-        if (!button) return { button: false };
-        button.callback && button.callback(button, window.app.canvas, n);
-        const el = document.getElementById("ecodiff-compare-overlay");
-        const imgs = el ? [...el.querySelectorAll("img")] : [];
-        await Promise.all(imgs.map((img) => img.complete ? null : new Promise((r) => { img.onload = img.onerror = r; })));
-        return { button: true, overlay: !!el, images: imgs.length,
-                 loaded: imgs.filter((i) => i.naturalWidth > 0).length,
-                 split: el && el.querySelector(".ecodiff-compare-frame")
-                   ? el.querySelector(".ecodiff-compare-frame").dataset.split : null };
-      }, cfg.compare_id);
+      const overlay = await pressViewButton(page, cfg.compare_id, "slider compare", "img");
+      if (overlay.imgs) {
+        overlay.images = overlay.imgs.length;
+        overlay.loaded = overlay.imgs.filter((i) => i.natural[0] > 0).length;
+      }
       if (overlay.overlay) {
         const frame = await page.$(".ecodiff-compare-frame");
         await page.waitForTimeout(300);
@@ -214,18 +225,8 @@ async function main() {
         await page.keyboard.press("Escape");
         overlay.closed = await page.evaluate(() => !document.getElementById("ecodiff-compare-overlay"));
       }
-      const report = await page.evaluate(async (id) => {
-        const n = window.app.graph.getNodeById(Number(id));
-        const button = n && n.widgets.find((w) => w.name === "open report");
-        if (!button) return { button: false };
-        button.callback && button.callback(button, window.app.canvas, n);
-        const el = document.getElementById("ecodiff-compare-overlay");
-        const imgs = el ? [...el.querySelectorAll("img.ecodiff-report-chart")] : [];
-        await Promise.all(imgs.map((img) => img.complete ? null : new Promise((r) => { img.onload = img.onerror = r; })));
-        const table = el && el.querySelector(".ecodiff-report-table");
-        return { button: true, overlay: !!el, table: table ? table.textContent : null,
-                 charts: imgs.map((i) => ({ natural: [i.naturalWidth, i.naturalHeight], shown: [i.width, i.height] })) };
-      }, cfg.report_id);
+      const report = await pressViewButton(page, cfg.report_id, "open report", "img.ecodiff-report-chart");
+      report.charts = report.imgs;
       if (report.overlay) {
         await page.waitForTimeout(300);
         await page.screenshot({ path: path.join(cfg.out_dir, "report_view.png") });
