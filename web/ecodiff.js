@@ -262,9 +262,13 @@ function addTextWidget(node) {
   return widget;
 }
 
+/** A node's ui "text" (a list of strings, one per output batch) as one string. */
+function resultText(text) {
+  return (Array.isArray(text) ? text : [text]).filter((t) => t != null).map(String).join("\n\n");
+}
+
 function showText(node, text) {
-  const lines = Array.isArray(text) ? text : [text];
-  const value = lines.filter((t) => t != null).map(String).join("\n\n");
+  const value = resultText(text);
   const widget = addTextWidget(node);
   widget.value = value;
   const el = widget.element ?? widget.inputEl;
@@ -461,10 +465,7 @@ function onExecuted(detail) {
     node.__ecodiffImages = { a: out.a_images, b: out.b_images };
     addCompareButton(node);
   }
-  if (cls === REPORT_NODE) {
-    const text = Array.isArray(out.text) ? out.text.join("\n\n") : String(out.text ?? "");
-    node.__ecodiffReport = { text, images: Array.isArray(out.images) ? out.images : [] };
-  }
+  if (cls === REPORT_NODE) node.__ecodiffReport = { text: resultText(out.text), images: out.images ?? [] };
 }
 
 // --------------------------------------------------------------------------------------------

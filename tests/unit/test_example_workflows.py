@@ -172,3 +172,19 @@ def test_nodes_and_widgets_match_the_node_schemas(object_info, path):
     for node in learn:  # widgets_values map to the right names (order), not just the right count
         assert node["inputs"]["sampler_name"] == "euler" and isinstance(node["inputs"]["checkpointing"], bool)
         assert node["inputs"]["run_name"].endswith("_ecodiff")
+
+
+def test_files_are_what_the_script_writes(object_info):
+    """example_workflows/*.json are up to date with scripts/make_example_workflows.py (its --check)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("make_example_workflows",
+                                                  wt.ROOT / "scripts" / "make_example_workflows.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    built = script.build_all(object_info)
+    assert sorted(built) == sorted(p.stem for p in PATHS)
+    stale = [name for name, wf in built.items()
+             if json.loads(json.dumps(wf)) != wt.load(wt.EXAMPLES / f"{name}.json")]
+    assert not stale, f"out of date, run scripts/make_example_workflows.py: {stale}"
