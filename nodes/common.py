@@ -11,6 +11,11 @@ from ..ecodiff_core.maskfile import MaskState
 CATEGORY = "EcoDiff"
 MaskType = io.Custom("ECODIFF_MASK")
 ReportType = io.Custom("ECODIFF_REPORT")
+#: ``control_after_generate`` of seeds: "fixed" where comfy_api can say so (io.ControlAfterGenerate, newer
+#: ComfyUI); otherwise the control widget is added and web/ecodiff.js sets it to "fixed" on new nodes.
+SEED_CONTROL = io.ControlAfterGenerate.fixed if hasattr(io, "ControlAfterGenerate") else True
+
+
 def parse_prompts(text: str, limit: int = 0) -> list[str]:
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     return prompts[:limit] if limit > 0 else prompts

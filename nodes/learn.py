@@ -14,7 +14,7 @@ from ..ecodiff_core.errors import EcoDiffError, MaskFileError
 from ..ecodiff_core.hard_concrete import REGULARIZERS
 from ..ecodiff_core.learn import LearnSettings, StepInfo
 from ..ecodiff_core.maskfile import MaskState, load_mask, save_mask
-from .common import CATEGORY, MaskType, mask_summary, parse_prompts
+from .common import CATEGORY, SEED_CONTROL, MaskType, mask_summary, parse_prompts
 
 
 class LearnSparsityMask(io.ComfyNode):
@@ -41,7 +41,7 @@ class LearnSparsityMask(io.ComfyNode):
                 io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.1, tooltip="Classifier-free guidance scale used along the trajectories (use 1.0 for FLUX)."),
                 io.Combo.Input("sampler_name", options=list(LEARN_SAMPLERS), default="euler", tooltip="Sampler of the calibration trajectories; learning needs a deterministic one (Euler)."),
                 io.Combo.Input("scheduler", options=scheduler_names(), default="normal", tooltip="Scheduler giving the σ schedule, from the model's own sampling settings."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the starting noise (prompt i uses seed + i, modulo 2^64) and of the gate noise. Keep it fixed: a new seed means learning again."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=SEED_CONTROL, tooltip="Seed of the starting noise (prompt i uses seed + i, modulo 2^64) and of the gate noise. Keep it fixed: a new seed means learning again."),
                 io.Int.Input("epochs", default=2, min=1, max=1000, tooltip="Passes over all prompts."),
                 io.Int.Input("accumulate", default=4, min=1, max=1000, tooltip="Prompts per optimiser step (gradient accumulation)."),
                 io.Float.Input("beta", default=0.5, min=0.0, max=100.0, step=0.01, tooltip="Weight of the sparsity penalty: higher removes more units."),

@@ -52,7 +52,8 @@ class LoadSparsityMask(io.ComfyNode):
     @classmethod
     def execute(cls, mask_name: str) -> io.NodeOutput:
         state = load_mask(file_path(MASK_FOLDER, mask_name))
-        return io.NodeOutput(state, mask_summary(state))
+        text = mask_summary(state)
+        return io.NodeOutput(state, text, ui={"text": (text,)})
 
     @classmethod
     def fingerprint_inputs(cls, mask_name: str) -> str:

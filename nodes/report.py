@@ -16,6 +16,18 @@ def chart_rows(data: ReportData) -> list[tuple[str, dict[str, tuple[int, int]]]]
     return [(block, {k: (v[0], v[1]) for k, v in kinds.items()}) for block, kinds in rows.items()]
 
 
+def warnings(report) -> list[str]:
+    """One line per warning of ``report`` (a PruneReport), put first where the node shows its text;
+    the table's last lines name the modules."""
+    lines = []
+    if report.emptied:
+        lines.append(f"WARNING: {len(report.emptied)} module(s) lost all their units (named at the end)")
+    if report.silenced:
+        lines.append(f"WARNING: {len(report.silenced)} module(s) lost all their units but must keep one, "
+                     "output zeroed (named at the end)")
+    return lines
+
+
 class PruningReport(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -34,6 +46,7 @@ class PruningReport(io.ComfyNode):
 
     @classmethod
     def execute(cls, report: ReportData) -> io.NodeOutput:
-        text = f"mode: {report.mode}; target: {report.target}\n" + report.report.to_text()
+        text = "\n".join([*warnings(report.report), f"mode: {report.mode}; target: {report.target}",
+                          report.report.to_text()])
         chart = kept_chart(chart_rows(report), f"{report.report.arch}: kept units per block ({report.mode})")
         return io.NodeOutput(text, chart, ui={"text": (text,), **ui.PreviewImage(chart, cls=cls).as_dict()})

@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a file: the repository root is where `sc
 from scripts.workflow_check import check_against_schemas, check_structure  # noqa: E402
 from scripts.workflow_graph import WorkflowBuilder  # noqa: E402
 from scripts.workflow_schema import EXAMPLES, ROOT, object_info_in_process  # noqa: E402
+from scripts.workflow_layout import overlaps  # noqa: E402
 
 SDXL_NOTE = """# EcoDiff on SDXL: learn a mask, prune, compare
 
@@ -100,19 +101,53 @@ Interrupting LoRA Recover keeps its state; queue again to resume.
 POSITIVE = "a red fox standing in a snowy birch forest at golden hour, detailed fur, soft light, photograph"
 NEGATIVE = "blurry, low quality, deformed, watermark"
 
+#: node sizes: at least what frontend 1.27 computes for each node (its widgets, web/ecodiff.js's result
+#: box and chart included), so that the layout the files promise is the one the user sees
 SIZES = {
     "CheckpointLoaderSimple": (315, 98), "UNETLoader": (315, 82), "DualCLIPLoader": (315, 130),
     "TripleCLIPLoader": (315, 106), "VAELoader": (315, 58), "CLIPTextEncode": (400, 180),
     "EmptyLatentImage": (315, 106), "EmptySD3LatentImage": (315, 106), "FluxGuidance": (315, 58),
-    "KSampler": (315, 262), "VAEDecode": (210, 46), "EcoDiffLearnMask": (420, 720), "EcoDiffApplyMask": (340, 170),
-    "EcoDiffSaveMask": (340, 60), "EcoDiffLoadMask": (340, 82), "EcoDiffPruningReport": (420, 420),
-    "EcoDiffCompare": (720, 520), "EcoDiffDemoModel": (315, 98), "EcoDiffJudgeDigits": (400, 200),
-    "EcoDiffLoraRecover": (420, 760),
+    "KSampler": (315, 262), "VAEDecode": (210, 46), "EcoDiffLearnMask": (440, 960), "EcoDiffApplyMask": (340, 170),
+    "EcoDiffSaveMask": (340, 150), "EcoDiffLoadMask": (340, 170), "EcoDiffPruningReport": (600, 640),
+    "EcoDiffCompare": (720, 520), "EcoDiffDemoModel": (315, 98), "EcoDiffJudgeDigits": (400, 220),
+    "EcoDiffLoraRecover": (440, 860),
+}
+REPORT_POS = (1900, 720)  # under the KSamplers, beside the Apply node: no wire passes behind it
+
+#: model files of the examples: (ComfyUI model folder, download URL).  Loader nodes carry them as
+#: ``properties.models`` (as ComfyUI's own templates do), so the frontend offers the download of a missing
+#: file on load; it accepts .safetensors files from huggingface.co (or civitai.com) only.
+MODEL_FILES = {
+    "sd_xl_base_1.0.safetensors": (
+        "checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"),
+    "v1-5-pruned-emaonly-fp16.safetensors": (
+        "checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors"),
+    "sd3.5_large.safetensors": (
+        "checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-3.5-large/resolve/main/sd3.5_large.safetensors"),
+    "flux1-schnell.safetensors": (
+        "diffusion_models", "https://huggingface.co/black-forest-labs/FLUX.1-schnell/resolve/main/flux1-schnell.safetensors"),
+    "flux1-dev.safetensors": (
+        "diffusion_models", "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors"),
+    "clip_l.safetensors": (
+        "text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"),
+    "clip_g.safetensors": (
+        "text_encoders", "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/text_encoders/clip_g.safetensors"),
+    "t5xxl_fp16.safetensors": (
+        "text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"),
+    "t5xxl_fp8_e4m3fn.safetensors": (
+        "text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp8_e4m3fn.safetensors"),
+    "ae.safetensors": (
+        "vae", "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors"),
 }
 
 
 def add(b: WorkflowBuilder, kind: str, pos, widgets=None, title=None):
-    return b.add(kind, pos, widgets, size=SIZES.get(kind), title=title)
+    node = b.add(kind, pos, widgets, size=SIZES.get(kind), title=title)
+    models = [{"name": v, "url": MODEL_FILES[v][1], "directory": MODEL_FILES[v][0]}
+              for v in (widgets or {}).values() if isinstance(v, str) and v in MODEL_FILES]
+    if models:
+        node.data["properties"]["models"] = models
+    return node
 
 
 def sampling_tail(b, model_original, model_pruned, positive, negative, latent, vae, sampler: dict, y0: float = 0.0):
@@ -176,13 +211,13 @@ def learn_workflow(info: dict, *, loaders: str, note: str, learn: dict, sampler:
     b.connect(model[0], model[1], ap, "model")
     b.connect(ln, "mask", ap, "mask")
     if mask_file:
-        sm = add(b, "EcoDiffSaveMask", (1420, 220), {"filename": mask_file})
+        sm = add(b, "EcoDiffSaveMask", (1420, 240), {"filename": mask_file})
         b.connect(ln, "mask", sm, "mask")
-    rp = add(b, "EcoDiffPruningReport", (1420, 340))
+    rp = add(b, "EcoDiffPruningReport", REPORT_POS)
     b.connect(ap, "report", rp, "report")
     pruned = (ap, "model")
     if recover is not None:
-        rc = add(b, "EcoDiffLoraRecover", (1420, 800), dict(recover, width=size, height=size))
+        rc = add(b, "EcoDiffLoraRecover", (1420, 420), dict(recover, width=size, height=size))
         b.connect(ap, "model", rc, "model")
         b.connect(model[0], model[1], rc, "original_model")
         b.connect(clip[0], clip[1], rc, "clip")
@@ -195,17 +230,17 @@ def learn_workflow(info: dict, *, loaders: str, note: str, learn: dict, sampler:
 def shared_mask_workflow(info: dict) -> dict:
     b = WorkflowBuilder(info)
     b.note(SHARED_NOTE, (0, 0), (440, 360))
-    ck = add(b, "CheckpointLoaderSimple", (0, 400), {"ckpt_name": "sd_xl_base_1.0.safetensors"})
-    lm = add(b, "EcoDiffLoadMask", (480, 460), {"mask_name": "sdxl_ecodiff_mask.safetensors"})
+    ck = add(b, "CheckpointLoaderSimple", (0, 420), {"ckpt_name": "sd_xl_base_1.0.safetensors"})
+    lm = add(b, "EcoDiffLoadMask", (940, 0), {"mask_name": "sdxl_ecodiff_mask.safetensors"})
     pos = add(b, "CLIPTextEncode", (480, 0), {"text": POSITIVE}, title="Positive prompt")
     neg = add(b, "CLIPTextEncode", (480, 230), {"text": NEGATIVE}, title="Negative prompt")
     for enc in (pos, neg):
         b.connect(ck, "CLIP", enc, "clip")
-    lat = add(b, "EmptyLatentImage", (480, 600), {"width": 1024, "height": 1024, "batch_size": 1})
+    lat = add(b, "EmptyLatentImage", (480, 460), {"width": 1024, "height": 1024, "batch_size": 1})
     ap = add(b, "EcoDiffApplyMask", (1420, 0), {"target": "params", "sparsity": 0.2, "mode": "prune"})
     b.connect(ck, "MODEL", ap, "model")
     b.connect(lm, "mask", ap, "mask")
-    rp = add(b, "EcoDiffPruningReport", (1420, 340))
+    rp = add(b, "EcoDiffPruningReport", REPORT_POS)
     b.connect(ap, "report", rp, "report")
     sampler = {"seed": 123456, "steps": 30, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
     sampling_tail(b, (ck, "MODEL"), (ap, "model"), (pos, "CONDITIONING"), (neg, "CONDITIONING"),
@@ -263,7 +298,7 @@ def demo_workflow(info: dict) -> dict:
     ap = add(b, "EcoDiffApplyMask", (1420, 0), {"target": "params", "sparsity": 0.3, "mode": "prune"})
     b.connect(model[0], model[1], ap, "model")
     b.connect(ln, "mask", ap, "mask")
-    rp = add(b, "EcoDiffPruningReport", (1420, 340))
+    rp = add(b, "EcoDiffPruningReport", REPORT_POS)
     b.connect(ap, "report", rp, "report")
     sampler = {"seed": 1, "steps": DEMO_LEARN["steps"], "cfg": 1.5, "sampler_name": "euler", "scheduler": "simple",
                "denoise": 1.0}
@@ -346,7 +381,7 @@ def main() -> int:
     info = object_info_in_process()
     stale = []
     for name, wf in build_all(info).items():
-        problems = check_structure(wf) + check_against_schemas(wf, info)
+        problems = check_structure(wf) + check_against_schemas(wf, info) + overlaps(wf)
         if problems:
             print(f"{name}: " + "\n  ".join(problems), file=sys.stderr)
             return 1

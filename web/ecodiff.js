@@ -9,10 +9,18 @@
 // * Compare Images (EcoDiffCompare): a "slider compare" button that opens an overlay with the A and B
 //   images on top of each other and a draggable divider (the stitched side-by-side image stays in the
 //   node, drawn by ComfyUI itself from the node's ui "images").
+// * Text results (the node's ui "text": Learn's summary, the Save nodes' "saved … to …", the Pruning
+//   Report's table with its warnings, LoRA Recover's summary, the judge's scores): shown in a read-only
+//   multiline widget "ecodiff_result" (ComfyUI's own STRING widget, as its Preview Any node does; neither
+//   saved in the workflow nor sent with the prompt).  The Pruning Report also gets an "open report"
+//   button: an overlay with the chart at its real size beside the table.
+// * Seeds: the frontend gives every seed a "control after generate" set to randomize; on EcoDiff nodes
+//   a new node starts with "fixed" (a new seed means learning again).  Loaded workflows keep their value.
 //
 // Served by ComfyUI from WEB_DIRECTORY ("./web") as /extensions/<pack folder>/ecodiff.js.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const EXTENSION = "EcoDiff.UI";
 const VERSION = "0.1.0";
@@ -23,6 +31,15 @@ const COMPARE_NODE = "EcoDiffCompare";
 const LEARN_EVENT = "ecodiff.learn";
 const CHART_WIDGET = "ecodiff_chart";
 const COMPARE_BUTTON = "slider compare";
+const REPORT_NODE = "EcoDiffPruningReport";
+const REPORT_BUTTON = "open report";
+const TEXT_WIDGET = "ecodiff_result";
+const TEXT_MIN_HEIGHT = 76;
+/** nodes whose ui "text" is their result: they get the text widget as soon as they are created */
+const TEXT_NODES = new Set([LEARN_NODE, RECOVER_NODE, REPORT_NODE, "EcoDiffSaveMask", "EcoDiffLoadMask",
+                            "EcoDiffSavePrunedModel", "EcoDiffJudgeDigits"]);
+const CONTROL_VALUES = ["fixed", "increment", "decrement", "randomize"];
+const IS_CONTROL = window.comfyAPI?.widgets?.IS_CONTROL_WIDGET ?? Symbol("none"); // marks control widgets
 const CHART_HEIGHT = 150;
 const MAX_POINTS = 4000;
 const KIND_COLORS = { head: "#ffb74d", neuron: "#81c784", channel: "#ba68c8" };
@@ -56,6 +73,10 @@ function nodeClass(node) {
 function redraw(node) {
   node?.setDirtyCanvas?.(true, true);
   app.canvas?.setDirty?.(true, true);
+}
+
+function isEcoDiff(node) {
+  return String(nodeClass(node) ?? "").startsWith("EcoDiff");
 }
 
 function fitHeight(node) {
@@ -215,6 +236,59 @@ function plotLine(ctx, xy, color, width) {
 }
 
 // --------------------------------------------------------------------------------------------
+// text results and seeds
+// --------------------------------------------------------------------------------------------
+function addTextWidget(node) {
+  const existing = node.widgets?.find((w) => w.name === TEXT_WIDGET);
+  if (existing) return existing;
+  const widget = ComfyWidgets.STRING(node, TEXT_WIDGET, ["STRING", {
+    multiline: true, placeholder: "EcoDiff: the result of this node appears here after a run",
+  }], app).widget;
+  widget.serialize = false; // not saved in the workflow
+  widget.options ??= {};
+  widget.options.serialize = false; // not sent with the prompt
+  widget.options.read_only = true;
+  widget.options.getMinHeight ??= () => TEXT_MIN_HEIGHT; // five lines (the frontend's default is 50 px)
+  const el = widget.element ?? widget.inputEl;
+  if (el) {
+    el.readOnly = true;
+    el.classList?.add("ecodiff-result");
+    // the report's table keeps its columns (scrolls sideways); other results wrap
+    const table = nodeClass(node) === REPORT_NODE;
+    Object.assign(el.style, { fontFamily: "monospace", fontSize: "11px", whiteSpace: table ? "pre" : "pre-wrap",
+                              overflowWrap: table ? "normal" : "anywhere" });
+  }
+  fitHeight(node);
+  return widget;
+}
+
+/** A node's ui "text" (a list of strings, one per output batch) as one string. */
+function resultText(text) {
+  return (Array.isArray(text) ? text : [text]).filter((t) => t != null).map(String).join("\n\n");
+}
+
+function showText(node, text) {
+  const value = resultText(text);
+  const widget = addTextWidget(node);
+  widget.value = value;
+  const el = widget.element ?? widget.inputEl;
+  if (el && el.value !== value) el.value = value;
+  fitHeight(node);
+  redraw(node);
+  return widget;
+}
+
+/** New EcoDiff nodes: every "control after generate" of a seed starts at "fixed". */
+function fixSeedControls(node) {
+  const linked = new Set((node.widgets ?? []).flatMap((w) => w.linkedWidgets ?? []));
+  for (const w of node.widgets ?? []) {
+    const values = w.options?.values;
+    const isControl = w[IS_CONTROL] || (linked.has(w) && Array.isArray(values) && values.includes("randomize"));
+    if (isControl && CONTROL_VALUES.includes(w.value)) w.value = "fixed";
+  }
+}
+
+// --------------------------------------------------------------------------------------------
 // slider compare
 // --------------------------------------------------------------------------------------------
 function viewUrl(image) {
@@ -226,27 +300,34 @@ function viewUrl(image) {
   return api.apiURL(`/view?${params}${app.getRandParam?.() ?? ""}`);
 }
 
-function addCompareButton(node) {
-  if (node.widgets?.some((w) => w.name === COMPARE_BUTTON)) return;
-  const button = node.addWidget("button", COMPARE_BUTTON, null, () => openCompare(node), { serialize: false });
-  button.serialize = false;
-  fitHeight(node);
-}
-
 function widgetValue(node, name, fallback) {
   const w = node.widgets?.find((x) => x.name === name);
   return w?.value ?? fallback;
 }
 
-function closeCompare() {
-  document.getElementById("ecodiff-compare-overlay")?.remove();
+function addButton(node, name, callback) {
+  if (node.widgets?.some((w) => w.name === name)) return;
+  const button = node.addWidget("button", name, null, callback, { serialize: false });
+  button.serialize = false;
+  fitHeight(node);
 }
 
-function openCompare(node, index = 0) {
-  const pair = node.__ecodiffImages;
+function addCompareButton(node) {
+  addButton(node, COMPARE_BUTTON, () => openCompare(node));
+}
+
+const OVERLAY_ID = "ecodiff-compare-overlay";
+
+function closeCompare() {
+  document.getElementById(OVERLAY_ID)?.remove();
+}
+
+/** A full-window overlay (closed by Esc or a click beside its content); ``onKey`` gets other keys. */
+function openOverlay(className, onKey = null) {
   closeCompare();
   const overlay = document.createElement("div");
-  overlay.id = "ecodiff-compare-overlay";
+  overlay.id = OVERLAY_ID;
+  overlay.className = className;
   Object.assign(overlay.style, {
     position: "fixed", inset: "0", zIndex: "10000", background: "rgba(0,0,0,0.85)", display: "flex",
     alignItems: "center", justifyContent: "center", flexDirection: "column", color: "#ddd",
@@ -256,15 +337,23 @@ function openCompare(node, index = 0) {
   caption.style.margin = "8px";
   overlay.appendChild(caption);
   overlay.addEventListener("click", (e) => { if (e.target === overlay) closeCompare(); });
-  const onKey = (e) => {
-    if (!document.body.contains(overlay)) return document.removeEventListener("keydown", onKey);
+  const keys = (e) => {
+    if (!document.body.contains(overlay)) return document.removeEventListener("keydown", keys);
     if (e.key === "Escape") closeCompare();
-    else if (pair && (e.key === "ArrowRight" || e.key === "ArrowLeft")) {
+    else onKey?.(e);
+  };
+  document.addEventListener("keydown", keys);
+  return { overlay, caption };
+}
+
+function openCompare(node, index = 0) {
+  const pair = node.__ecodiffImages;
+  const { overlay, caption } = openOverlay("ecodiff-compare", (e) => {
+    if (pair && (e.key === "ArrowRight" || e.key === "ArrowLeft")) {
       const n = Math.min(pair.a.length, pair.b.length);
       openCompare(node, (index + (e.key === "ArrowRight" ? 1 : n - 1)) % n);
     }
-  };
-  document.addEventListener("keydown", onKey);
+  });
   if (!pair || !pair.a.length || !pair.b.length) {
     caption.textContent = "Run the workflow first: the compare view shows the last images of this node. (Esc closes)";
     document.body.appendChild(overlay);
@@ -325,14 +414,58 @@ function openCompare(node, index = 0) {
   return overlay;
 }
 
+// --------------------------------------------------------------------------------------------
+// pruning report view
+// --------------------------------------------------------------------------------------------
+function addReportButton(node) {
+  addButton(node, REPORT_BUTTON, () => openReport(node));
+}
+
+/** The report's chart at its real size (scrolls when taller than the window) beside the table. */
+function openReport(node) {
+  const report = node.__ecodiffReport;
+  const { overlay, caption } = openOverlay("ecodiff-report");
+  if (!report) {
+    caption.textContent = "Run the workflow first: the report view shows the last report of this node. (Esc closes)";
+    document.body.appendChild(overlay);
+    return overlay;
+  }
+  caption.textContent = "EcoDiff pruning report  —  Esc closes";
+  const body = document.createElement("div");
+  body.className = "ecodiff-report-body";
+  Object.assign(body.style, { display: "flex", gap: "16px", alignItems: "flex-start", maxWidth: "96vw",
+                              maxHeight: "86vh", overflow: "auto" });
+  const table = document.createElement("pre");
+  table.className = "ecodiff-report-table";
+  table.textContent = report.text;
+  Object.assign(table.style, { margin: "0", padding: "8px", background: "#1b1b1b", color: "#ddd",
+                               font: "12px monospace", whiteSpace: "pre" });
+  body.appendChild(table);
+  for (const image of report.images) {
+    const img = document.createElement("img");
+    img.className = "ecodiff-report-chart";
+    img.src = viewUrl(image);
+    img.draggable = false;
+    img.style.background = "#fff";
+    body.appendChild(img);
+  }
+  overlay.appendChild(body);
+  document.body.appendChild(overlay);
+  return overlay;
+}
+
+// --------------------------------------------------------------------------------------------
 function onExecuted(detail) {
   const node = resolveNode(detail?.display_node ?? detail?.node);
-  if (!node || nodeClass(node) !== COMPARE_NODE) return;
+  if (!node || !isEcoDiff(node)) return;
   const out = detail.output ?? {};
-  if (Array.isArray(out.a_images) && Array.isArray(out.b_images)) {
+  const cls = nodeClass(node);
+  if (out.text != null && (Array.isArray(out.text) ? out.text.length : true)) showText(node, out.text);
+  if (cls === COMPARE_NODE && Array.isArray(out.a_images) && Array.isArray(out.b_images)) {
     node.__ecodiffImages = { a: out.a_images, b: out.b_images };
     addCompareButton(node);
   }
+  if (cls === REPORT_NODE) node.__ecodiffReport = { text: resultText(out.text), images: out.images ?? [] };
 }
 
 // --------------------------------------------------------------------------------------------
@@ -344,14 +477,17 @@ app.registerExtension({
     console.log(`[EcoDiff] web extension ${VERSION} loaded`);
   },
   nodeCreated(node) {
+    if (!isEcoDiff(node)) return;
     const cls = nodeClass(node);
+    fixSeedControls(node); // a loaded workflow then sets its own saved value
+    if (TEXT_NODES.has(cls)) addTextWidget(node);
     if (CHART_NODES.has(cls)) addChart(node);
     else if (cls === COMPARE_NODE) addCompareButton(node);
+    else if (cls === REPORT_NODE) addReportButton(node);
   },
   loadedGraphNode(node) {
-    const cls = nodeClass(node);
-    if (CHART_NODES.has(cls) || cls === COMPARE_NODE) fitHeight(node);
+    if (isEcoDiff(node)) fitHeight(node);
   },
   // for tests and other extensions
-  ecodiff: { version: VERSION, onLearnEvent, openCompare, closeCompare, resolveNode },
+  ecodiff: { version: VERSION, onLearnEvent, onExecuted, openCompare, openReport, closeCompare, resolveNode },
 });

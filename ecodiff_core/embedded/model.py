@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._compat import ensure_torchvision_importable
+from ..errors import EcoDiffError
 from ..trajectory import Denoiser, sample
 
 from .data import LATENT_SHAPE, image_ids, unpack
@@ -44,8 +45,9 @@ TRANSFORMER_CONFIG: dict = {
 TEXT_CONFIG = TextEncoderConfig(dim=64, layers=2, heads=4, mlp_ratio=2, max_length=10)
 
 
-class WeightsMissingError(FileNotFoundError):
-    """Raised when the shipped safetensors weights are not where they should be."""
+class WeightsMissingError(EcoDiffError, FileNotFoundError):
+    """Raised when the shipped safetensors weights are not where they should be (an EcoDiffError, shown
+    plainly in ComfyUI, and a FileNotFoundError)."""
 
 
 def build_transformer() -> FluxTransformer2DModel:

@@ -162,7 +162,7 @@ def summary_text(r: dict[str, Any]) -> str:
         f"parameters      {r['params_before']:>10,} -> {r['params_after']:>10,}  "
         f"({1 - r['params_after'] / r['params_before']:.1%} removed) + LoRA {r['lora_params']:,} "
         f"on {r['lora_layers']} layers",
-        f"                original     pruned  recovered",
+        "                original     pruned  recovered",
         f"judge accuracy  {o['accuracy']:>8.3f} {b['accuracy']:>10.3f} {a['accuracy']:>10.3f}",
         f"FD-judge        {o['fd_judge']:>8.2f} {b['fd_judge']:>10.2f} {a['fd_judge']:>10.2f}",
         f"distillation    loss {lb:.5f} -> {la:.5f}",

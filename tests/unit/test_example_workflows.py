@@ -14,8 +14,14 @@ from scripts import workflow_check as wc
 from scripts import workflow_schema as ws
 from scripts.comfy_env import SKIP_REASON, comfy_path
 
+from scripts.workflow_layout import overlaps
+
 PATHS = ws.example_paths()
 LEARN_FLOWS = [p for p in PATHS if "learn" in p.stem]
+#: model folder of each loader input (where ComfyUI looks for the file, and where it downloads it)
+MODEL_DIRECTORY = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "vae_name": "vae",
+                   "clip_name": "text_encoders", "clip_name1": "text_encoders", "clip_name2": "text_encoders",
+                   "clip_name3": "text_encoders"}
 EXPECTED = {"sdxl_learn_prune_compare", "sd15_learn_prune_compare", "flux_schnell_learn_prune_compare",
             "flux_dev_learn_prune_compare", "sd35_large_learn_prune_compare", "shared_mask_apply_sample",
             "demo_digits_learn_prune_compare", "sd15_learn_prune_recover_compare"}
@@ -110,6 +116,40 @@ def test_learning_matches_the_sampling_setup(path):
     assert values[0].count("\n") >= 50, "the shipped calibration prompts"
 
 
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_no_two_nodes_overlap(path):
+    wf = ws.load(path)
+    assert overlaps(wf) == []
+    # the check itself sees an overlap: two nodes at the same place
+    first, second = wf["nodes"][0], wf["nodes"][1]
+    moved = dict(wf, nodes=[first, dict(second, pos=[first["pos"][0] + 10, first["pos"][1] + 10])])
+    assert len(overlaps(moved)) == 1
+
+
+def model_files(node: dict) -> dict[str, str]:
+    """Loader input name -> file name (loaders have no control widgets: values follow widget inputs)."""
+    names = [i["name"] for i in node["inputs"] if i.get("widget")]
+    return {n: v for n, v in zip(names, node.get("widgets_values") or []) if n in MODEL_DIRECTORY}
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if "demo" not in p.stem], ids=lambda p: p.stem)
+def test_loaders_carry_model_metadata_for_the_download(path):
+    wf = ws.load(path)
+    loaders = [n for n in wf["nodes"] if model_files(n)]
+    assert loaders, "a workflow on a downloaded model has loaders"
+    for node in loaders:
+        models = {m["name"]: m for m in node["properties"].get("models", [])}
+        for input_name, file_name in model_files(node).items():
+            where = f"{node['type']} #{node['id']} {input_name}={file_name}"
+            assert file_name in models, f"{where}: no properties.models entry"
+            model = models[file_name]
+            assert model["directory"] == MODEL_DIRECTORY[input_name], where
+            # what frontend 1.27 accepts for a download: a .safetensors file from huggingface.co or civitai.com
+            assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith("/" + file_name), where
+            assert file_name.endswith(".safetensors")
+        assert set(models) == set(model_files(node).values()), f"{node['type']} #{node['id']}: stale entries"
+
+
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def object_info():
@@ -128,3 +168,19 @@ def test_nodes_and_widgets_match_the_node_schemas(object_info, path):
     for node in learn:  # widgets_values map to the right names (order), not just the right count
         assert node["inputs"]["sampler_name"] == "euler" and isinstance(node["inputs"]["checkpointing"], bool)
         assert node["inputs"]["run_name"].endswith("_ecodiff")
+
+
+def test_files_are_what_the_script_writes(object_info):
+    """example_workflows/*.json are up to date with scripts/make_example_workflows.py (its --check)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("make_example_workflows",
+                                                  ws.ROOT / "scripts" / "make_example_workflows.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    built = script.build_all(object_info)
+    assert sorted(built) == sorted(p.stem for p in PATHS)
+    stale = [name for name, wf in built.items()
+             if json.loads(json.dumps(wf)) != ws.load(ws.EXAMPLES / f"{name}.json")]
+    assert not stale, f"out of date, run scripts/make_example_workflows.py: {stale}"
