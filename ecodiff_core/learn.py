@@ -19,7 +19,7 @@ from .block_checkpoint import checkpointed_blocks
 from .errors import SettingsError
 from .hard_concrete import regularizer, sample_gate, uniform_noise
 from .gate_hooks import GateController
-from .learn_settings import LearnSettings, Objective  # noqa: F401  (re-exported: the learner's settings)
+from .learn_settings import LearnSettings
 from .maskfile import MaskState
 from .trajectory import Denoiser, check_sigmas, per_step_gradient, sample, teacher_steps, trajectory_gradient
 from .units import Layout
