@@ -246,7 +246,7 @@ class MaskLearner:
         One ``ecodiff`` log line at the start and one at the end (finished, or why it stopped)."""
         state = self._learn(samples, sigmas, callback)
         summary = state.summary()
-        log.info("EcoDiff learning %s after %d steps (loss %s -> %s)",
+        log.info("EcoDiff: mask learning %s after %d steps (loss %s -> %s)",
                  "finished" if state.progress.get("finished") else f"stopped: {state.stop_reason or 'interrupted'}",
                  state.progress.get("step", 0), _loss(summary["first_loss"]), _loss(summary["last_loss"]))
         return state
@@ -259,7 +259,7 @@ class MaskLearner:
         start_time = time.perf_counter()
         per_epoch = math.ceil(len(samples) / self.settings.accumulate)
         total_steps = per_epoch * self.settings.epochs
-        log.info("EcoDiff learning started: %s, %d unit groups, %d prompts, %d steps of %d trajectory steps "
+        log.info("EcoDiff: mask learning started: %s, %d unit groups, %d prompts, %d steps of %d trajectory steps "
                  "(from step %d)", self.layout.arch, len(self.layout.groups), len(samples), total_steps,
                  len(sigmas) - 1, self.progress["step"])
         with self.controller.installed(), frozen_weights(self.model):

@@ -112,8 +112,7 @@ def save_mask(path: str | os.PathLike, state: MaskState) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
-    log.info("EcoDiff mask saved to %s (%s, %d unit groups, step %s)", path, state.arch, len(state.logits),
-             state.progress.get("step"))
+    log.info("EcoDiff: saved mask for %s to %s", state.arch, path)
     return path
 
 
@@ -162,8 +161,7 @@ def load_mask(path: str | os.PathLike, layout: Layout | None = None) -> MaskStat
         raise MaskFileError(f"{path} is damaged: {problem}; re-save the mask or learn a new one")
     if layout is not None:
         state.check_layout(layout)
-    log.info("EcoDiff mask loaded from %s (%s, %d unit groups, step %s)", path, state.arch, len(state.logits),
-             state.progress.get("step"))
+    log.info("EcoDiff: loaded mask for %s from %s", state.arch, path)
     return state
 
 

@@ -192,7 +192,7 @@ def prune_model(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor],
     _set_counts(pruned, layout, keep, skip)
     _silence(pruned, layout, plans, keep, gate_closed, silenced)
     before, after = (sum(p.numel() for p in m.parameters()) for m in (model, pruned))
-    log.info("EcoDiff pruned %s: %d -> %d parameters (%.1f%% removed), %d of %d units kept, %d owners replaced",
+    log.info("EcoDiff: pruned %s: %d -> %d parameters (%.1f%% removed), %d of %d units kept, %d owners replaced",
              layout.arch, before, after, 100 * (1 - after / before) if before else 0.0,
              sum(int(k.sum()) for k in keep.values()), layout.total_units(), len(replaced))
     return pruned

@@ -78,7 +78,7 @@ class DefaultModel(nn.Module):
         """Token states (B, 10, 64) and pooled vectors (B, 64); differentiable (wrap in no_grad)."""
         return self.text_encoder(list(prompts))
 
-    def conditioning(self, tokens: torch.Tensor, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _transformer_kwargs(self, tokens: torch.Tensor, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
         """The transformer's conditioning kwargs for token states (B, L, 64) and pooled vectors (B, 64)."""
         return {"encoder_hidden_states": tokens, "pooled_projections": pooled,
                 "img_ids": self.img_ids, "txt_ids": self.txt_ids[: tokens.shape[1]]}
@@ -95,7 +95,8 @@ class DefaultModel(nn.Module):
         without guidance: the training objective's forward.  Sampling goes through :meth:`make_denoiser`."""
         net = self.transformer if transformer is None else transformer
         timestep = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
-        return net(hidden_states=x, timestep=timestep, return_dict=False, **self.conditioning(tokens, pooled))[0]
+        kwargs = self._transformer_kwargs(tokens, pooled)
+        return net(hidden_states=x, timestep=timestep, return_dict=False, **kwargs)[0]
 
     def make_denoiser(self, prompts: list[str], cfg: float, transformer: nn.Module | None = None) -> Denoiser:
         """x0-predictor ``(x, sigma) -> x0`` for ``len(prompts)`` latents, with CFG in one batch.
@@ -122,8 +123,8 @@ class DefaultModel(nn.Module):
             raise SettingsError("classifier-free guidance (cfg != 1) needs the unconditional embeddings; "
                                 "pass uncond or use cfg = 1")
         net = self.transformer if transformer is None else transformer
-        return flow_denoiser(net, self.conditioning(*cond),
-                             self.conditioning(*uncond) if cfg != 1.0 else None, cfg)
+        return flow_denoiser(net, self._transformer_kwargs(*cond),
+                             self._transformer_kwargs(*uncond) if cfg != 1.0 else None, cfg)
 
     @torch.no_grad()
     def sample_latents(

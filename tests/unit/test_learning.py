@@ -409,7 +409,8 @@ def test_learning_pruning_and_mask_files_log_one_line_each(tmp_path, caplog):
         prune_model(model, layout, plan.keep)
     lines = [r.getMessage() for r in caplog.records if r.name == "ecodiff" and r.levelno == logging.INFO]
     before, after = (sum(p.numel() for p in m.parameters()) for m in (model, prune_model(model, layout, plan.keep)))
-    for prefix in (f"EcoDiff learning started: diffusers_unet, {len(layout.groups)} unit groups, 2 prompts, 1 steps",
-                   "EcoDiff learning finished after 1 steps", f"EcoDiff mask saved to {path}",
-                   f"EcoDiff mask loaded from {path}", f"EcoDiff pruned diffusers_unet: {before} -> {after} parameters"):
+    for prefix in (f"EcoDiff: mask learning started: diffusers_unet, {len(layout.groups)} unit groups, 2 prompts, 1 steps",
+                   "EcoDiff: mask learning finished after 1 steps", f"EcoDiff: saved mask for diffusers_unet to {path}",
+                   f"EcoDiff: loaded mask for diffusers_unet from {path}",
+                   f"EcoDiff: pruned diffusers_unet: {before} -> {after} parameters"):
         assert sum(line.startswith(prefix) for line in lines) == 1, (prefix, lines)
