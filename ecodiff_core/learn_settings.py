@@ -35,6 +35,8 @@ class LearnSettings:
     block_checkpointing  "auto", "on" or "off": recompute transformer blocks in the backward.
     objective            "end_to_end" (the final latent) or "per_step" (each step's x0).
     seed                 seeds the prompt order and the gate noise (0..2**64-1).
+    prompt_batch         calibration samples per denoiser call (they share each step's gate sample);
+                         1 = one by one (≥ 1).
 
     Every value is checked when the settings are built (SettingsError naming it).
     """
@@ -50,6 +52,8 @@ class LearnSettings:
     block_checkpointing: str = "auto"
     objective: Objective = "end_to_end"
     seed: int = 0
+    # calibration samples per denoiser call (they share each step's gate sample); 1 = one by one
+    prompt_batch: int = 1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,6 +80,7 @@ class LearnSettings:
         check_choice("block_checkpointing", self.block_checkpointing, BLOCK_MODES)
         check_choice("objective", self.objective, OBJECTIVES)
         check_seed(self.seed)
+        check_int("prompt_batch (calibration prompts per denoiser call)", self.prompt_batch)
 
     def to_dict(self) -> dict:
         """JSON-able: every field, ``gate`` as a nested dict."""

@@ -123,6 +123,12 @@ class PrunePlan:
     # where the plan keeps more than asked (keep ratios below the units that must stay), in words
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def removed_fraction(self) -> float:
+        if self.mode == "flops" and self.total_flops:
+            return (self.removed_flops or 0.0) / self.total_flops
+        return self.removed_params / self.total_params if self.total_params else 0.0
+
 
 def check_logits(layout: Layout, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Validate one logit vector per group; returns them as float64 on CPU."""

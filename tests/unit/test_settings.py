@@ -41,6 +41,7 @@ BAD = [
     (LearnSettings, dict(block_checkpointing="always"), "block_checkpointing must be one of"),
     (LearnSettings, dict(objective="local"), "objective must be one of end_to_end, per_step"),
     (LearnSettings, dict(seed=-1), "seed must be an integer in 0.."),
+    (LearnSettings, dict(prompt_batch=0), r"prompt_batch \(calibration prompts per denoiser call\) must be >= 1"),
     (GateSettings, dict(temperature=0.0), "gate temperature must be a finite number > 0"),
     (GateSettings, dict(init_logit=math.inf), "gate init_logit must be a finite number, got inf"),
     (GateSettings, dict(gamma="-0.1"), "gate gamma must be a number"),
