@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 from .errors import EcoDiffError
 from .seeds import SEED_MAX
+from .validation import field_defaults
 
 
 C_INT_MAX = 2**31 - 1  # counts go to torch and C code as C ints
@@ -55,20 +56,28 @@ def command_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .embedded.demo import DemoSettings
+
+    d = field_defaults(DemoSettings)  # the one place for the defaults
     p = sub.add_parser("demo", help="learn a mask on the embedded default model, prune it, measure the cost",
                        description="Learn an EcoDiff mask end to end on the shipped digits model (FLUX "
                                    "architecture), prune it physically, and compare original and pruned "
                                    "with the shipped judge. Writes compare.png, report.txt, report.json and "
                                    "mask.safetensors to the output folder.")
-    p.add_argument("--sparsity", type=float, default=0.2, help="fraction of parameters to remove (0-0.95)")
-    p.add_argument("--steps", type=_int_in(None, C_INT_MAX), default=10, help="Euler steps of each learning trajectory")
-    p.add_argument("--epochs", type=_int_in(None, C_INT_MAX), default=8, help="passes over the calibration prompts")
-    p.add_argument("--beta", type=float, default=None, help="weight of the sparsity regulariser")
-    p.add_argument("--prompts-per-class", type=_int_in(None, C_INT_MAX), default=10, help="calibration prompts per digit")
-    p.add_argument("--eval-per-class", type=_int_in(None, C_INT_MAX), default=50, help="evaluation images per digit")
-    p.add_argument("--eval-steps", type=_int_in(None, C_INT_MAX), default=20, help="Euler steps when evaluating")
-    p.add_argument("--output", type=Path, default=Path("ecodiff_output"), help="output folder")
-    p.add_argument("--seed", type=_int_in(0, SEED_MAX), default=0, help=f"random seed, 0..{SEED_MAX}")
+    p.add_argument("--sparsity", type=float, default=d["sparsity"], help="fraction of parameters to remove (0-0.95)")
+    p.add_argument("--steps", type=_int_in(None, C_INT_MAX), default=d["steps"],
+                   help="Euler steps of each learning trajectory")
+    p.add_argument("--epochs", type=_int_in(None, C_INT_MAX), default=d["learn"].epochs,
+                   help="passes over the calibration prompts")
+    p.add_argument("--beta", type=float, default=d["learn"].beta, help="weight of the sparsity regulariser")
+    p.add_argument("--prompts-per-class", type=_int_in(None, C_INT_MAX), default=d["prompts_per_class"],
+                   help="calibration prompts per digit")
+    p.add_argument("--eval-per-class", type=_int_in(None, C_INT_MAX), default=d["eval_per_class"],
+                   help="evaluation images per digit")
+    p.add_argument("--eval-steps", type=_int_in(None, C_INT_MAX), default=d["eval_steps"],
+                   help="Euler steps when evaluating")
+    p.add_argument("--output", type=Path, default=d["output"], help="output folder")
+    p.add_argument("--seed", type=_int_in(0, SEED_MAX), default=d["seed"], help=f"random seed, 0..{SEED_MAX}")
     p.add_argument("--threads", type=_at_least_one, default=1,
                    help="CPU threads for torch (the default model is small; 1 avoids oversubscription)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -107,17 +116,20 @@ def memory_command(args: argparse.Namespace) -> int:
 
 
 def _recover_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .recover import STATE_SOURCES, TARGET_MODULES, RecoverSettings
+    from .embedded.recover_demo import RecoverDemoSettings
+    from .recover import STATE_SOURCES, TARGET_MODULES
 
-    d = RecoverSettings()
+    run = field_defaults(RecoverDemoSettings)  # the one place for the defaults
+    d = run["recover"]
     p = sub.add_parser("recover", help="prune the embedded model, then recover quality with a distilled LoRA",
                        description="Learn (or load) an EcoDiff mask on the shipped digits model, prune it, train a "
                                    "LoRA on the pruned model that matches the original's x0 predictions along "
                                    "calibration trajectories (LoRA Recover), and judge original, pruned and "
                                    "recovered models. Writes recover_report.json and recover_lora.safetensors.")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of parameters to remove (0-0.95)")
-    p.add_argument("--mask", type=Path, default=None, help="mask file to prune with (default: learn one)")
-    p.add_argument("--state-steps", type=_int_in(None, C_INT_MAX), default=20, help="Euler steps of the calibration trajectories")
+    p.add_argument("--sparsity", type=float, default=run["sparsity"], help="fraction of parameters to remove (0-0.95)")
+    p.add_argument("--mask", type=Path, default=run["mask"], help="mask file to prune with (default: learn one)")
+    p.add_argument("--state-steps", type=_int_in(None, C_INT_MAX), default=run["steps"],
+                   help="Euler steps of the calibration trajectories")
     p.add_argument("--rank", type=_int_in(None, C_INT_MAX), default=d.rank, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha (update = alpha/rank · up·down)")
     p.add_argument("--targets", choices=TARGET_MODULES, default=d.targets, help="layers that get a LoRA")
@@ -126,9 +138,10 @@ def _recover_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_int_in(None, C_INT_MAX), default=d.batch, help="states per optimiser step")
     p.add_argument("--states", choices=STATE_SOURCES, default=d.states,
                    help="whose trajectories give the training states")
-    p.add_argument("--eval-per-class", type=_int_in(None, C_INT_MAX), default=50, help="evaluation images per digit")
-    p.add_argument("--output", type=Path, default=Path("ecodiff_output"), help="output folder")
-    p.add_argument("--seed", type=_int_in(0, SEED_MAX), default=0, help=f"random seed, 0..{SEED_MAX}")
+    p.add_argument("--eval-per-class", type=_int_in(None, C_INT_MAX), default=run["eval_per_class"],
+                   help="evaluation images per digit")
+    p.add_argument("--output", type=Path, default=run["output"], help="output folder")
+    p.add_argument("--seed", type=_int_in(0, SEED_MAX), default=run["seed"], help=f"random seed, 0..{SEED_MAX}")
     p.add_argument("--threads", type=_at_least_one, default=1, help="CPU threads for torch")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -171,14 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     with command_errors(demo):
+        learn = replace(field_defaults(DemoSettings)["learn"], epochs=args.epochs, beta=args.beta)
         settings = DemoSettings(sparsity=args.sparsity, steps=args.steps, prompts_per_class=args.prompts_per_class,
                                 eval_per_class=args.eval_per_class, eval_steps=args.eval_steps, seed=args.seed,
-                                output=args.output)
-        learn = replace(settings.learn, epochs=args.epochs)
-        if args.beta is not None:
-            learn = replace(learn, beta=args.beta)
-        settings.learn = learn
-        settings.validate()
+                                output=args.output, learn=learn)
         result = run_demo(settings, progress=not args.no_progress)
     print(summary_text(result))
     print(f"\nwrote {settings.output / 'compare.png'}, report.txt, report.json, mask.safetensors")

@@ -33,5 +33,10 @@ class SettingsError(EcoDiffError):
     """A setting is out of range; the message names it and the allowed range."""
 
 
+class WeightsMissingError(EcoDiffError, FileNotFoundError):
+    """Shipped weights (the embedded model's, the judge's) are not where they should be; the message
+    names the script that regenerates them.  Also a FileNotFoundError."""
+
+
 class LoraSliceError(EcoDiffError):
     """A weight patch (LoRA, LoHa, LoKr, diff…) made for the full model cannot be fitted to a pruned one."""

@@ -120,8 +120,3 @@ def measure_flops(model: nn.Module, layout: Layout, run: Callable[[], Any]) -> F
             cost += _score_cost(g, calls)
         per_unit[g.name] = cost
     return FlopCosts(per_unit=per_unit, total=float(total))
-
-
-def unit_flop_costs(model: nn.Module, layout: Layout, run: Callable[[], Any]) -> dict[str, float]:
-    """FLOPs removed with one unit of each group (see ``measure_flops``)."""
-    return measure_flops(model, layout, run).per_unit

@@ -119,24 +119,18 @@ def _problem(arch: str, model: nn.Module, width: int, height: int, batch: int, c
 
     spec = _arch(arch)
     dtype = next(p.dtype for p in model.parameters() if p.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2))
-    n = batch * (2 if cfg else 1)
     meta = dict(device="meta", dtype=dtype)
     if width % 16 or height % 16 or width < 16 or height < 16:
         raise EcoDiffError(f"width and height must be positive multiples of 16, got {width}×{height}")
     h, w = height // 8, width // 8
     sigmas = torch.tensor([1.0, 0.5], **meta)
 
-    def half(t):
-        return t[: t.shape[0] // 2] if cfg else t
-
     if spec.family == "unet":
-        ctx = torch.empty(n, spec.tokens, spec.config["cross_attention_dim"], **meta)
-        kwargs = {"encoder_hidden_states": ctx}
+        cond = {"encoder_hidden_states": torch.empty(batch, spec.tokens, spec.config["cross_attention_dim"], **meta)}
         if spec.config.get("addition_embed_type") == "text_time":
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(n, 1280, **meta),
-                                           "time_ids": torch.empty(n, 6, **meta)}
-        cond = _split(kwargs, cfg, 0)
-        uncond = _split(kwargs, cfg, 1) if cfg else None
+            cond["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, 1280, **meta),
+                                         "time_ids": torch.empty(batch, 6, **meta)}
+        uncond = dict(cond) if cfg else None
         denoise = denoisers.unet_eps_denoiser(model, denoisers.EpsSchedule.scaled_linear(), cond, uncond, cfg=5.0)
         x = torch.empty(batch, 4, h, w, **meta)
         layout = find_layout(model)
@@ -149,36 +143,14 @@ def _problem(arch: str, model: nn.Module, width: int, height: int, batch: int, c
         if spec.config.get("guidance_embeds"):
             cond["guidance"] = torch.empty(batch, **meta)
         uncond = dict(cond) if cfg else None
-        denoise = denoisers.flux_flow_denoiser(model, cond, uncond, cfg=3.5)
+        denoise = denoisers.flow_denoiser(model, cond, uncond, cfg=3.5)
         x = torch.empty(batch, tokens, 64, **meta)
         return find_layout(model), None, denoise, x, sigmas
-    ctx = torch.empty(n, spec.tokens, spec.config["joint_attention_dim"], **meta)
-    pooled = torch.empty(n, spec.config["pooled_projection_dim"], **meta)
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        xb = torch.cat([x, x]) if cfg else x
-        t = (sigma * 1000).to(x.dtype).expand(xb.shape[0])
-        v = model(hidden_states=xb, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled,
-                  return_dict=False)[0]
-        x0 = xb - sigma * v
-        if not cfg:
-            return x0
-        c, u = x0.chunk(2)
-        return u + 4.5 * (c - u)
-
+    cond = {"encoder_hidden_states": torch.empty(batch, spec.tokens, spec.config["joint_attention_dim"], **meta),
+            "pooled_projections": torch.empty(batch, spec.config["pooled_projection_dim"], **meta)}
+    denoise = denoisers.flow_denoiser(model, cond, dict(cond) if cfg else None, cfg=4.5, timestep_scale=1000.0)
     layout, blocks = _sd3_layout(model)
     return layout, blocks, denoise, torch.empty(batch, 16, h, w, **meta), sigmas
-
-
-def _split(kwargs: dict, cfg: bool, index: int) -> dict:
-    """The cond (index 0) or uncond (1) half of batched conditioning kwargs."""
-    out = {}
-    for k, v in kwargs.items():
-        if isinstance(v, dict):
-            out[k] = _split(v, cfg, index)
-        else:
-            out[k] = v.chunk(2)[index] if cfg else v
-    return out
 
 
 @dataclass(frozen=True)

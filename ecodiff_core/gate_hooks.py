@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .errors import EcoDiffError
 from .units import Layout, Slice, UnitGroup, get_linear
 
 
@@ -32,7 +33,8 @@ class GateController:
         if values is not None:
             missing = [g.name for g in self.layout.groups if g.name not in values]
             if missing:
-                raise KeyError(f"no gate values for {len(missing)} groups, e.g. {missing[0]}")
+                raise EcoDiffError(f"no gate values for {len(missing)} groups, e.g. {missing[0]}; give one "
+                                   "value tensor per unit group of the layout")
         self._values = values
 
     def current(self) -> dict[str, torch.Tensor] | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SettingsError
+from .validation import check_number, known_fields
 
 REGULARIZERS: tuple[str, ...] = ("l1", "sigmoid", "l0")
 
@@ -26,12 +27,17 @@ class GateSettings:
     noise_offset: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise SettingsError(f"gate temperature must be > 0, got {self.temperature}")
+        check_number("gate temperature", self.temperature, strict=True)
+        for name in ("gamma", "zeta", "init_logit"):
+            check_number(f"gate {name}", getattr(self, name), low=None)
         if not self.gamma < 0 < 1 < self.zeta:
             raise SettingsError(f"gate stretch needs gamma < 0 and zeta > 1, got ({self.gamma}, {self.zeta})")
-        if self.noise_offset < 0:
-            raise SettingsError(f"gate noise_offset must be >= 0, got {self.noise_offset}")
+        check_number("gate noise_offset", self.noise_offset)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GateSettings":
+        """Forward-compatible, like ``LearnSettings.from_dict``: unknown keys ignored, missing ones default."""
+        return cls(**known_fields(cls, data))
 
 
 def _stretch(s: torch.Tensor, settings: GateSettings) -> torch.Tensor:

@@ -3,86 +3,32 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import copy
 import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Literal, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .archs import checkpoint_block_paths
 from .batching import NotStackable, stack_latents, stack_tree
-from .block_checkpoint import MODES as BLOCK_MODES
 from .block_checkpoint import checkpointed_blocks
 from .errors import SettingsError
-from .hard_concrete import REGULARIZERS, GateSettings, regularizer, sample_gate, uniform_noise
+from .hard_concrete import regularizer, sample_gate, uniform_noise
 from .gate_hooks import GateController
+from .learn_settings import LearnSettings
 from .maskfile import MaskState
 from .trajectory import Denoiser, check_sigmas, per_step_gradient, sample, teacher_steps, trajectory_gradient
-from .units import UNIT_KINDS, Layout
+from .units import Layout
 
 if TYPE_CHECKING:
     from .memory import StepMemory
 
-Objective = Literal["end_to_end", "per_step"]
 log = logging.getLogger("ecodiff")
-
-
-@dataclass
-class LearnSettings:
-    """Defaults follow the official SDXL run (β = 0.5 with mean |λ|, AdamW, 4 epochs, accumulation 4)."""
-
-    epochs: int = 4
-    accumulate: int = 4
-    beta: float = 0.5
-    regularizer: str = "l1"
-    lr: dict[str, float] = field(default_factory=lambda: {"head": 0.1, "neuron": 0.1, "channel": 0.5})
-    weight_decay: float = 0.01
-    gate: GateSettings = field(default_factory=GateSettings)
-    checkpointing: bool = True
-    block_checkpointing: str = "auto"
-    objective: Objective = "end_to_end"
-    seed: int = 0
-    # calibration samples per denoiser call (they share each step's gate sample); 1 = one by one
-    prompt_batch: int = 1
-
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise SettingsError(f"epochs must be >= 1, got {self.epochs}")
-        if self.accumulate < 1:
-            raise SettingsError(f"accumulate must be >= 1, got {self.accumulate}")
-        if isinstance(self.prompt_batch, bool) or not isinstance(self.prompt_batch, int) or self.prompt_batch < 1:
-            raise SettingsError(f"prompt_batch (calibration prompts per denoiser call) must be an integer >= 1, "
-                                f"got {self.prompt_batch!r}")
-        if not (self.beta >= 0 and math.isfinite(self.beta)):
-            raise SettingsError(f"beta (sparsity weight) must be a finite number >= 0, got {self.beta}")
-        if self.regularizer not in REGULARIZERS:
-            raise SettingsError(f"regularizer must be one of {', '.join(REGULARIZERS)}, got '{self.regularizer}'")
-        if self.block_checkpointing not in BLOCK_MODES:
-            raise SettingsError(f"block_checkpointing must be one of {', '.join(BLOCK_MODES)}, "
-                                f"got '{self.block_checkpointing}'")
-        if self.objective not in ("end_to_end", "per_step"):
-            raise SettingsError(f"objective must be 'end_to_end' or 'per_step', got '{self.objective}'")
-        for kind, lr in self.lr.items():
-            if kind not in UNIT_KINDS:
-                raise SettingsError(
-                    f"learning rate given for unknown unit kind '{kind}'; kinds: {', '.join(UNIT_KINDS)}"
-                )
-            if not (lr > 0 and math.isfinite(lr)):
-                raise SettingsError(f"learning rate for {kind} must be > 0, got {lr}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "LearnSettings":
-        data = dict(data)
-        data["gate"] = GateSettings(**data.get("gate", {}))
-        return cls(**data)
 
 
 @dataclass
@@ -170,6 +116,10 @@ def use_block_checkpointing(mode: str, step_memory: "StepMemory | None", free_me
     return step_memory.total(block_checkpointing=False) > free_memory
 
 
+def _loss(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.5g}"
+
+
 def _seed(*parts: int) -> int:
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -255,7 +205,7 @@ class MaskLearner:
             fingerprint=self.layout.fingerprint(),
             logits={n: p.detach().cpu().clone() for n, p in self.logits.items()},
             kinds={g.name: g.kind for g in self.layout.groups},
-            settings=self.settings.to_dict(),
+            settings=copy.deepcopy(self.settings),
             progress=dict(self.progress),
             history=list(self.history),
             optimizer=self._optimizer_tensors(),
@@ -356,13 +306,26 @@ class MaskLearner:
         sigmas: torch.Tensor,
         callback: Callable[[StepInfo], bool | None] | None = None,
     ) -> MaskState:
-        """Run (or continue) learning; returns the final state.  ``callback`` returning False stops."""
+        """Run (or continue) learning; returns the final state.  ``callback`` returning False stops.
+        One ``ecodiff`` log line at the start and one at the end (finished, or why it stopped)."""
+        state = self._learn(samples, sigmas, callback)
+        summary = state.summary()
+        log.info("EcoDiff: mask learning %s after %d steps (loss %s -> %s)",
+                 "finished" if state.progress.get("finished") else f"stopped: {state.stop_reason or 'interrupted'}",
+                 state.progress.get("step", 0), _loss(summary["first_loss"]), _loss(summary["last_loss"]))
+        return state
+
+    def _learn(self, samples: Sequence[CalibrationSample], sigmas: torch.Tensor,
+               callback: Callable[[StepInfo], bool | None] | None) -> MaskState:
         if not samples:
             raise SettingsError("no calibration samples: give at least one prompt")
         check_sigmas(sigmas)
         start_time = time.perf_counter()
         per_epoch = math.ceil(len(samples) / self.settings.accumulate)
         total_steps = per_epoch * self.settings.epochs
+        log.info("EcoDiff: mask learning started: %s, %d unit groups, %d prompts, %d steps of %d trajectory steps "
+                 "(from step %d)", self.layout.arch, len(self.layout.groups), len(samples), total_steps,
+                 len(sigmas) - 1, self.progress["step"])
         with self.controller.installed(), frozen_weights(self.model):
             self.controller.set(None)
             self.prepare(samples, sigmas)

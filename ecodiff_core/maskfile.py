@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from .errors import MaskFileError
+from .errors import MaskFileError, SettingsError
+from .learn_settings import LearnSettings
 from .safetensors_file import check_format, read, write_atomic
 from .units import UNIT_KINDS, Layout
 
@@ -30,7 +31,9 @@ class MaskState:
     fingerprint: str
     logits: dict[str, torch.Tensor]
     kinds: dict[str, str]
-    settings: dict[str, Any] = field(default_factory=dict)
+    # the run's settings; a file stores them as JSON and loads them forward-compatibly
+    # (``LearnSettings.from_dict``: unknown keys ignored with a log line, missing keys take defaults)
+    settings: LearnSettings = field(default_factory=LearnSettings)
     progress: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "position": 0, "step": 0, "finished": False})
     history: list[dict[str, float]] = field(default_factory=list)
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -95,7 +98,7 @@ def save_mask(path: str | os.PathLike, state: MaskState) -> Path:
         "arch": state.arch,
         "fingerprint": state.fingerprint,
         "kinds": json.dumps(state.kinds),
-        "settings": json.dumps(state.settings),
+        "settings": json.dumps(state.settings.to_dict()),
         "progress": json.dumps(state.progress),
         "history": json.dumps(state.history),
         "loss_summary": json.dumps(state.summary()),
@@ -122,14 +125,14 @@ def load_mask(path: str | os.PathLike, layout: Layout | None = None) -> MaskStat
             fingerprint=meta["fingerprint"],
             logits={k[len(_LOGIT):]: v for k, v in tensors.items() if k.startswith(_LOGIT)},
             kinds=kinds,
-            settings=json.loads(meta.get("settings", "{}")),
+            settings=LearnSettings.from_dict(json.loads(meta.get("settings", "{}"))),
             progress=json.loads(meta.get("progress", "{}")),
             history=json.loads(meta.get("history", "[]")),
             optimizer={k[len(_OPTIM):]: v for k, v in tensors.items() if k.startswith(_OPTIM)},
             stop_reason=meta.get("stop_reason", ""),
             inputs=json.loads(meta.get("inputs", "{}")),
         )
-    except (KeyError, TypeError, json.JSONDecodeError, RecursionError) as exc:
+    except (KeyError, TypeError, json.JSONDecodeError, RecursionError, SettingsError) as exc:
         raise MaskFileError(f"{path} has damaged metadata ({type(exc).__name__}: {exc}); "
                             "re-save the mask or learn a new one") from exc
     if not isinstance(kinds, dict) or set(kinds) != set(state.logits):
@@ -176,8 +179,6 @@ def _state_problem(state: MaskState, tensors: dict[str, torch.Tensor]) -> str:
     problem = _optimizer_problem(state)
     if problem:
         return problem
-    if not isinstance(state.settings, dict):
-        return "metadata 'settings' must be a JSON object"
     if not isinstance(state.inputs, dict):
         return "metadata 'inputs' must be a JSON object"
     if not isinstance(state.progress, dict):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import EcoDiffError
+from .errors import EcoDiffError, SettingsError
 from .flops import FlopCosts
 from .prune import emptied_groups
 from .units import UNIT_KINDS, Layout, UnitGroup, parameter_costs
@@ -38,12 +38,12 @@ class _Default(float):
 
 def _check_fraction(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise EcoDiffError(f"PruneTarget.{name} must be a number, got {value!r}")
+        raise SettingsError(f"PruneTarget.{name} must be a number, got {value!r}")
     if not 0.0 <= value <= MAX_FRACTION:
         hint = f" (fractions, not percent: did you mean {value / 100:g}?)" if 1 < value <= 95 else ""
         what = "parameters" if name == "params" else "FLOPs"
-        raise EcoDiffError(f"the {name} target is the fraction of {what} to remove and must lie in "
-                           f"[0, {MAX_FRACTION}], got {value!r}{hint}")
+        raise SettingsError(f"the {name} target is the fraction of {what} to remove and must lie in "
+                            f"[0, {MAX_FRACTION}], got {value!r}{hint}")
     return float(value)
 
 
@@ -69,8 +69,8 @@ class PruneTarget:
             self.params = None
         chosen = [n for n in ("params", "flops", "keep_ratios") if getattr(self, n) is not None]
         if len(chosen) != 1:
-            raise EcoDiffError("PruneTarget needs exactly one of params, flops or keep_ratios; got "
-                               f"{chosen or 'none'}")
+            raise SettingsError("PruneTarget needs exactly one of params, flops or keep_ratios; got "
+                                f"{chosen or 'none'}")
         if self.params is not None:
             self.params = _check_fraction("params", self.params)
         if self.flops is not None:
@@ -96,30 +96,30 @@ def parse_keep_ratios(text: str) -> dict[str, float]:
         if not part.strip():
             continue
         if "=" not in part:
-            raise EcoDiffError(f"keep_ratios entry '{part.strip()}' must look like kind=ratio, e.g. head=0.8")
+            raise SettingsError(f"keep_ratios entry '{part.strip()}' must look like kind=ratio, e.g. head=0.8")
         kind, value = (s.strip() for s in part.split("=", 1))
         if kind in out:
-            raise EcoDiffError(f"keep_ratios gives '{kind}' twice ({kind}={out[kind]!r} and {kind}={value}); "
-                               "give each unit kind once")
+            raise SettingsError(f"keep_ratios gives '{kind}' twice ({kind}={out[kind]!r} and {kind}={value}); "
+                                "give each unit kind once")
         try:
             out[kind] = float(value)
         except ValueError as exc:
-            raise EcoDiffError(f"keep_ratios: '{value}' is not a number (entry '{part.strip()}')") from exc
+            raise SettingsError(f"keep_ratios: '{value}' is not a number (entry '{part.strip()}')") from exc
     if not out:
-        raise EcoDiffError("keep_ratios is empty; write e.g. head=0.8, neuron=0.7, channel=0.9")
+        raise SettingsError("keep_ratios is empty; write e.g. head=0.8, neuron=0.7, channel=0.9")
     return out
 
 
 def _check_ratios(ratios: object) -> dict[str, float]:
     if not isinstance(ratios, dict) or not ratios:
-        raise EcoDiffError(f"PruneTarget.keep_ratios must be a non-empty dict kind → ratio, got {ratios!r}")
+        raise SettingsError(f"PruneTarget.keep_ratios must be a non-empty dict kind → ratio, got {ratios!r}")
     out = {}
     for kind, r in ratios.items():
         if kind not in UNIT_KINDS:
-            raise EcoDiffError(f"PruneTarget.keep_ratios has unknown unit kind '{kind}'; use {list(UNIT_KINDS)}")
+            raise SettingsError(f"PruneTarget.keep_ratios has unknown unit kind '{kind}'; use {list(UNIT_KINDS)}")
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not MIN_KEEP_RATIO <= r <= 1.0:
-            raise EcoDiffError(f"PruneTarget.keep_ratios['{kind}'] is the fraction of {kind}s to KEEP and "
-                               f"must lie in [{MIN_KEEP_RATIO}, 1], got {r!r}")
+            raise SettingsError(f"PruneTarget.keep_ratios['{kind}'] is the fraction of {kind}s to KEEP and "
+                                f"must lie in [{MIN_KEEP_RATIO}, 1], got {r!r}")
         out[kind] = float(r)
     return out
 

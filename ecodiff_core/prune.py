@@ -8,6 +8,7 @@ replacement, so those tensors are never copied at full size.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from torch import nn
 from .errors import EcoDiffError
 from .replacements import scatter_rows
 from .units import Layout, UnitGroup, get_linear
+
+log = logging.getLogger("ecodiff")
 
 
 @dataclass
@@ -188,6 +191,10 @@ def prune_model(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor],
             new.in_features, new.out_features = new.weight.shape[1], new.weight.shape[0]
     _set_counts(pruned, layout, keep, skip)
     _silence(pruned, layout, plans, keep, gate_closed, silenced)
+    before, after = (sum(p.numel() for p in m.parameters()) for m in (model, pruned))
+    log.info("EcoDiff: pruned %s: %d -> %d parameters (%.1f%% removed), %d of %d units kept, %d owners replaced",
+             layout.arch, before, after, 100 * (1 - after / before) if before else 0.0,
+             sum(int(k.sum()) for k in keep.values()), layout.total_units(), len(replaced))
     return pruned
 
 

@@ -33,8 +33,10 @@ from torch import nn
 from .errors import EcoDiffError, SettingsError
 from .replacements import ScatterLinear
 from .safetensors_file import check_format, read, write_atomic
+from .seeds import check_seed
 from .trajectory import Denoiser, check_sigmas, teacher_steps
 from .units import Layout
+from .validation import check_choice, check_int, check_number, known_fields
 
 TARGET_MODULES: tuple[str, ...] = ("attention", "attention_ffn", "all_linear")
 STATE_SOURCES: tuple[str, ...] = ("pruned", "original")
@@ -71,28 +73,24 @@ class RecoverSettings:
         self.validate()
 
     def validate(self) -> None:
-        if not (isinstance(self.rank, int) and 1 <= self.rank <= 4096):
-            raise SettingsError(f"rank must be an integer in 1..4096, got {self.rank!r}")
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise SettingsError(f"alpha must be a finite number > 0 (the update is alpha/rank·up·down), got {self.alpha}")
-        if self.targets not in TARGET_MODULES:
-            raise SettingsError(f"targets must be one of {', '.join(TARGET_MODULES)}, got '{self.targets}'")
-        if not (isinstance(self.steps, int) and self.steps >= 1):
-            raise SettingsError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise SettingsError(f"learning rate must be a finite number > 0, got {self.lr}")
-        if not (isinstance(self.batch, int) and self.batch >= 1):
-            raise SettingsError(f"batch must be an integer >= 1, got {self.batch!r}")
-        if self.states not in STATE_SOURCES:
-            raise SettingsError(f"states must be one of {', '.join(STATE_SOURCES)}, got '{self.states}'")
+        """SettingsError naming the first bad setting."""
+        check_int("rank", self.rank, 1, 4096)
+        check_number("alpha", self.alpha, strict=True)
+        check_choice("targets", self.targets, TARGET_MODULES)
+        check_int("steps", self.steps)
+        check_number("learning rate", self.lr, strict=True)
+        check_int("batch", self.batch)
+        check_seed(self.seed)
+        check_choice("states", self.states, STATE_SOURCES)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RecoverSettings":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """Forward-compatible, like ``LearnSettings.from_dict``: unknown keys ignored (logged), missing
+        ones take the defaults."""
+        return cls(**known_fields(cls, data))
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from .errors import EcoDiffError
+
 UnitKind = Literal["head", "neuron", "channel"]
 UNIT_KINDS: tuple[str, ...] = ("head", "neuron", "channel")
 Side = Literal["in", "out"]
@@ -90,7 +92,8 @@ class Layout:
     def __post_init__(self) -> None:
         names = [g.name for g in self.groups]
         if len(set(names)) != len(names):
-            raise ValueError(f"architecture table '{self.arch}' produced duplicate group names")
+            raise EcoDiffError(f"architecture table '{self.arch}' produced duplicate group names; each unit "
+                               "group needs its own name (fix the table)")
 
     def by_name(self) -> dict[str, UnitGroup]:
         return {g.name: g for g in self.groups}
@@ -108,9 +111,15 @@ class Layout:
 
 
 def get_linear(model: nn.Module, path: str) -> nn.Linear:
-    module = model.get_submodule(path)
+    """The ``nn.Linear`` at ``path`` of ``model``; EcoDiffError when there is none."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError as exc:
+        raise EcoDiffError(f"unit table points at '{path}', which {type(model).__name__} does not have ({exc}); "
+                           "the table does not fit this model") from exc
     if not isinstance(module, nn.Linear):
-        raise TypeError(f"unit table points at '{path}', a {type(module).__name__}, expected nn.Linear")
+        raise EcoDiffError(f"unit table points at '{path}', a {type(module).__name__}, expected nn.Linear; "
+                           "the table does not fit this model")
     return module
 
 

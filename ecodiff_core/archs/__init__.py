@@ -29,7 +29,7 @@ def supported_architectures() -> list[str]:
     return [getattr(t, "DESCRIPTION", t.ARCH_ID) + f" [{t.ARCH_ID}]" for t in TABLES]
 
 
-def table_for(arch_id: str) -> ModuleType:
+def _table_for(arch_id: str) -> ModuleType:
     for table in TABLES:
         if table.ARCH_ID == arch_id:
             return table
@@ -92,4 +92,4 @@ def checkpoint_block_paths(model: nn.Module, arch_id: str) -> list[str]:
     (class names); an empty list for a table that names none."""
     from ..block_checkpoint import blocks_of_classes
 
-    return blocks_of_classes(model, getattr(table_for(arch_id), "CHECKPOINT_BLOCKS", ()))
+    return blocks_of_classes(model, getattr(_table_for(arch_id), "CHECKPOINT_BLOCKS", ()))

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import time
@@ -28,6 +27,7 @@ from ..prune import prune_model
 from ..report import PruneReport
 from ..seeds import check_seed, derived_seed
 from ..units import Layout
+from ..validation import check_int, check_number
 
 
 def default_learn_settings() -> LearnSettings:
@@ -48,7 +48,24 @@ def default_learn_settings() -> LearnSettings:
 
 
 @dataclass
-class DemoSettings:
+class RunSettings:
+    """What every run on the embedded model takes (the demo's and LoRA Recover's settings extend it).
+
+    sparsity                fraction of parameters to remove (0..0.95).
+    steps                   Euler steps of the calibration trajectories (≥ 1).
+    cfg                     classifier-free guidance scale (finite, ≥ 0).
+    prompts_per_class       calibration prompts per digit (≥ 1).
+    prompts_per_trajectory  prompts batched into one trajectory (≥ 1).
+    eval_per_class          evaluation images per digit (1..the real digits per class of the judge's
+                            floor, 145).
+    eval_steps              Euler steps when evaluating (≥ 1).
+    seed                    0..2**64-1.
+    output                  the output folder (created if missing; must not be a file).
+
+    Checked when built (and by :meth:`validate` after changes): SettingsError naming the setting
+    as :meth:`label` spells it.
+    """
+
     sparsity: float = 0.2
     steps: int = 10
     cfg: float = 1.5
@@ -58,29 +75,48 @@ class DemoSettings:
     eval_steps: int = 20
     seed: int = 0
     output: Path = Path("ecodiff_output")
-    learn: LearnSettings = field(default_factory=default_learn_settings)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def label(self, name: str) -> str:
+        """How messages name the setting ``name`` (the field name here)."""
+        return name
 
     def validate(self) -> None:
-        """SettingsError naming the first bad setting (numbers, the output folder, then learning)."""
+        """SettingsError naming the first bad setting (numbers, then the output folder)."""
         from .data import NUM_CLASSES, load_digit_split
 
         PruneTarget(params=self.sparsity)
         check_seed(self.seed)
         for name in ("steps", "prompts_per_class", "prompts_per_trajectory", "eval_per_class", "eval_steps"):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.cfg >= 0 and math.isfinite(self.cfg)):
-            raise SettingsError(f"cfg must be a finite number >= 0, got {self.cfg}")
+            check_int(self.label(name), getattr(self, name))
+        check_number(self.label("cfg"), self.cfg)
         available = int(torch.bincount(load_digit_split().train_labels, minlength=NUM_CLASSES).min())
         if self.eval_per_class > available:
-            raise SettingsError(f"eval_per_class must be <= {available} (real digits per class the FD-judge "
-                                f"floor is measured on), got {self.eval_per_class}")
-        out = Path(self.output)
+            raise SettingsError(f"{self.label('eval_per_class')} must be <= {available} (real digits per class "
+                                f"the FD-judge floor is measured on), got {self.eval_per_class}")
+        if not isinstance(self.output, (str, os.PathLike)):
+            raise SettingsError(f"the output must be a folder path, got {self.output!r}")
+        self.output = out = Path(self.output)
         if out.exists() and not out.is_dir():
-            raise SettingsError(f"the output {out} is an existing file, not a folder; give a folder path")
+            raise SettingsError(f"the output {out} is a file, not a folder; give a folder path (it is created "
+                                "if missing)")
         blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
         if blocking is not None:
             raise SettingsError(f"cannot create the output folder {out}: {blocking} is a file")
+
+
+@dataclass
+class DemoSettings(RunSettings):
+    """:class:`RunSettings` plus how the mask is learned (:func:`default_learn_settings`)."""
+
+    learn: LearnSettings = field(default_factory=default_learn_settings)
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.learn, LearnSettings):
+            raise SettingsError(f"learn must be LearnSettings, got {type(self.learn).__name__}")
         self.learn.validate()
 
 

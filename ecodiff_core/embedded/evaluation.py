@@ -7,16 +7,22 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..seeds import derived_seed
-from ..trajectory import sample
-from .data import NUM_CLASSES, unpack
+from ..errors import SettingsError
+from ..seeds import check_seed, derived_seed
+from ..validation import check_int, check_number
+from .data import NUM_CLASSES
 from .judge import Judge
-from .model import DefaultModel, initial_noise, sigmas
+from .model import DefaultModel
 from .text import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, caption
 
 
 @dataclass(frozen=True)
 class EvalSettings:
+    """How a model is measured: ``per_class`` images per digit (≥ 1), Euler ``steps`` (≥ 1), guidance
+    ``cfg`` (finite, ≥ 0), noise ``seed``, flow time ``shift`` (> 0), prompts from the training or the
+    ``heldout`` templates, ``batch`` prompts per sampling call (≥ 1).  SettingsError when built with a
+    bad value."""
+
     per_class: int = 50
     steps: int = 20
     cfg: float = 1.5
@@ -24,6 +30,15 @@ class EvalSettings:
     shift: float = 1.0
     heldout: bool = False
     batch: int = 500
+
+    def __post_init__(self) -> None:
+        for name in ("per_class", "steps", "batch"):
+            check_int(name, getattr(self, name))
+        check_number("cfg", self.cfg)
+        check_seed(self.seed)
+        check_number("shift", self.shift, strict=True)
+        if not isinstance(self.heldout, bool):
+            raise SettingsError(f"heldout must be true or false, got {self.heldout!r}")
 
 
 def evaluation_prompts(per_class: int = 50, heldout: bool = False) -> tuple[list[str], list[int]]:
@@ -41,13 +56,13 @@ def evaluation_prompts(per_class: int = 50, heldout: bool = False) -> tuple[list
 def generate(
     model: DefaultModel, prompts: list[str], settings: EvalSettings, transformer: nn.Module | None = None
 ) -> torch.Tensor:
-    """Images (N, 1, 8, 8); chunk ``k`` uses noise seed ``derived_seed(settings.seed, k)`` ((seed + k) mod 2**64)."""
+    """Images (N, 1, 8, 8) by :meth:`DefaultModel.sample` in chunks of ``settings.batch`` prompts;
+    chunk ``k`` uses noise seed ``derived_seed(settings.seed, k)`` ((seed + k) mod 2**64)."""
     out = []
     for k, start in enumerate(range(0, len(prompts), settings.batch)):
         chunk = prompts[start : start + settings.batch]
-        denoise = model.make_denoiser(chunk, settings.cfg, transformer)
-        x = initial_noise(len(chunk), derived_seed(settings.seed, k)).to(model.device)
-        out.append(unpack(sample(denoise, x, sigmas(settings.steps, settings.shift).to(model.device))))
+        out.append(model.sample(chunk, settings.steps, settings.cfg, derived_seed(settings.seed, k), transformer,
+                                settings.shift))
     return torch.cat(out)
 
 

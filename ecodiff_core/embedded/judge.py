@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import SettingsError, WeightsMissingError
 from .data import NUM_CLASSES, load_digit_split
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -106,7 +107,7 @@ class Judge:
         fd_judge: Frechet distance in judge feature space vs the real test set (not FID)."""
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         if labels.shape[0] != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+            raise SettingsError(f"{images.shape[0]} images but {labels.shape[0]} labels; give one label per image")
         feats, probs = self._run(images)
         return {
             "accuracy": float((probs.argmax(-1) == labels).float().mean()),
@@ -122,7 +123,8 @@ def stratified_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.
     for c in range(NUM_CLASSES):
         idx = torch.nonzero(labels == c).reshape(-1)
         if len(idx) < per_class:
-            raise ValueError(f"class {c} has only {len(idx)} items, {per_class} requested")
+            raise SettingsError(f"class {c} has only {len(idx)} items, {per_class} requested; ask for at most "
+                                f"{len(idx)} per class")
         picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
     return torch.cat(picks)
 
@@ -153,7 +155,7 @@ def load_judge(weights_dir: Path | str | None = None) -> Judge:
     weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     for name in (JUDGE_FILE, STATS_FILE):
         if not (weights_dir / name).is_file():
-            raise FileNotFoundError(
+            raise WeightsMissingError(
                 f"judge file {weights_dir / name} not found; regenerate it with `python scripts/train_judge.py`"
             )
     net = JudgeNet()

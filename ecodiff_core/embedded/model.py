@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._compat import ensure_torchvision_importable
-from ..errors import EcoDiffError
+from ..denoisers import flow_denoiser, flow_sigmas
+from ..errors import EcoDiffError, SettingsError, WeightsMissingError
 from ..trajectory import Denoiser, sample
 
 from .data import LATENT_SHAPE, image_ids, unpack
@@ -45,11 +46,6 @@ TRANSFORMER_CONFIG: dict = {
 TEXT_CONFIG = TextEncoderConfig(dim=64, layers=2, heads=4, mlp_ratio=2, max_length=10)
 
 
-class WeightsMissingError(EcoDiffError, FileNotFoundError):
-    """Raised when the shipped safetensors weights are not where they should be (an EcoDiffError, shown
-    plainly in ComfyUI, and a FileNotFoundError)."""
-
-
 def build_transformer() -> FluxTransformer2DModel:
     """A randomly initialised transformer with the shipped architecture."""
     return FluxTransformer2DModel(**TRANSFORMER_CONFIG)
@@ -57,8 +53,7 @@ def build_transformer() -> FluxTransformer2DModel:
 
 def sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     """``steps + 1`` noise levels from 1 to 0 (linear in t, then the FLUX/SD3 time shift)."""
-    t = torch.linspace(1.0, 0.0, steps + 1)
-    return shift * t / (1.0 + (shift - 1.0) * t)
+    return flow_sigmas(steps, shift)
 
 
 def initial_noise(n: int, seed: int) -> torch.Tensor:
@@ -84,6 +79,11 @@ class DefaultModel(nn.Module):
         """Token states (B, 10, 64) and pooled vectors (B, 64); differentiable (wrap in no_grad)."""
         return self.text_encoder(list(prompts))
 
+    def _transformer_kwargs(self, tokens: torch.Tensor, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The transformer's conditioning kwargs for token states (B, L, 64) and pooled vectors (B, 64)."""
+        return {"encoder_hidden_states": tokens, "pooled_projections": pooled,
+                "img_ids": self.img_ids, "txt_ids": self.txt_ids[: tokens.shape[1]]}
+
     def velocity(
         self,
         x: torch.Tensor,
@@ -92,24 +92,19 @@ class DefaultModel(nn.Module):
         pooled: torch.Tensor,
         transformer: nn.Module | None = None,
     ) -> torch.Tensor:
-        """v = eps - x0 predicted at noise level ``sigma`` (scalar or (B,)) for packed ``x`` (B, 16, 4)."""
+        """v = eps - x0 predicted at noise level ``sigma`` (scalar or (B,)) for packed ``x`` (B, 16, 4),
+        without guidance: the training objective's forward.  Sampling goes through :meth:`make_denoiser`."""
         net = self.transformer if transformer is None else transformer
         timestep = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
-        return net(
-            hidden_states=x,
-            encoder_hidden_states=tokens,
-            pooled_projections=pooled,
-            timestep=timestep,
-            img_ids=self.img_ids,
-            txt_ids=self.txt_ids[: tokens.shape[1]],
-            return_dict=False,
-        )[0]
+        kwargs = self._transformer_kwargs(tokens, pooled)
+        return net(hidden_states=x, timestep=timestep, return_dict=False, **kwargs)[0]
 
     def make_denoiser(self, prompts: list[str], cfg: float, transformer: nn.Module | None = None) -> Denoiser:
         """x0-predictor ``(x, sigma) -> x0`` for ``len(prompts)`` latents, with CFG in one batch.
 
         The text is encoded once, without gradients; gradients flow through ``transformer`` (pass a
         pruned or gated copy to sample it with the same code).  ``cfg == 1`` skips the uncond branch.
+        The engine's :func:`~ecodiff_core.denoisers.flow_denoiser` does the rest.
         """
         conditioning = self.conditioning(prompts, cfg)
         return self.denoiser_from_embeddings(conditioning["cond"], conditioning["uncond"], cfg, transformer)
@@ -138,22 +133,13 @@ class DefaultModel(nn.Module):
         transformer: nn.Module | None = None,
     ) -> Denoiser:
         """Like :meth:`make_denoiser` from precomputed (tokens, pooled) pairs; ``uncond`` may be
-        None only when ``cfg == 1``."""
+        None only when ``cfg == 1`` (SettingsError otherwise)."""
         if cfg != 1.0 and uncond is None:
-            raise ValueError("classifier-free guidance needs the unconditional embeddings")
-        tokens, pooled = cond
-        if cfg != 1.0:
-            tokens, pooled = torch.cat([tokens, uncond[0]]), torch.cat([pooled, uncond[1]])
-
-        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            if cfg == 1.0:
-                v = self.velocity(x, sigma, tokens, pooled, transformer)
-            else:
-                v_cond, v_uncond = self.velocity(torch.cat([x, x]), sigma, tokens, pooled, transformer).chunk(2)
-                v = v_uncond + cfg * (v_cond - v_uncond)
-            return x - torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1) * v
-
-        return denoise
+            raise SettingsError("classifier-free guidance (cfg != 1) needs the unconditional embeddings; "
+                                "pass uncond or use cfg = 1")
+        net = self.transformer if transformer is None else transformer
+        return flow_denoiser(net, self._transformer_kwargs(*cond),
+                             self._transformer_kwargs(*uncond) if cfg != 1.0 else None, cfg)
 
     @torch.no_grad()
     def sample_latents(
@@ -165,7 +151,8 @@ class DefaultModel(nn.Module):
         transformer: nn.Module | None = None,
         shift: float = 1.0,
     ) -> torch.Tensor:
-        """Plain Euler sampling from ``initial_noise(len(prompts), seed)``; returns packed x0 (B, 16, 4)."""
+        """Euler sampling (:func:`~ecodiff_core.trajectory.sample`) from ``initial_noise(len(prompts),
+        seed)`` over ``sigmas(steps, shift)``; returns packed x0 (B, 16, 4)."""
         denoise = self.make_denoiser(prompts, cfg, transformer)
         return sample(denoise, initial_noise(len(prompts), seed).to(self.device), sigmas(steps, shift).to(self.device))
 
@@ -178,7 +165,7 @@ class DefaultModel(nn.Module):
         transformer: nn.Module | None = None,
         shift: float = 1.0,
     ) -> torch.Tensor:
-        """Like :meth:`sample_latents` but returns images (B, 1, 8, 8) in [-1, 1]."""
+        """:meth:`sample_latents` as images (B, 1, 8, 8) in [-1, 1]."""
         return unpack(self.sample_latents(prompts, steps, cfg, seed, transformer, shift))
 
 
@@ -218,7 +205,8 @@ def load_default_model(path: Path | str | None = None, device: str | torch.devic
     expected = _config_metadata()
     for key in ("transformer_config", "text_encoder_config"):
         if json.loads(meta.get(key, "null")) != json.loads(expected[key]):
-            raise ValueError(f"{path}: {key} in the file does not match the code; retrain the model")
+            raise EcoDiffError(f"{path}: {key} in the file does not match the code; retrain the model "
+                               "(`python scripts/train_default_model.py`)")
     model = DefaultModel()
     state = {k: v.float() for k, v in load_file(str(path)).items()}
     model.load_state_dict(state, strict=True)

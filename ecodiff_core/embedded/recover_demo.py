@@ -7,6 +7,7 @@ LoRA on the pruned transformer is trained to match the original's x0 predictions
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -15,37 +16,35 @@ from typing import Any
 import torch
 
 from ..archs import find_layout
-from ..plan import PruneTarget, count_parameters
-from ..errors import SettingsError
+from ..errors import EcoDiffError, SettingsError
 from ..learn import frozen_weights
+from ..plan import PruneTarget, count_parameters
 from ..recover import (DistillProblem, LoraRecoverer, LoraWeights, RecoverSettings, distillation_loss,
                       lora_target_paths, rollout_states, teacher_targets)
+from ..seeds import derived_seed
+from .demo import RunSettings, calibration_samples, default_learn_settings, learn_mask, prune_to
 
 
 @dataclass
-class RecoverDemoSettings:
+class RecoverDemoSettings(RunSettings):
+    """:class:`~.demo.RunSettings` (``steps``: the Euler steps of the calibration trajectories whose
+    states LoRA Recover trains on) plus the mask to prune with (None: learn one as the demo does) and
+    the recovery's own settings.  Messages name settings as the command line does (``state-steps``)."""
+
     sparsity: float = 0.5
-    steps: int = 20            # Euler steps of the calibration trajectories (states)
-    cfg: float = 1.5
-    prompts_per_class: int = 10
-    prompts_per_trajectory: int = 10
-    eval_per_class: int = 50
-    eval_steps: int = 20
-    seed: int = 0
+    steps: int = 20
     mask: Path | None = None
-    output: Path = Path("ecodiff_output")
     recover: RecoverSettings = field(default_factory=RecoverSettings)
 
+    def label(self, name: str) -> str:
+        return "state-steps" if name == "steps" else name.replace("_", "-")
+
     def validate(self) -> None:
-        """SettingsError (the command line prints it as one line) for every bad value."""
-        PruneTarget(params=self.sparsity)
-        for name in ("steps", "prompts_per_class", "prompts_per_trajectory", "eval_per_class", "eval_steps"):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"{'state-steps' if name == 'steps' else name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if Path(self.output).exists() and not Path(self.output).is_dir():
-            raise SettingsError(f"--output {self.output} is a file; give a folder (it is created if missing)")
-        if self.mask is not None and not Path(self.mask).is_file():
+        super().validate()
+        if self.mask is not None and not (isinstance(self.mask, (str, os.PathLike)) and Path(self.mask).is_file()):
             raise SettingsError(f"--mask {self.mask} does not exist; give a mask file written by the demo")
+        if not isinstance(self.recover, RecoverSettings):
+            raise SettingsError(f"recover must be RecoverSettings, got {type(self.recover).__name__}")
         self.recover.validate()
 
 
@@ -57,7 +56,7 @@ def distill_problems(model, student, teacher, prompts: list[str], settings: Reco
     problems = []
     for k, start in enumerate(range(0, len(prompts), settings.prompts_per_trajectory)):
         chunk = prompts[start:start + settings.prompts_per_trajectory]
-        noise = initial_noise(len(chunk), settings.seed + 1000 + k)
+        noise = initial_noise(len(chunk), derived_seed(settings.seed, 1000 + k))
         s_den = model.make_denoiser(chunk, settings.cfg, student)
         t_den = model.make_denoiser(chunk, settings.cfg, teacher)
         if settings.recover.states == "pruned":
@@ -74,7 +73,6 @@ def run_recover(settings: RecoverDemoSettings, progress: bool = True) -> dict[st
     """Learn (or load) a mask → prune → evaluate → LoRA Recover → evaluate; report in ``settings.output``."""
     from tqdm.auto import tqdm
 
-    from .demo import calibration_samples, default_learn_settings, learn_mask, prune_to
     from .evaluation import EvalSettings, evaluate_model
     from .judge import load_judge
     from .model import load_default_model, sigmas
@@ -123,7 +121,7 @@ def run_recover(settings: RecoverDemoSettings, progress: bool = True) -> dict[st
             loss_after = distillation_loss(problems)
     recover_cpu, recover_wall = time.process_time() - cpu1, time.perf_counter() - wall1
     if state.stop_reason:
-        raise RuntimeError(f"recovery stopped early: {state.stop_reason}")
+        raise EcoDiffError(f"recovery stopped early: {state.stop_reason}")
     with lora.installed(pruned), torch.no_grad():
         after = evaluate_model(model, judge, evaluation, transformer=pruned)
     import safetensors.torch

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SettingsError
+from ..validation import check_int
+
 CLASS_NAMES: tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
 )
@@ -66,7 +69,7 @@ def caption(template: str, c: int) -> str:
 def captions_for_class(c: int, heldout: bool = False) -> list[str]:
     """All training captions (or the held-out phrasings) for digit class ``c``."""
     if not 0 <= c < len(CLASS_NAMES):
-        raise ValueError(f"class must be in 0..9, got {c}")
+        raise SettingsError(f"class must be in 0..{len(CLASS_NAMES) - 1}, got {c}")
     return [caption(t, c) for t in (HELDOUT_TEMPLATES if heldout else TRAIN_TEMPLATES)]
 
 
@@ -116,11 +119,20 @@ _VOCAB_INDEX = {w: i for i, w in enumerate(VOCAB)}
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
+    """The tiny text encoder's shape: width ``dim`` (a multiple of ``heads``), ``layers``, ``heads``,
+    MLP width ``mlp_ratio``·dim, ``max_length`` tokens; each an integer ≥ 1 (SettingsError)."""
+
     dim: int = 64
     layers: int = 2
     heads: int = 4
     mlp_ratio: int = 2
     max_length: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "layers", "heads", "mlp_ratio", "max_length"):
+            check_int(f"text encoder {name}", getattr(self, name))
+        if self.dim % self.heads:
+            raise SettingsError(f"text encoder dim {self.dim} must be a multiple of heads ({self.heads})")
 
 
 class _EncoderLayer(nn.Module):
@@ -154,7 +166,7 @@ class TinyTextEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = Tokenizer(config.max_length)
-        self.embed = nn.Embedding(len(VOCAB), config.dim)
+        self.embed = nn.Embedding(self.tokenizer.vocab_size, config.dim)
         self.pos = nn.Parameter(torch.randn(config.max_length, config.dim) / math.sqrt(config.dim))
         self.layers = nn.ModuleList(
             _EncoderLayer(config.dim, config.heads, config.mlp_ratio) for _ in range(config.layers)

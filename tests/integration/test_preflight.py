@@ -83,6 +83,6 @@ def test_learning_with_block_checkpointing_through_the_node_learns_the_same_mask
         out = learn(nodes, tiny, f"blocks_{mode}", prompts="a cat", steps=2, epochs=2, cfg=1.0,
                     block_checkpointing=mode, resume=False)
         masks[mode] = out.args[0]
-    assert masks["on"].settings["block_checkpointing"] == "on"
+    assert masks["on"].settings.block_checkpointing == "on"
     for name, lam in masks["off"].logits.items():
         torch.testing.assert_close(masks["on"].logits[name], lam, rtol=0, atol=1e-5)

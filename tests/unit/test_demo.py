@@ -94,7 +94,7 @@ def test_cli_rejects_bad_sparsity(tmp_path):
     (["--steps", "-99999999999999999999"], "steps must be >= 1, got -99999999999999999999"),
     (["--seed", "1" * 5000], "argument --seed: invalid int value"),
     (["--steps", "two"], "argument --steps: invalid int value"),
-    (["--output", "{file}"], "is an existing file, not a folder"),
+    (["--output", "{file}"], "is a file, not a folder"),
     (["--output", "{file}/inside"], "cannot create the output folder"),
     (["--unknown"], "unrecognized arguments"),
 ])

@@ -1,4 +1,5 @@
 """Time-step checkpointing, learning, resume and bad settings on tiny diffusers models."""
+import logging
 import math
 
 import pytest
@@ -8,7 +9,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ecodiff_core.archs import find_layout
-from ecodiff_core.denoisers import EpsSchedule, flux_flow_denoiser, unet_eps_denoiser
+from ecodiff_core.denoisers import EpsSchedule, flow_denoiser, unet_eps_denoiser
 from ecodiff_core.errors import SettingsError
 from ecodiff_core.hard_concrete import GateSettings, sample_gate, uniform_noise
 from ecodiff_core.gate_hooks import GateController
@@ -46,7 +47,7 @@ def make_problem(name: str, steps: int, cfg: bool, dtype=torch.float64, seed: in
             cond[key] = inputs[key]
             if uncond is not None:
                 uncond[key] = inputs[key]
-        denoise = flux_flow_denoiser(model, cond, uncond, cfg=2.5)
+        denoise = flow_denoiser(model, cond, uncond, cfg=2.5)
         sigmas = torch.linspace(1, 0, steps + 1, dtype=dtype)
         noise = torch.randn(1, 16, 4, generator=g, dtype=dtype)
     else:
@@ -392,3 +393,24 @@ def test_model_responses_compare_with_a_relative_tolerance():
     assert resume_problem(state(base), state(patched).inputs) == (
         "the model's output differs from the saved run's: patches, model options or sampling changed")
     assert "does not record the model's output" in resume_problem(state(None), state(base).inputs)
+
+
+def test_learning_pruning_and_mask_files_log_one_line_each(tmp_path, caplog):
+    """The ``ecodiff`` logger: learn start and finish, mask save and load, prune (as ComfyUI core logs)."""
+    from ecodiff_core.plan import PruneTarget, plan_pruning
+    from ecodiff_core.prune import prune_model
+
+    model, layout, samples, sigmas = samples_for("sd15", 2)
+    with caplog.at_level(logging.INFO, logger="ecodiff"):
+        state = MaskLearner(model, layout, LearnSettings(**{**FAST, "epochs": 1})).learn(samples, sigmas)
+        path = save_mask(tmp_path / "m.safetensors", state)
+        load_mask(path, layout)
+        plan = plan_pruning(model, layout, state.logits, PruneTarget(params=0.1))
+        prune_model(model, layout, plan.keep)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ecodiff" and r.levelno == logging.INFO]
+    before, after = (sum(p.numel() for p in m.parameters()) for m in (model, prune_model(model, layout, plan.keep)))
+    for prefix in (f"EcoDiff: mask learning started: diffusers_unet, {len(layout.groups)} unit groups, 2 prompts, 1 steps",
+                   "EcoDiff: mask learning finished after 1 steps", f"EcoDiff: saved mask for diffusers_unet to {path}",
+                   f"EcoDiff: loaded mask for diffusers_unet from {path}",
+                   f"EcoDiff: pruned diffusers_unet: {before} -> {after} parameters"):
+        assert sum(line.startswith(prefix) for line in lines) == 1, (prefix, lines)

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from ecodiff_core.errors import MaskFileError
+from ecodiff_core.learn_settings import LearnSettings
 from ecodiff_core.maskfile import MaskState, load_mask, save_mask
 from ecodiff_core.units import Layout, Slice, UnitGroup
 
@@ -26,7 +27,7 @@ def learned_state(lay: Layout) -> MaskState:
                                 f"exp_avg_sq/{n}": torch.rand(t.shape)})
     state.history = [{"step": 1, "loss": 0.5, "recon": 0.4, "reg": 0.2}]
     state.progress = {"epoch": 1, "position": 4, "step": 3, "finished": False}
-    state.settings = {"beta": 0.5}
+    state.settings = LearnSettings(beta=0.5)
     return state
 
 

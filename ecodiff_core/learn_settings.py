@@ -1,0 +1,97 @@
+"""The settings of mask learning: the one place for their defaults and their checks.
+
+Every host takes its defaults from :class:`LearnSettings` (the command line, the nodes); a mask file
+stores them and loads them forward-compatibly (:meth:`LearnSettings.from_dict`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .block_checkpoint import MODES as BLOCK_MODES
+from .errors import SettingsError
+from .hard_concrete import REGULARIZERS, GateSettings
+from .seeds import check_seed
+from .units import UNIT_KINDS
+from .validation import check_choice, check_int, check_number, known_fields
+
+Objective = Literal["end_to_end", "per_step"]
+OBJECTIVES: tuple[str, ...] = ("end_to_end", "per_step")
+
+
+@dataclass
+class LearnSettings:
+    """Defaults follow the official SDXL run (β = 0.5 with mean |λ|, AdamW, 4 epochs, accumulation 4).
+
+    epochs               passes over the calibration prompts (≥ 1).
+    accumulate           prompts (trajectories) per optimiser step (≥ 1).
+    beta                 weight β of the sparsity regulariser (finite, ≥ 0).
+    regularizer          "l1", "sigmoid" or "l0" (see ``hard_concrete.regularizer``).
+    lr                   AdamW learning rate per unit kind ("head", "neuron", "channel"; each > 0).
+    weight_decay         AdamW weight decay on the logits (finite, ≥ 0).
+    gate                 the hard-concrete gates (:class:`GateSettings`).
+    checkpointing        time-step checkpointing of the trajectory gradient (memory of one step).
+    block_checkpointing  "auto", "on" or "off": recompute transformer blocks in the backward.
+    objective            "end_to_end" (the final latent) or "per_step" (each step's x0).
+    seed                 seeds the prompt order and the gate noise (0..2**64-1).
+    prompt_batch         calibration samples per denoiser call (they share each step's gate sample);
+                         1 = one by one (≥ 1).
+
+    Every value is checked when the settings are built (SettingsError naming it).
+    """
+
+    epochs: int = 4
+    accumulate: int = 4
+    beta: float = 0.5
+    regularizer: str = "l1"
+    lr: dict[str, float] = field(default_factory=lambda: {"head": 0.1, "neuron": 0.1, "channel": 0.5})
+    weight_decay: float = 0.01
+    gate: GateSettings = field(default_factory=GateSettings)
+    checkpointing: bool = True
+    block_checkpointing: str = "auto"
+    objective: Objective = "end_to_end"
+    seed: int = 0
+    # calibration samples per denoiser call (they share each step's gate sample); 1 = one by one
+    prompt_batch: int = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """SettingsError naming the first bad setting (run again after changing a field in place)."""
+        check_int("epochs", self.epochs)
+        check_int("accumulate", self.accumulate)
+        check_number("beta (sparsity weight)", self.beta)
+        check_choice("regularizer", self.regularizer, REGULARIZERS)
+        if not isinstance(self.lr, dict):
+            raise SettingsError(f"lr must map unit kinds to learning rates, e.g. {{'head': 0.1}}, got {self.lr!r}")
+        for kind, lr in self.lr.items():
+            if kind not in UNIT_KINDS:
+                raise SettingsError(
+                    f"learning rate given for unknown unit kind '{kind}'; kinds: {', '.join(UNIT_KINDS)}"
+                )
+            check_number(f"learning rate for {kind}", lr, strict=True)
+        check_number("weight_decay", self.weight_decay)
+        if not isinstance(self.gate, GateSettings):
+            raise SettingsError(f"gate must be GateSettings, got {type(self.gate).__name__}")
+        if not isinstance(self.checkpointing, bool):
+            raise SettingsError(f"checkpointing must be true or false, got {self.checkpointing!r}")
+        check_choice("block_checkpointing", self.block_checkpointing, BLOCK_MODES)
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_seed(self.seed)
+        check_int("prompt_batch (calibration prompts per denoiser call)", self.prompt_batch)
+
+    def to_dict(self) -> dict:
+        """JSON-able: every field, ``gate`` as a nested dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LearnSettings":
+        """The inverse of :meth:`to_dict`, forward-compatible (as peft's configs load): keys a newer
+        version wrote are ignored with a log line, missing keys take the defaults (``gate`` too).
+        SettingsError for values out of range or of the wrong type."""
+        values = known_fields(cls, data)
+        if "gate" in values:
+            values["gate"] = GateSettings.from_dict(values["gate"])
+        return cls(**values)
