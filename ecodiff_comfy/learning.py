@@ -50,11 +50,5 @@ def learn_mask(model: Any, conds: Sequence[tuple[list, list]], spec: sampling.Sa
         with state_kept_on_stop(lambda: learner.state, on_stop):
             return learner.learn(session.samples, session.sigmas, callback)
 
-    log.info("EcoDiff: learning a mask for %s (%d unit groups) on %d prompts, %d steps at %d×%d",
-             layout.arch, len(layout.groups), len(conds), spec.steps, spec.width, spec.height)
-    state = sampling.run_with_denoisers(model, conds, spec, body)
-    summary = state.summary()
-    log.info("EcoDiff: mask learning %s after %d optimiser steps (loss %s → %s)",
-             "finished" if state.progress.get("finished") else "stopped", summary["steps"],
-             summary["first_loss"], summary["last_loss"])
-    return state
+    log.info("EcoDiff: calibration trajectories of %d steps at %d×%d", spec.steps, spec.width, spec.height)
+    return sampling.run_with_denoisers(model, conds, spec, body)  # the engine logs start and finish

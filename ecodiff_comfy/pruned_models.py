@@ -82,8 +82,8 @@ def build_pruned_model(model: Any, layout: Layout, keep: dict[str, torch.Tensor]
         fit_attention_patches(pruned)
         report = PruneReport.build(source, pruned, layout, keep)
     record = pruning_record(model, layout, adjusted, silenced)
-    log.info("EcoDiff: pruned %s: %d -> %d parameters (%d unit groups, %d silenced)", layout.arch,
-             report.params_before, report.params_after, len(layout.groups), len(silenced))
+    if silenced:
+        log.info("EcoDiff: %d emptied groups kept as silenced units (see the report)", len(silenced))
     return _wrap(model, _new_base_model(model, pruned, record)), report
 
 
