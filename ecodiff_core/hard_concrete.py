@@ -56,6 +56,26 @@ def expected_gate(logits: torch.Tensor, settings: GateSettings) -> torch.Tensor:
     return _stretch(torch.sigmoid(logits / settings.temperature), settings)
 
 
+def open_probability(logits: torch.Tensor, settings: GateSettings) -> torch.Tensor:
+    """P(gate ≠ 0) per unit, exactly, for the noise ``sample_gate`` draws (same shape as ``logits``).
+
+    The gate is non-zero iff its noise n exceeds c = β·log(−γ/ζ) − λ.  For the textbook noise (δ = 0)
+    this is Louizos' sigmoid(λ − β·log(−γ/ζ)); with δ > 0, n = log(u+δ) − log(1−u+δ) is bounded and
+    P = clamp((1 + 2δ)·sigmoid(λ − β·log(−γ/ζ)) − δ, 0, 1): 1 (no gradient) for
+    λ ≥ β·log(−γ/ζ) + log((1+δ)/δ), 0 below β·log(−γ/ζ) − log((1+δ)/δ).
+    """
+    p = torch.sigmoid(logits - settings.temperature * math.log(-settings.gamma / settings.zeta))
+    d = settings.noise_offset
+    return p if d == 0 else torch.clamp((1 + 2 * d) * p - d, 0.0, 1.0)
+
+
+def always_open_logit(settings: GateSettings) -> float:
+    """The logit above which a gate is never zero (inf for the textbook noise, δ = 0)."""
+    d = settings.noise_offset
+    return math.inf if d == 0 else settings.temperature * math.log(-settings.gamma / settings.zeta) + \
+        math.log((1 + d) / d)
+
+
 def uniform_noise(count: int, generator: torch.Generator) -> torch.Tensor:
     """u ~ U(ε, 1−ε) on the CPU so it is reproducible across devices."""
     eps = 1e-6

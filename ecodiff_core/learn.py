@@ -20,12 +20,14 @@ from .block_checkpoint import checkpointed_blocks
 from .errors import SettingsError
 from .hard_concrete import regularizer, sample_gate, uniform_noise
 from .gate_hooks import GateController
-from .learn_settings import LearnSettings
+from .learn_settings import TARGET, LearnSettings
 from .maskfile import MaskState
+from .target_constraint import TargetConstraint
 from .trajectory import Denoiser, check_sigmas, per_step_gradient, sample, teacher_steps, trajectory_gradient
 from .units import Layout
 
 if TYPE_CHECKING:
+    from .flops import FlopCosts
     from .memory import StepMemory
 
 log = logging.getLogger("ecodiff")
@@ -138,12 +140,15 @@ class MaskLearner:
         inputs: dict[str, Any] | None = None,
         step_memory: "StepMemory | None" = None,
         free_memory: int | None = None,
+        flop_costs: "FlopCosts | None" = None,
     ) -> None:
         """``inputs`` (from :func:`run_inputs`) fingerprints what this run learns from; with it, a
         ``resume`` state recorded for other inputs is not continued: learning starts fresh and
         ``state.start_note`` (and the ``ecodiff`` log) says why.  Without it, ``resume`` is trusted.
         ``step_memory`` (the preflight's estimate of one step) and ``free_memory`` (bytes free on
-        the device) decide ``block_checkpointing="auto"``; without either, auto means off."""
+        the device) decide ``block_checkpointing="auto"``; without either, auto means off.
+        ``flop_costs`` (``flops.measure_flops``) price the units for ``regularizer="target"`` with
+        ``target_mode="flops"``; without them, one denoiser call of the first sample is measured."""
         settings.validate()
         self.model, self.layout, self.settings = model, layout, settings
         self.grad_context = grad_context
@@ -172,6 +177,8 @@ class MaskLearner:
             settings.block_checkpointing, step_memory, free_memory, device)
         self.block_paths = checkpoint_block_paths(model, layout.arch) if self.block_checkpointing else []
         self.batching_note = ""  # why samples ran one by one despite prompt_batch (logged once)
+        self.flop_costs = flop_costs
+        self.constraint: TargetConstraint | None = None  # regularizer "target": built when learning starts
 
     # -- optimiser -----------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -246,6 +253,14 @@ class MaskLearner:
             self.controller.set(values)
 
         return before_step
+
+    def _sparsity_term(self, total_steps: int) -> tuple[torch.Tensor, float, dict[str, float]]:
+        """(the term to minimise, its weight, extra history entries): β × the official regulariser, or
+        the target constraint (weight 1) with the expected removed fraction and the step's target."""
+        if self.constraint is None:
+            return self._regularizer(), self.settings.beta, {}
+        term, expected, target = self.constraint.term(self.logits, self.progress["step"], total_steps)
+        return term, 1.0, {"expected_sparsity": expected, "target": target}
 
     def _regularizer(self) -> torch.Tensor:
         terms = []
@@ -328,6 +343,11 @@ class MaskLearner:
                  len(sigmas) - 1, self.progress["step"])
         with self.controller.installed(), frozen_weights(self.model):
             self.controller.set(None)
+            if self.settings.regularizer == TARGET and self.constraint is None:
+                first = samples[0]
+                self.constraint = TargetConstraint.for_model(
+                    self.model, self.layout, self.settings, self.progress,
+                    run=lambda: first.denoise(first.noise, sigmas[0]), flop_costs=self.flop_costs)
             self.prepare(samples, sigmas)
             while self.progress["epoch"] < self.settings.epochs:
                 epoch = self.progress["epoch"]
@@ -367,11 +387,11 @@ class MaskLearner:
                 acc.add_(g, alpha=scale)
             self.controller.set(None)
         with torch.enable_grad():
-            reg = self._regularizer()
-            reg_grads = torch.autograd.grad(self.settings.beta * reg, params)
+            reg, weight, extra = self._sparsity_term(total_steps)
+            reg_grads = torch.autograd.grad(weight * reg, params)
         # the only reads back to the host: once per optimiser step, for the log and the stop test
         recon, reg_value = recon_sum.item(), reg.item()
-        loss = recon + self.settings.beta * reg_value
+        loss = recon + weight * reg_value
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().item() if grads else True
         if not math.isfinite(loss) or not finite:
             self.stop_reason = (
@@ -383,10 +403,12 @@ class MaskLearner:
             p.grad = g + rg
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.constraint is not None:
+            self.progress["multipliers"] = list(self.constraint.ascend(extra["expected_sparsity"], extra["target"]))
         self.progress["step"] += 1
         self.progress["position"] += len(indices)
         sparsity = self.sparsity()
-        self.history.append({"step": self.progress["step"], "loss": loss, "recon": recon, "reg": reg_value})
+        self.history.append({"step": self.progress["step"], "loss": loss, "recon": recon, "reg": reg_value, **extra})
         return StepInfo(
             self.progress["step"],
             total_steps,

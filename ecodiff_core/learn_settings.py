@@ -11,13 +11,16 @@ from typing import Literal
 
 from .block_checkpoint import MODES as BLOCK_MODES
 from .errors import SettingsError
-from .hard_concrete import REGULARIZERS, GateSettings
+from .hard_concrete import REGULARIZERS, GateSettings, always_open_logit
 from .seeds import check_seed
 from .units import UNIT_KINDS
 from .validation import check_choice, check_int, check_number, known_fields
 
 Objective = Literal["end_to_end", "per_step"]
 OBJECTIVES: tuple[str, ...] = ("end_to_end", "per_step")
+TARGET = "target"  # the regularizer that learns for a stated target (see ``target_constraint``)
+TARGET_MODES: tuple[str, ...] = ("params", "flops")
+MAX_TARGET = 0.95  # as PruneTarget: at most this fraction removed
 
 
 @dataclass
@@ -26,8 +29,21 @@ class LearnSettings:
 
     epochs               passes over the calibration prompts (≥ 1).
     accumulate           prompts (trajectories) per optimiser step (≥ 1).
-    beta                 weight β of the sparsity regulariser (finite, ≥ 0).
-    regularizer          "l1", "sigmoid" or "l0" (see ``hard_concrete.regularizer``).
+    beta                 weight β of the sparsity regulariser (finite, ≥ 0; unused by "target").
+    regularizer          "l1", "sigmoid" or "l0" (see ``hard_concrete.regularizer``), or "target":
+                         hold the expected removed cost of the gates at ``target`` with learned
+                         Lagrange multipliers (see ``target_constraint``; no β).  "target" needs the
+                         textbook gates, ``gate.noise_offset`` = 0 (:meth:`for_target` sets them).
+    target               "target" only: the fraction of parameters (or FLOPs) to remove, (0, 0.95],
+                         as Apply's ``PruneTarget``.
+    target_mode          "target" only: "params" or "flops" (FLOPs of one denoiser call).
+    target_warmup        "target" only: the fraction of the learning steps over which the target
+                         ramps linearly from 0 ([0, 1]; 0 = the full target from the first step).
+    multiplier_lr        "target" only: the gradient-ascent step of the linear multiplier λ₁ (> 0).
+    penalty_lr           "target" only: the gradient-ascent step of the quadratic multiplier λ₂ (> 0);
+                         much larger than ``multiplier_lr``, it damps the oscillation of the expected
+                         sparsity around the target (AdamW makes the logits' steps blind to the
+                         multipliers' common scale, so only their ratio shapes the dynamics).
     lr                   AdamW learning rate per unit kind ("head", "neuron", "channel"; each > 0).
     weight_decay         AdamW weight decay on the logits (finite, ≥ 0).
     gate                 the hard-concrete gates (:class:`GateSettings`).
@@ -54,6 +70,11 @@ class LearnSettings:
     seed: int = 0
     # calibration samples per denoiser call (they share each step's gate sample); 1 = one by one
     prompt_batch: int = 1
+    target: float = 0.5
+    target_mode: str = "params"
+    target_warmup: float = 0.5
+    multiplier_lr: float = 1.0
+    penalty_lr: float = 100.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -63,7 +84,7 @@ class LearnSettings:
         check_int("epochs", self.epochs)
         check_int("accumulate", self.accumulate)
         check_number("beta (sparsity weight)", self.beta)
-        check_choice("regularizer", self.regularizer, REGULARIZERS)
+        check_choice("regularizer", self.regularizer, (*REGULARIZERS, TARGET))
         if not isinstance(self.lr, dict):
             raise SettingsError(f"lr must map unit kinds to learning rates, e.g. {{'head': 0.1}}, got {self.lr!r}")
         for kind, lr in self.lr.items():
@@ -81,6 +102,36 @@ class LearnSettings:
         check_choice("objective", self.objective, OBJECTIVES)
         check_seed(self.seed)
         check_int("prompt_batch (calibration prompts per denoiser call)", self.prompt_batch)
+        self._validate_target()
+
+    def _validate_target(self) -> None:
+        target = check_number("target (fraction to remove)", self.target, strict=True)
+        if target > MAX_TARGET:
+            hint = f" (a fraction, not percent: did you mean {target / 100:g}?)" if 1 < target <= 95 else ""
+            raise SettingsError(f"target is the fraction of parameters (or FLOPs) to remove and must lie in "
+                                f"(0, {MAX_TARGET}], got {target!r}{hint}")
+        check_choice("target_mode", self.target_mode, TARGET_MODES)
+        warmup = check_number("target_warmup (fraction of the steps)", self.target_warmup)
+        if warmup > 1:
+            raise SettingsError(f"target_warmup is a fraction of the learning steps and must lie in [0, 1], "
+                                f"got {warmup!r}")
+        check_number("multiplier_lr (step of the linear Lagrange multiplier)", self.multiplier_lr, strict=True)
+        check_number("penalty_lr (step of the quadratic Lagrange multiplier)", self.penalty_lr, strict=True)
+        if self.regularizer == TARGET and self.gate.noise_offset != 0:
+            raise SettingsError(
+                f"regularizer 'target' needs the textbook hard-concrete gates: with gate noise_offset "
+                f"{self.gate.noise_offset:g} a gate whose logit is above {always_open_logit(self.gate):.2f} is never "
+                "zero, so its expected cost gives no gradient; set gate noise_offset to 0 (LearnSettings.for_target "
+                "builds such settings)")
+
+    @classmethod
+    def for_target(cls, target: float, target_mode: str = "params", **fields) -> "LearnSettings":
+        """Settings that learn for ``target`` (regularizer "target", textbook gates δ = 0); ``fields``
+        override any other setting (a given ``gate`` is taken with its noise_offset set to 0)."""
+        gate = fields.pop("gate", GateSettings())
+        if isinstance(gate, GateSettings):
+            gate = dataclasses.replace(gate, noise_offset=0.0)
+        return cls(regularizer=TARGET, target=target, target_mode=target_mode, gate=gate, **fields)
 
     def to_dict(self) -> dict:
         """JSON-able: every field, ``gate`` as a nested dict."""

@@ -1,0 +1,127 @@
+"""Target-aware learning: the expected removed cost of the gates, held at the target by learned
+Lagrange multipliers; checked against Monte Carlo, on a tiny model, across a resume, and for bad settings."""
+import math
+
+import pytest
+import torch
+from tiny_models import build
+
+from ecodiff_core.archs import find_layout
+from ecodiff_core.denoisers import flow_denoiser
+from ecodiff_core.errors import SettingsError
+from ecodiff_core.flops import measure_flops
+from ecodiff_core.hard_concrete import GateSettings, open_probability, sample_gate, uniform_noise
+from ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner
+from ecodiff_core.maskfile import load_mask, save_mask
+from ecodiff_core.plan import count_parameters
+from ecodiff_core.target_constraint import expected_removed_fraction, ramped_target
+from ecodiff_core.units import parameter_costs
+
+
+@pytest.fixture(scope="module")
+def flux():
+    """(model, layout, samples, sigmas): the tiny FLUX-like transformer, one prompt, a 1-step trajectory."""
+    model, inputs = build("flux", torch.float32)
+    cond = {k: inputs[k][:1] for k in ("encoder_hidden_states", "pooled_projections")}
+    cond.update(img_ids=inputs["img_ids"], txt_ids=inputs["txt_ids"])
+    denoise = flow_denoiser(model, cond, None, cfg=1.0)
+    noise = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(0))
+    return model, find_layout(model), [CalibrationSample(denoise, noise)], torch.linspace(1, 0, 2)
+
+
+def costs_and_total(model, layout, samples, sigmas, mode):
+    """The reference prices: parameters removed per unit over all parameters, or FLOPs of one call."""
+    if mode == "params":
+        return parameter_costs(model, layout), count_parameters(model)
+    flops = measure_flops(model, layout, lambda: samples[0].denoise(samples[0].noise, sigmas[0]))
+    return flops.per_unit, flops.total
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.1, 0.5])
+def test_expected_removed_cost_equals_monte_carlo_over_sampled_gates(flux, offset):
+    model, layout, _, _ = flux
+    settings = GateSettings(noise_offset=offset)
+    g = torch.Generator().manual_seed(3)
+    logits = {gr.name: torch.randn(gr.count, generator=g, dtype=torch.float64) * 2 - 1 for gr in layout.groups}
+    costs, total = parameter_costs(model, layout), count_parameters(model)
+    exact = expected_removed_fraction(logits, costs, total, settings).item()
+    draws, sizes = 20_000, [gr.count for gr in layout.groups]
+    u = uniform_noise(draws * sum(sizes), g).double().reshape(draws, -1)
+    removed = torch.zeros(draws, dtype=torch.float64)
+    for gr, part in zip(layout.groups, torch.split(u, sizes, dim=1)):
+        closed = sample_gate(logits[gr.name].expand(draws, -1), part, settings) == 0
+        removed += closed.double().sum(1) * costs[gr.name] / total
+    error = removed.std().item() / math.sqrt(draws)
+    assert 0.05 < exact < 0.95 * sum(costs[gr.name] * gr.count for gr in layout.groups) / total
+    assert abs(removed.mean().item() - exact) < 4 * error, (removed.mean().item(), exact, error)
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.1, 0.5])
+def test_open_probability_is_the_share_of_non_zero_gates(offset):
+    settings = GateSettings(noise_offset=offset)
+    lam = torch.linspace(-5, 3, 9, dtype=torch.float64)
+    u = uniform_noise(200_000, torch.Generator().manual_seed(1)).double()
+    share = torch.stack([(sample_gate(torch.full_like(u, v), u, settings) > 0).double().mean() for v in lam])
+    torch.testing.assert_close(open_probability(lam, settings), share, rtol=0, atol=5e-3)
+    if offset == 0:  # Louizos et al.: sigmoid(λ − β log(−γ/ζ))
+        louizos = torch.sigmoid(lam - settings.temperature * math.log(-settings.gamma / settings.zeta))
+        torch.testing.assert_close(open_probability(lam, settings), louizos)
+
+
+@pytest.mark.parametrize("warmup, step, total, want", [
+    (0.5, 0, 10, 0.06), (0.5, 4, 10, 0.3), (0.5, 9, 10, 0.3), (0.0, 0, 10, 0.3), (1.0, 1, 4, 0.15),
+])
+def test_target_ramps_linearly_over_the_warmup(warmup, step, total, want):
+    assert ramped_target(0.3, warmup, step, total) == pytest.approx(want)
+
+
+TARGET_RUN = dict(epochs=120, accumulate=1, lr={"head": 0.2, "neuron": 0.2, "channel": 0.2}, target_warmup=0.5)
+
+
+@pytest.mark.parametrize("mode, target", [("params", 0.3), ("flops", 0.4)])
+def test_constraint_drives_expected_sparsity_to_the_target(flux, mode, target):
+    model, layout, samples, sigmas = flux
+    settings = LearnSettings.for_target(target, mode, **TARGET_RUN)
+    state = MaskLearner(model, layout, settings).learn(samples, sigmas)
+    costs, total = costs_and_total(model, layout, samples, sigmas, mode)
+    shift = settings.gate.temperature * math.log(-settings.gate.gamma / settings.gate.zeta)
+    expected = sum(costs[n] * (1 - torch.sigmoid(lam.double() - shift)).sum().item()
+                   for n, lam in state.logits.items()) / total
+    assert state.history[0]["expected_sparsity"] < 0.05  # the gates start open
+    assert abs(expected - target) < 0.02, expected
+    assert state.history[-1]["expected_sparsity"] == pytest.approx(expected, abs=0.01)  # last step's value
+    assert state.history[-1]["target"] == target and state.progress["multipliers"][1] > 0
+
+
+def test_resume_gives_the_same_multipliers_and_logits(flux, tmp_path):
+    model, layout, samples, sigmas = flux
+    settings = LearnSettings.for_target(0.3, **{**TARGET_RUN, "epochs": 6})
+    straight = MaskLearner(model, layout, settings).learn(samples, sigmas)
+    half = MaskLearner(model, layout, settings).learn(samples, sigmas, callback=lambda info: info.step < 3)
+    assert half.progress["step"] == 3 and half.progress["multipliers"] != [0.0, 0.0]
+    resumed = MaskLearner(model, layout, settings,
+                          resume=load_mask(save_mask(tmp_path / "half.safetensors", half), layout))
+    final = resumed.learn(samples, sigmas)
+    assert final.progress["multipliers"] == straight.progress["multipliers"]
+    assert final.history == straight.history
+    for name in straight.logits:
+        assert torch.equal(final.logits[name], straight.logits[name]), name
+
+
+def test_target_settings_round_trip_and_keep_the_official_default():
+    assert LearnSettings().regularizer == "l1"  # today's behaviour stays the default
+    settings = LearnSettings.for_target(0.4, "flops", gate=GateSettings(init_logit=2.0, noise_offset=0.5))
+    assert settings.gate.noise_offset == 0 and settings.gate.init_logit == 2.0
+    assert LearnSettings.from_dict(settings.to_dict()) == settings
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(target=0.0), "target"), (dict(target=1.5), "fraction"), (dict(target=30), "did you mean 0.3"),
+    (dict(target=math.nan), "target"), (dict(target_mode="bytes"), "target_mode"),
+    (dict(target_warmup=1.5), "target_warmup"), (dict(target_warmup=-0.1), "target_warmup"),
+    (dict(multiplier_lr=0.0), "multiplier_lr"), (dict(penalty_lr=-1.0), "penalty_lr"),
+    (dict(gate=GateSettings()), "noise_offset to 0"),
+])
+def test_bad_target_settings_raise_settings_error(change, message):
+    with pytest.raises(SettingsError, match=message):
+        LearnSettings(**{"regularizer": "target", "gate": GateSettings(noise_offset=0.0), **change})
