@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/quality.py [--sparsities 0.1 0.2 0.3 0.5] [--seeds 0 1 2] [--json out.json]
 
 For every seed: EcoDiff end to end (time-step checkpointing), EcoDiff with the per-step (local) loss,
-magnitude, random and first-order Taylor scores; each is pruned to every target with the same budget
-planner and evaluated with the shipped judge (accuracy, FD-judge) on the same evaluation seeds.  Also
+EcoDiff learned for each target (``regularizer="target"``: one mask per sparsity, the expected removed
+parameters held at it by Lagrange multipliers), magnitude, random and first-order Taylor scores; each
+is pruned to every target with the same budget planner and evaluated with the shipped judge (accuracy, FD-judge) on the same evaluation seeds.  Also
 prints the pruned sampling speed against the FLOP reduction.  Prints Markdown tables; with --plot,
 writes a PNG of FD-judge against sparsity.
 """
@@ -26,6 +27,7 @@ if __package__ in (None, ""):  # run as a file: the repository root is where `ec
 
 from ecodiff_core.archs import find_layout  # noqa: E402
 from ecodiff_core.baselines import magnitude_scores, random_scores, taylor_scores  # noqa: E402
+from ecodiff_core.learn_settings import LearnSettings  # noqa: E402
 from ecodiff_core.plan import PruneTarget, count_parameters  # noqa: E402
 from ecodiff_core.embedded.demo import calibration_samples, default_learn_settings, forward_flops, learn_mask, prune_to  # noqa: E402
 from ecodiff_core.embedded.evaluation import EvalSettings, evaluate_model  # noqa: E402
@@ -33,17 +35,28 @@ from ecodiff_core.embedded.judge import load_judge, real_data_floor  # noqa: E40
 from ecodiff_core.embedded.model import load_default_model, sigmas  # noqa: E402
 from ecodiff_core.embedded.text import calibration_prompts  # noqa: E402
 
-METHODS = ("ecodiff", "ecodiff-per-step", "taylor", "magnitude", "random")
+METHODS = ("ecodiff", "ecodiff-per-step", "ecodiff-target", "taylor", "magnitude", "random")
+TARGET_METHODS = ("ecodiff-target",)  # learned for one sparsity: scored once per sparsity
 LEARN_STEPS, CFG = 10, 1.5
 
 
-def scores_for(method: str, model, layout, seed: int) -> tuple[dict[str, torch.Tensor], float]:
+def target_learn_settings(sparsity: float, seed: int):
+    """The demo's epochs and learning rates, learning for ``sparsity`` of the parameters."""
+    official = default_learn_settings()
+    return LearnSettings.for_target(sparsity, seed=seed, epochs=official.epochs, accumulate=official.accumulate,
+                                    lr=official.lr, gate=official.gate)
+
+
+def scores_for(method: str, model, layout, seed: int,
+               sparsity: float | None = None) -> tuple[dict[str, torch.Tensor], float]:
     start = time.perf_counter()
     prompts, _ = calibration_prompts(10)
     samples = calibration_samples(model, prompts, CFG, 10, seed)
-    if method in ("ecodiff", "ecodiff-per-step"):
-        objective = "end_to_end" if method == "ecodiff" else "per_step"
+    if method in ("ecodiff", "ecodiff-per-step", *TARGET_METHODS):
+        objective = "per_step" if method == "ecodiff-per-step" else "end_to_end"
         settings = replace(default_learn_settings(), seed=seed, objective=objective)
+        if method in TARGET_METHODS:
+            settings = target_learn_settings(sparsity, seed)
         run = learn_mask(model.transformer, layout, settings, samples, sigmas(LEARN_STEPS))
         return run.state.logits, run.seconds
     if method == "taylor":
@@ -92,8 +105,11 @@ def main() -> None:
         base = evaluate_model(model, judge, evaluation)
         rows.append({"method": "original", "seed": seed, "sparsity": 0.0, **_metrics(base)})
         for method in args.methods:
-            scores, seconds = scores_for(method, model, layout, seed)
+            if method not in TARGET_METHODS:
+                scores, seconds = scores_for(method, model, layout, seed)
             for sparsity in args.sparsities:
+                if method in TARGET_METHODS:
+                    scores, seconds = scores_for(method, model, layout, seed, sparsity)
                 pruned, plan = prune_to(model.transformer, layout, scores, PruneTarget(params=sparsity))
                 result = evaluate_model(model, judge, evaluation, transformer=pruned)
                 rows.append(

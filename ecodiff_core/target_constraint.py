@@ -10,12 +10,14 @@ target over the first ``target_warmup`` fraction of the learning steps.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from .errors import MaskFileError
 from .flops import FlopCosts, measure_flops
 from .hard_concrete import GateSettings, open_probability
 from .learn_settings import LearnSettings
@@ -60,7 +62,12 @@ class TargetConstraint:
             if flop_costs is None:
                 flop_costs = measure_flops(model, layout, run)
             costs, total = flop_costs.per_unit, flop_costs.total
-        return cls(costs, total, settings, tuple(progress.get("multipliers", (0.0, 0.0))))
+        multipliers = progress.get("multipliers", [0.0, 0.0])
+        if not (isinstance(multipliers, list) and len(multipliers) == 2 and all(
+                isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m) for m in multipliers)):
+            raise MaskFileError(f"the saved run's Lagrange multipliers are damaged ({multipliers!r}; expected two "
+                                "finite numbers); learn the mask again without resuming")
+        return cls(costs, total, settings, (multipliers[0], multipliers[1]))
 
     def term(self, logits: dict[str, torch.Tensor], step: int, total_steps: int) -> tuple[torch.Tensor, float, float]:
         """(λ₁(s − t) + λ₂(s − t)² with the logits' gradient, s, t) at optimiser step ``step``."""

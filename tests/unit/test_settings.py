@@ -31,7 +31,7 @@ BAD = [
     (LearnSettings, dict(accumulate=True), "accumulate must be an integer, got True"),
     (LearnSettings, dict(beta=None), "beta .* must be a number, got None"),
     (LearnSettings, dict(beta=math.nan), "beta .* must be a finite number >= 0, got nan"),
-    (LearnSettings, dict(regularizer="l7"), "regularizer must be one of l1, sigmoid, l0, got 'l7'"),
+    (LearnSettings, dict(regularizer="l7"), "regularizer must be one of l1, sigmoid, l0, target, got 'l7'"),
     (LearnSettings, dict(lr=[0.1]), "lr must map unit kinds"),
     (LearnSettings, dict(lr={"head": "fast"}), "learning rate for head must be a number"),
     (LearnSettings, dict(lr={"blob": 0.1}), "unknown unit kind 'blob'"),

@@ -8,7 +8,7 @@ from tiny_models import build
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.denoisers import flow_denoiser
-from ecodiff_core.errors import SettingsError
+from ecodiff_core.errors import MaskFileError, SettingsError
 from ecodiff_core.flops import measure_flops
 from ecodiff_core.hard_concrete import GateSettings, open_probability, sample_gate, uniform_noise
 from ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner
@@ -125,3 +125,13 @@ def test_target_settings_round_trip_and_keep_the_official_default():
 def test_bad_target_settings_raise_settings_error(change, message):
     with pytest.raises(SettingsError, match=message):
         LearnSettings(**{"regularizer": "target", "gate": GateSettings(noise_offset=0.0), **change})
+
+
+@pytest.mark.parametrize("multipliers", ["x", [1.0], [1.0, math.inf], [True, 0.0]])
+def test_damaged_saved_multipliers_are_refused(flux, multipliers):
+    model, layout, samples, sigmas = flux
+    settings = LearnSettings.for_target(0.3, epochs=1)
+    saved = MaskLearner(model, layout, settings).state
+    saved.progress["multipliers"] = multipliers
+    with pytest.raises(MaskFileError, match="multipliers are damaged"):
+        MaskLearner(model, layout, settings, resume=saved).learn(samples, sigmas)
