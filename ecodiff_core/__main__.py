@@ -1,4 +1,7 @@
-"""Command line: ``python -m ecodiff_core demo [options]``.
+"""Command line: ``python -m ecodiff_core demo|recover|memory|learn|prune|report [options]``.
+
+``learn``, ``prune`` and ``report`` work on local diffusers pipelines (``cli_diffusers``); ``learn``
+runs data-parallel under ``torchrun --nproc-per-node N -m ecodiff_core learn ...``.
 
 Every bad argument ends in one ``error:`` line and exit code 2 (argparse's convention): the engine
 validates the settings before any work starts and its EcoDiffError goes to ``parser.error``.
@@ -7,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -155,7 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     demo = _demo_parser(sub)
     memory = _memory_parser(sub)
     recover = _recover_parser(sub)
+    from .cli_diffusers import COMMANDS
+
+    diffusers_commands = {name: (add(sub), run) for name, (add, run) in COMMANDS.items()}
     args = parser.parse_args(argv)
+    if args.command in diffusers_commands:
+        command_parser, run = diffusers_commands[args.command]
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        with command_errors(command_parser):
+            return run(args)
     if args.command == "memory":
         with command_errors(memory):
             return memory_command(args)

@@ -1,4 +1,4 @@
-"""x0-predicting denoisers in σ-space for diffusers models (UNet ε-prediction, FLUX flow).
+"""x0-predicting denoisers in σ-space for diffusers models (UNet ε-prediction, FLUX and SD3 flow).
 
 Each returns ``denoise(x, sigma) -> x0`` with classifier-free guidance inside, which is what the
 trajectory code and the learner need.  The ComfyUI bridge builds the same thing from ComfyUI's own
@@ -70,13 +70,26 @@ def flux_flow_denoiser(transformer: nn.Module, cond: dict[str, Any], uncond: dic
                        cfg: float = 1.0) -> Denoiser:
     """Rectified flow: x_σ = (1 − σ)·x0 + σ·ε and the model predicts v = ε − x0, so x0 = x − σ·v.
 
-    ``cond`` holds encoder_hidden_states, pooled_projections, img_ids, txt_ids (and guidance).
+    ``cond`` holds encoder_hidden_states, pooled_projections, img_ids, txt_ids (and guidance); x is
+    the packed latent (B, tokens, channels).  The FLUX transformer takes the timestep as σ in [0, 1].
     """
-    kwargs = _batch_kwargs(cond, uncond, shared=("img_ids", "txt_ids"))
+    return _flow_denoiser(transformer, cond, uncond, cfg, time_scale=1.0, shared=("img_ids", "txt_ids"))
+
+
+def sd3_flow_denoiser(transformer: nn.Module, cond: dict[str, Any], uncond: dict[str, Any] | None = None,
+                      cfg: float = 1.0) -> Denoiser:
+    """SD3 / SD3.5 rectified flow (x0 = x − σ·v); ``cond`` holds encoder_hidden_states and
+    pooled_projections, x is the latent (B, C, H, W); the transformer takes the timestep as 1000·σ."""
+    return _flow_denoiser(transformer, cond, uncond, cfg, time_scale=1000.0)
+
+
+def _flow_denoiser(transformer: nn.Module, cond: dict[str, Any], uncond: dict[str, Any] | None, cfg: float,
+                   time_scale: float, shared: tuple[str, ...] = ()) -> Denoiser:
+    kwargs = _batch_kwargs(cond, uncond, shared=shared)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         batch = x if uncond is None else torch.cat([x, x])
-        t = sigma.to(x.dtype).expand(batch.shape[0])
+        t = (sigma * time_scale).to(x.dtype).expand(batch.shape[0])
         v = transformer(hidden_states=batch, timestep=t, return_dict=False, **kwargs)[0]
         return _guide(batch - sigma * v, uncond, cfg)
 

@@ -25,6 +25,7 @@ from .trajectory import Denoiser, check_sigmas, per_step_gradient, sample, teach
 from .units import UNIT_KINDS, Layout
 
 if TYPE_CHECKING:
+    from .distributed import DataParallel
     from .memory import StepMemory
 
 Objective = Literal["end_to_end", "per_step"]
@@ -148,13 +149,18 @@ class MaskLearner:
         inputs: dict[str, Any] | None = None,
         step_memory: "StepMemory | None" = None,
         free_memory: int | None = None,
+        parallel: "DataParallel | None" = None,
     ) -> None:
         """``inputs`` (from :func:`run_inputs`) fingerprints what this run learns from; with it, a
         ``resume`` state recorded for other inputs is not continued: learning starts fresh and
         ``state.start_note`` (and the ``ecodiff`` log) says why.  Without it, ``resume`` is trusted.
         ``step_memory`` (the preflight's estimate of one step) and ``free_memory`` (bytes free on
-        the device) decide ``block_checkpointing="auto"``; without either, auto means off."""
+        the device) decide ``block_checkpointing="auto"``; without either, auto means off.
+        ``parallel`` (data-parallel learning, see ``distributed``): this process computes only the
+        samples it ``owns`` (the others may be None) and the λ gradients are all-reduced before each
+        optimiser step, so every process takes the step one process would take."""
         settings.validate()
+        self.parallel = parallel
         self.model, self.layout, self.settings = model, layout, settings
         self.grad_context = grad_context
         self.start_note = ""
@@ -256,9 +262,14 @@ class MaskLearner:
         return torch.stack(terms).sum()
 
     # -- learning ------------------------------------------------------------------------------
+    def _owns(self, index: int) -> bool:
+        return self.parallel is None or self.parallel.owns(index)
+
     def prepare(self, samples: Sequence[CalibrationSample], sigmas: torch.Tensor) -> None:
-        """Targets: the ungated model's trajectory from the same x_T and prompt."""
-        for s in samples:
+        """Targets: the ungated model's trajectory from the same x_T and prompt (own samples only)."""
+        for index, s in enumerate(samples):
+            if not self._owns(index):
+                continue
             if self.settings.objective == "end_to_end" and s.target is None:
                 s.target = sample(s.denoise, s.noise, sigmas)
             if self.settings.objective == "per_step" and s.teacher is None:
@@ -321,12 +332,16 @@ class MaskLearner:
         grads = [torch.zeros_like(p) for p in params]
         recon = 0.0
         for index in indices:
+            if not self._owns(index):
+                continue
             noise_seed = _seed(self.settings.seed, epoch, index)
             result = self._sample_gradient(samples[index], sigmas, noise_seed)
             recon += result.loss / len(indices)
             for acc, g in zip(grads, result.grads):
                 acc.add_(g, alpha=1.0 / len(indices))
             self.controller.set(None)
+        if self.parallel is not None:  # sum of every process's share of this step's samples
+            recon = self.parallel.all_reduce(grads, recon)
         with torch.enable_grad():
             reg = self._regularizer()
             reg_grads = torch.autograd.grad(self.settings.beta * reg, params)
