@@ -125,8 +125,12 @@ def pipeline_info(folder: str | Path) -> PipelineInfo:
 
 
 def _from_pretrained(what: str, load) -> Any:
+    import warnings
+
     try:
-        return load()
+        with warnings.catch_warnings():  # newer diffusers rename torch_dtype (still accepted) to dtype
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            return load()
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EcoDiffError(f"cannot load {what} with local files only: {first}") from exc
