@@ -135,6 +135,9 @@ def _recover_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_in(0, SEED_MAX), default=0, help=f"random seed, 0..{SEED_MAX}")
     p.add_argument("--threads", type=_at_least_one, default=1, help="CPU threads for torch")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from .cli_diffusers import add_recover_arguments
+
+    add_recover_arguments(p)  # --model DIR: the same recovery on a pruned diffusers denoiser
     return p
 
 
@@ -176,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recover":
         torch.set_num_threads(args.threads)
         with command_errors(recover):
+            if args.model is not None:
+                from .cli_diffusers import recover_command
+
+                return recover_command(args)
             return _run_recover(args)
 
     from .embedded.demo import DemoSettings, run_demo, summary_text

@@ -368,3 +368,121 @@ def report_command(args: argparse.Namespace) -> int:
 
 COMMANDS = {"learn": (add_learn_parser, learn_command), "prune": (add_prune_parser, prune_command),
             "report": (add_report_parser, report_command)}
+
+
+# -- recover --------------------------------------------------------------------------------------
+def add_recover_arguments(p: argparse.ArgumentParser) -> None:
+    """The diffusers options of ``recover`` (``--model DIR`` selects the diffusers path)."""
+    int_in, c_int_max, max_res, _ = _types()
+    g = p.add_argument_group("diffusers pipelines (recover --model DIR --pruned FILE)")
+    g.add_argument("--model", type=Path, default=None, help="local diffusers pipeline folder (the original)")
+    g.add_argument("--pruned", type=Path, default=None, help="pruned denoiser from the prune command")
+    g.add_argument("--prompts", type=Path, default=None, help="calibration prompts file (default: the shipped ones)")
+    g.add_argument("--max-prompts", type=int_in(1, c_int_max), default=None, help="use only the first N prompts")
+    g.add_argument("--negative-prompt", default="", help="negative prompt for CFG")
+    g.add_argument("--width", type=int_in(None, max_res), default=None, help="image width in pixels")
+    g.add_argument("--height", type=int_in(None, max_res), default=None, help="image height in pixels")
+    g.add_argument("--cfg", type=float, default=None, help="CFG scale of the trajectories (default 7; not FLUX)")
+    g.add_argument("--guidance", type=float, default=3.5, help="FLUX dev distilled guidance")
+    g.add_argument("--max-sequence-length", type=int_in(None, 4096), default=256, help="T5 prompt tokens")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="weight dtype")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the models run")
+
+
+def lora_file_tensors(lora, prefix: str) -> dict[str, torch.Tensor]:
+    """The LoRA in the PEFT layout diffusers' ``load_lora_weights`` reads: ``<prefix>.<path>.lora_A.weight``
+    (down, r × in) and ``lora_B.weight`` (up × α/r, out × r), so it computes x·(W + ΔW)ᵀ with the
+    loader's default scale (α = r)."""
+    out = {}
+    for path in lora.paths:
+        i = lora._index[path]
+        out[f"{prefix}.{path}.lora_A.weight"] = lora.down[i].detach().float().cpu().contiguous()
+        out[f"{prefix}.{path}.lora_B.weight"] = (lora.up[i].detach().float() * lora.scale).cpu().contiguous()
+    return out
+
+
+def recover_command(args: argparse.Namespace) -> int:
+    """``python -m ecodiff_core recover --model DIR --pruned FILE``: LoRA Recover of a pruned diffusers
+    denoiser, saved in the LoRA format of diffusers' ``pipe.load_lora_weights``."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from .archs import find_layout
+    from .distributed import device_for_rank
+    from .learn import frozen_weights
+    from .pipelines import (SamplingSettings, calibration_sample, encode_prompts, free_text_encoders, load_pipeline,
+                            pipeline_info, read_prompts, sigma_schedule)
+    from .pruned_diffusers import load_pruned_denoiser, read_pruned_file
+    from .recover import (DistillProblem, LoraRecoverer, LoraWeights, RecoverSettings, distillation_loss,
+                          lora_metadata, lora_target_paths, rollout_states, teacher_targets)
+    from .replacements import ScatterLinear
+
+    if args.pruned is None:
+        raise SettingsError("recover --model needs --pruned FILE: the pruned denoiser written by the prune command")
+    settings = RecoverSettings(rank=args.rank, alpha=args.alpha, targets=args.targets, steps=args.steps, lr=args.lr,
+                               batch=args.batch, seed=args.seed, states=args.states)
+    if args.output.is_file():
+        raise SettingsError(f"--output {args.output} is a file; give the folder to write recover_lora.safetensors to")
+    info = pipeline_info(args.model)
+    record, _, _ = read_pruned_file(args.pruned)
+    prompts = read_prompts(args.prompts)[:args.max_prompts]
+    device = device_for_rank(args.device)
+    dtype = _dtype(args.dtype, device)
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline(info, dtype)
+    teacher = getattr(pipe, info.denoiser)
+    size = _default_size(info, teacher)
+    sampling = SamplingSettings(width=args.width or size, height=args.height or size, steps=args.state_steps,
+                                cfg=args.cfg if args.cfg is not None else 7.0, guidance=args.guidance,
+                                negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length,
+                                seed=args.seed)
+    sampling.validate(info)
+    layout = find_layout(teacher)
+    if record["fingerprint"] != layout.fingerprint():
+        raise SettingsError(f"{args.pruned.name} was pruned from another model than {args.model} (layout "
+                            f"fingerprint {record['fingerprint']} vs {layout.fingerprint()})")
+    encodings = encode_prompts(pipe, info, prompts, sampling, device)
+    free_text_encoders(pipe)
+    teacher = teacher.to(device).eval()
+    sigmas, eps = sigma_schedule(pipe, info, sampling, teacher)
+    del pipe
+    student = load_pruned_denoiser(args.pruned, device=device, dtype=dtype)
+    paths = [p for p in lora_target_paths(student, layout, settings.targets)
+             if not isinstance(student.get_submodule(p), ScatterLinear)]  # diffusers' loader cannot fit those
+    lora = LoraWeights.for_module(student, paths, settings.rank, settings.alpha, settings.seed, device)
+    progress = not args.no_progress
+    with frozen_weights(student), frozen_weights(teacher):
+        problems = []
+        for index, encoding in enumerate(tqdm(encodings, desc="teacher targets", disable=not progress)):
+            t = calibration_sample(info, teacher, encoding, sampling, index, eps)
+            s = calibration_sample(info, student, encoding, sampling, index, eps)
+            if settings.states == "pruned":
+                with lora.installed(student):
+                    states = rollout_states(s.denoise, s.noise, sigmas)
+            else:
+                states = rollout_states(t.denoise, t.noise, sigmas)
+            sig = sigmas[:-1]
+            problems.append(DistillProblem(s.denoise, states, sig, teacher_targets(t.denoise, states, sig)))
+        del teacher
+        recoverer = LoraRecoverer(lora, settings, layout.arch, layout.fingerprint())
+        with lora.installed(student):
+            before = distillation_loss(problems)
+            with tqdm(total=settings.steps, desc="LoRA recover", unit="step", disable=not progress) as bar:
+                def on_step(step) -> None:
+                    bar.set_postfix(loss=f"{step.loss:.5f}", refresh=False)
+                    bar.update(1)
+
+                state = recoverer.train(problems, on_step)
+            after = distillation_loss(problems)
+    if state.stop_reason:
+        raise EcoDiffError(f"recovery stopped early: {state.stop_reason}")
+    args.output.mkdir(parents=True, exist_ok=True)
+    out = args.output / "recover_lora.safetensors"
+    meta = lora_metadata(settings, layout.arch, layout.fingerprint(), record["kept"],
+                         {"layout": "peft", "prefix": info.denoiser, "alpha_folded_into_lora_B": "true"})
+    save_file(lora_file_tensors(lora, info.denoiser), str(out), metadata=meta)
+    print(f"LoRA Recover on {info.class_name}: distillation loss {before:.5g} -> {after:.5g} "
+          f"({len(paths)} layers, rank {settings.rank})")
+    print(f"wrote {out}; load it with pipe.load_lora_weights(\"{out}\") after setting pipe.{info.denoiser} "
+          "to the pruned denoiser")
+    return 0

@@ -233,3 +233,50 @@ def test_damaged_pruned_files_are_refused(pipelines, workdir, tmp_path):
 def test_shipped_prompts_are_read():
     prompts = read_prompts()
     assert len(prompts) == 100 and all(p and not p.startswith("#") for p in prompts)
+
+
+def _peft_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("peft") is not None
+
+
+def test_recover_on_a_pruned_diffusers_denoiser(pipelines, workdir, capsys):
+    """LoRA Recover lowers the distillation loss; the file is in diffusers' PEFT LoRA layout; with PEFT
+    installed, ``pipe.load_lora_weights`` on the pruned pipeline computes the hand-merged W + B·A."""
+    from safetensors.torch import load_file
+
+    model, mask, pruned = pipelines("sd15"), workdir / "recover_mask.safetensors", workdir / "recover.safetensors"
+    assert main(learn_args(model, mask)) == 0
+    assert main(["prune", "--model", str(model), "--mask", str(mask), "--keep-ratios", "head=0.5,neuron=0.5",
+                 "--output", str(pruned)]) == 0
+    capsys.readouterr()
+    out = workdir / "recovered"
+    assert main(["recover", "--model", str(model), "--pruned", str(pruned), "--prompts",
+                 str(workdir / "prompts.txt"), "--state-steps", "2", "--steps", "6", "--rank", "2", "--alpha", "4",
+                 "--lr", "0.02", "--width", str(IMAGE), "--height", str(IMAGE), "--output", str(out),
+                 "--no-progress", "--threads", "1"]) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if "distillation loss" in s)
+    before, after = (float(v) for v in line.split("distillation loss ")[1].split(" (")[0].split(" -> "))
+    assert after < before
+    lora = load_file(out / "recover_lora.safetensors")
+    slim = load_pruned_denoiser(pruned)
+    paths = {k[len("unet."):-len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")}
+    assert paths and set(lora) == {f"unet.{p}.lora_{x}.weight" for p in paths for x in "AB"}
+    for p in paths:
+        out_f, in_f = slim.get_submodule(p).weight.shape
+        assert lora[f"unet.{p}.lora_A.weight"].shape == (2, in_f) and lora[f"unet.{p}.lora_B.weight"].shape == (out_f, 2)
+    assert any(float(lora[f"unet.{p}.lora_B.weight"].abs().max()) > 0 for p in paths)
+    if not _peft_available():
+        return
+    info = pipeline_info(model)
+    pipe = load_pipeline(info, vae=True)
+    merged = load_pruned_denoiser(pruned)
+    with torch.no_grad():
+        for p in paths:
+            merged.get_submodule(p).weight += lora[f"unet.{p}.lora_B.weight"] @ lora[f"unet.{p}.lora_A.weight"]
+    pipe.unet = merged
+    expected = denoise_once(pipe, "sd15")
+    pipe.unet = slim
+    pipe.load_lora_weights(str(out / "recover_lora.safetensors"))
+    assert rel_err(expected, denoise_once(pipe, "sd15")) <= 1e-5
