@@ -37,8 +37,8 @@ def _common(p: argparse.ArgumentParser, threads: bool = True) -> None:
 
 
 def add_learn_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .learn import LearnSettings
     from .hard_concrete import REGULARIZERS
+    from .learn import LearnSettings
 
     int_in, c_int_max, max_res, _ = _types()
     d = LearnSettings()
@@ -132,10 +132,27 @@ def _check_output(path: Path, allowed: bool, hint: str) -> None:
                             + (" or --resume to continue it" if hint.startswith("mask") else ""))
 
 
-def _default_size(info, model) -> int:
-    """The model's native image side in pixels (FLUX's config names none: 1024)."""
-    sample = getattr(model.config, "sample_size", None)
-    return int(sample) * info.vae_scale_factor if isinstance(sample, int) else 1024
+def _default_size(info) -> int:
+    """The model's native image side in pixels, from the denoiser's config.json (FLUX names none: 1024)."""
+    path = info.folder / info.denoiser / "config.json"
+    try:
+        sample = json.loads(path.read_text(encoding="utf-8")).get("sample_size")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise EcoDiffError(f"cannot read the denoiser config {path}: {exc}") from exc
+    return int(sample) * info.vae_scale_factor if isinstance(sample, int) and sample > 0 else 1024
+
+
+def sampling_settings(args: argparse.Namespace, info, steps: int):
+    """The trajectories' settings from the command line, checked for this pipeline (before any loading)."""
+    from .pipelines import SamplingSettings
+
+    size = _default_size(info)
+    sampling = SamplingSettings(width=args.width or size, height=args.height or size, steps=steps,
+                                cfg=args.cfg if args.cfg is not None else 7.0, guidance=args.guidance,
+                                negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length,
+                                seed=args.seed)
+    sampling.validate(info)
+    return sampling
 
 
 def _progress(enabled: bool, total: int, initial: int, desc: str):
@@ -162,12 +179,12 @@ def learn_command(args: argparse.Namespace) -> int:
     from .archs import find_layout
     from .learn import MaskLearner, digest, run_inputs
     from .maskfile import load_mask, save_mask
-    from .pipelines import (SamplingSettings, calibration_sample, encode_prompts, free_text_encoders,
-                            load_pipeline, pipeline_info, read_prompts, sigma_schedule, text_encoders_digest)
+    from .pipelines import calibration_sample, load_and_encode, pipeline_info, read_prompts
 
     settings = learn_settings(args)
     _check_output(args.output, args.resume or args.overwrite, "mask.safetensors")
     info = pipeline_info(args.model)
+    sampling = sampling_settings(args, info, args.steps)
     prompts = read_prompts(args.prompts)[:args.max_prompts]
     device = distributed.device_for_rank(args.device)
     dtype = _dtype(args.dtype, device)
@@ -177,26 +194,14 @@ def learn_command(args: argparse.Namespace) -> int:
     try:
         main = parallel is None or parallel.is_main
         mine = parallel.shard(len(prompts)) if parallel is not None else list(range(len(prompts)))
-        pipe = load_pipeline(info, dtype)
-        model = getattr(pipe, info.denoiser)
-        size = _default_size(info, model)
-        sampling = SamplingSettings(width=args.width or size, height=args.height or size, steps=args.steps,
-                                    cfg=args.cfg if args.cfg is not None else 7.0, guidance=args.guidance,
-                                    negative_prompt=args.negative_prompt,
-                                    max_sequence_length=args.max_sequence_length, seed=args.seed)
-        sampling.validate(info)
-        conditioning = digest({"prompts": prompts, "text_encoders": text_encoders_digest(pipe),
+        loaded = load_and_encode(info, sampling, [prompts[i] for i in mine], device, dtype)
+        model, sigmas = loaded.model, loaded.sigmas
+        conditioning = digest({"prompts": prompts, "text_encoders": loaded.text_encoders,
                                "negative_prompt": args.negative_prompt})
-        log.info("EcoDiff: encoding %d prompts (of %d) with the text encoders", len(mine), len(prompts))
-        encodings = encode_prompts(pipe, info, [prompts[i] for i in mine], sampling, device)
-        free_text_encoders(pipe)
-        model = model.to(device).eval()
-        sigmas, eps = sigma_schedule(pipe, info, sampling, model)
-        del pipe
         layout = find_layout(model)
         samples: list[Any] = [None] * len(prompts)
-        for index, encoding in zip(mine, encodings):
-            samples[index] = calibration_sample(info, model, encoding, sampling, index, eps)
+        for index, encoding in zip(mine, loaded.encodings):
+            samples[index] = calibration_sample(info, model, encoding, sampling, index, loaded.eps)
         resume = None
         if args.resume and args.output.is_file():
             resume = load_mask(args.output, layout)
@@ -273,7 +278,7 @@ def prune_command(args: argparse.Namespace) -> int:
     state = load_mask(args.mask, layout)
     flop_costs = None
     if target.mode == "flops":
-        size = _default_size(info, model)
+        size = _default_size(info)
         inputs = example_inputs(info, model, args.width or size, args.height or size)
         with torch.no_grad():
             flop_costs = measure_flops(model, layout, lambda: model(**inputs, return_dict=False))
@@ -410,11 +415,19 @@ def recover_command(args: argparse.Namespace) -> int:
     from .archs import find_layout
     from .distributed import device_for_rank
     from .learn import frozen_weights
-    from .pipelines import (SamplingSettings, calibration_sample, encode_prompts, free_text_encoders, load_pipeline,
-                            pipeline_info, read_prompts, sigma_schedule)
+    from .pipelines import calibration_sample, load_and_encode, pipeline_info, read_prompts
     from .pruned_diffusers import load_pruned_denoiser, read_pruned_file
-    from .recover import (DistillProblem, LoraRecoverer, LoraWeights, RecoverSettings, distillation_loss,
-                          lora_metadata, lora_target_paths, rollout_states, teacher_targets)
+    from .recover import (
+        DistillProblem,
+        LoraRecoverer,
+        LoraWeights,
+        RecoverSettings,
+        distillation_loss,
+        lora_metadata,
+        lora_target_paths,
+        rollout_states,
+        teacher_targets,
+    )
     from .replacements import ScatterLinear
 
     if args.pruned is None:
@@ -424,28 +437,17 @@ def recover_command(args: argparse.Namespace) -> int:
     if args.output.is_file():
         raise SettingsError(f"--output {args.output} is a file; give the folder to write recover_lora.safetensors to")
     info = pipeline_info(args.model)
+    sampling = sampling_settings(args, info, args.state_steps)
     record, _, _ = read_pruned_file(args.pruned)
     prompts = read_prompts(args.prompts)[:args.max_prompts]
     device = device_for_rank(args.device)
     dtype = _dtype(args.dtype, device)
-    torch.set_num_threads(args.threads)
-    pipe = load_pipeline(info, dtype)
-    teacher = getattr(pipe, info.denoiser)
-    size = _default_size(info, teacher)
-    sampling = SamplingSettings(width=args.width or size, height=args.height or size, steps=args.state_steps,
-                                cfg=args.cfg if args.cfg is not None else 7.0, guidance=args.guidance,
-                                negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length,
-                                seed=args.seed)
-    sampling.validate(info)
+    loaded = load_and_encode(info, sampling, prompts, device, dtype)
+    teacher, sigmas, eps = loaded.model, loaded.sigmas, loaded.eps
     layout = find_layout(teacher)
     if record["fingerprint"] != layout.fingerprint():
         raise SettingsError(f"{args.pruned.name} was pruned from another model than {args.model} (layout "
                             f"fingerprint {record['fingerprint']} vs {layout.fingerprint()})")
-    encodings = encode_prompts(pipe, info, prompts, sampling, device)
-    free_text_encoders(pipe)
-    teacher = teacher.to(device).eval()
-    sigmas, eps = sigma_schedule(pipe, info, sampling, teacher)
-    del pipe
     student = load_pruned_denoiser(args.pruned, device=device, dtype=dtype)
     paths = [p for p in lora_target_paths(student, layout, settings.targets)
              if not isinstance(student.get_submodule(p), ScatterLinear)]  # diffusers' loader cannot fit those
@@ -453,7 +455,7 @@ def recover_command(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     with frozen_weights(student), frozen_weights(teacher):
         problems = []
-        for index, encoding in enumerate(tqdm(encodings, desc="teacher targets", disable=not progress)):
+        for index, encoding in enumerate(tqdm(loaded.encodings, desc="teacher targets", disable=not progress)):
             t = calibration_sample(info, teacher, encoding, sampling, index, eps)
             s = calibration_sample(info, student, encoding, sampling, index, eps)
             if settings.states == "pruned":
@@ -463,7 +465,7 @@ def recover_command(args: argparse.Namespace) -> int:
                 states = rollout_states(t.denoise, t.noise, sigmas)
             sig = sigmas[:-1]
             problems.append(DistillProblem(s.denoise, states, sig, teacher_targets(t.denoise, states, sig)))
-        del teacher
+        del teacher, loaded  # the teacher is needed only for the targets
         recoverer = LoraRecoverer(lora, settings, layout.arch, layout.fingerprint())
         with lora.installed(student):
             before = distillation_loss(problems)

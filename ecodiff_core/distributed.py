@@ -15,8 +15,8 @@ torchrun arranges them (``--nnodes``, ``--rdzv-endpoint``).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist

@@ -21,9 +21,11 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -198,7 +200,7 @@ class SamplingSettings:
             raise SettingsError(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
         for name in ("cfg", "guidance"):
             value = getattr(self, name)
-            if not (value >= 0 and value == value and value != float("inf")):
+            if not (math.isfinite(value) and value >= 0):
                 raise SettingsError(f"{name} must be a finite number >= 0, got {value}")
 
     def uses_cfg(self, info: PipelineInfo) -> bool:
@@ -345,7 +347,10 @@ def example_inputs(info: PipelineInfo, model: nn.Module, width: int, height: int
     settings = SamplingSettings(width=width, height=height)
     x = torch.zeros(latent_shape(info, model, settings), device=p.device, dtype=p.dtype)
     cfg = model.config
-    zeros = lambda *shape: torch.zeros(shape, device=p.device, dtype=p.dtype)  # noqa: E731
+
+    def zeros(*shape: int) -> torch.Tensor:
+        return torch.zeros(shape, device=p.device, dtype=p.dtype)
+
     if info.kind in ("sd", "sdxl"):
         inputs = {"sample": x, "timestep": zeros(1) + 500,
                   "encoder_hidden_states": zeros(1, text_tokens or 77, cfg.cross_attention_dim)}
@@ -364,3 +369,32 @@ def example_inputs(info: PipelineInfo, model: nn.Module, width: int, height: int
         if getattr(cfg, "guidance_embeds", False):
             inputs["guidance"] = zeros(1) + 3.5
     return inputs
+
+
+@dataclass
+class EncodedPipeline:
+    """A pipeline ready for learning: its denoiser (on the device, eval mode), the prompts' encodings
+    (CPU), the σ schedule, the ε training schedule (UNets) and a digest of the text encoders' weights."""
+
+    model: nn.Module
+    encodings: list[dict[str, Any]]
+    sigmas: torch.Tensor
+    eps: EpsSchedule | None
+    text_encoders: str
+
+
+def load_and_encode(info: PipelineInfo, settings: SamplingSettings, prompts: list[str],
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> EncodedPipeline:
+    """Load the pipeline (no VAE), run the text encoders once per prompt of ``prompts``, free them
+    and every other part but the denoiser, and move the denoiser to ``device``."""
+    pipe = load_pipeline(info, dtype)
+    model = getattr(pipe, info.denoiser)
+    text = text_encoders_digest(pipe)
+    log.info("EcoDiff: encoding %d prompts with the text encoders", len(prompts))
+    encodings = encode_prompts(pipe, info, prompts, settings, device)
+    free_text_encoders(pipe)
+    model = model.to(device).eval()
+    sigmas, eps = sigma_schedule(pipe, info, settings, model)
+    del pipe
+    gc.collect()
+    return EncodedPipeline(model, encodings, sigmas, eps, text)

@@ -29,8 +29,16 @@ from .archs import find_layout
 from .errors import EcoDiffError
 from .pipelines import DENOISER_CLASSES, diffusers_module
 from .prune import physical_keep, prune_model
-from .pruned_record import (PrunedFileError, _is_counts, _is_json_config, _is_kept, _is_str_list,
-                            check_kept_units, check_record_layout, check_state_dict)
+from .pruned_record import (
+    PrunedFileError,
+    _is_counts,
+    _is_json_config,
+    _is_kept,
+    _is_str_list,
+    check_kept_units,
+    check_record_layout,
+    check_state_dict,
+)
 from .units import Layout
 
 FORMAT = "ecodiff-pruned-diffusers"

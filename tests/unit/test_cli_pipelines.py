@@ -6,7 +6,6 @@ what the original computes with the removed units hard-gated to zero (the test's
 from __future__ import annotations
 
 import gc
-import json
 from pathlib import Path
 
 import pytest
@@ -215,7 +214,7 @@ def test_damaged_pruned_files_are_refused(pipelines, workdir, tmp_path):
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(PrunedFileError, match="not a readable safetensors"):
         load_pruned_denoiser(tmp_path / "truncated.safetensors")
-    record, extra, tensors = read_pruned_file(good)
+    record, _, tensors = read_pruned_file(good)
     from ecodiff_core.pruned_diffusers import save_pruned_denoiser
 
     name = next(iter(record["kept"]))

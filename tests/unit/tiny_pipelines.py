@@ -8,10 +8,10 @@ loads; sizes: 16×16 images, VAE factor 2, one or two tiny blocks per family.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
-
 from tiny_models import _randomise, diffusers_module
 
 PIPELINE_KINDS: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux")
@@ -72,9 +72,9 @@ def vae(latent_channels: int):
 
 def _unet(sdxl: bool):
     d = diffusers_module()
-    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=4,
-                 projection_class_embeddings_input_dim=12 + 6 * 4, transformer_layers_per_block=(1, 2),
-                 use_linear_projection=True) if sdxl else {}
+    extra = {"addition_embed_type": "text_time", "addition_time_embed_dim": 4,
+             "projection_class_embeddings_input_dim": 12 + 6 * 4, "transformer_layers_per_block": (1, 2),
+             "use_linear_projection": True} if sdxl else {}
     return d.UNet2DConditionModel(
         sample_size=IMAGE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
         norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -86,37 +86,37 @@ def build(kind: str, seed: int = 0):
     """The pipeline object of ``kind`` with seeded random weights."""
     d = diffusers_module()
     torch.manual_seed(seed)
-    tmp = Path(__import__("tempfile").mkdtemp(prefix="ecodiff_tok_"))
+    tmp = Path(tempfile.mkdtemp(prefix="ecodiff_tokenizers_"))  # vocab files, read once by the tokenizers
     if kind == "sd15":
-        parts = dict(unet=_unet(False), text_encoder=clip_encoder(24), tokenizer=clip_tokenizer(tmp / "a"),
-                     vae=vae(4), scheduler=d.EulerDiscreteScheduler(beta_schedule="scaled_linear", steps_offset=1),
-                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        parts = {"unet": _unet(False), "text_encoder": clip_encoder(24), "tokenizer": clip_tokenizer(tmp / "a"),
+                 "vae": vae(4), "scheduler": d.EulerDiscreteScheduler(beta_schedule="scaled_linear", steps_offset=1),
+                 "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
         cls = d.StableDiffusionPipeline
     elif kind == "sdxl":
-        parts = dict(unet=_unet(True), text_encoder=clip_encoder(16), text_encoder_2=clip_encoder(8, 12),
-                     tokenizer=clip_tokenizer(tmp / "a"), tokenizer_2=clip_tokenizer(tmp / "b"), vae=vae(4),
-                     scheduler=d.EulerDiscreteScheduler(beta_schedule="scaled_linear", steps_offset=1))
+        parts = {"unet": _unet(True), "text_encoder": clip_encoder(16), "text_encoder_2": clip_encoder(8, 12),
+                 "tokenizer": clip_tokenizer(tmp / "a"), "tokenizer_2": clip_tokenizer(tmp / "b"), "vae": vae(4),
+                 "scheduler": d.EulerDiscreteScheduler(beta_schedule="scaled_linear", steps_offset=1)}
         cls = d.StableDiffusionXLPipeline
     elif kind == "sd3":
         transformer = d.SD3Transformer2DModel(
             sample_size=IMAGE // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
             pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")
-        parts = dict(transformer=transformer, text_encoder=clip_encoder(8, 4), text_encoder_2=clip_encoder(8, 4),
-                     text_encoder_3=t5_encoder(16), tokenizer=clip_tokenizer(tmp / "a"),
-                     tokenizer_2=clip_tokenizer(tmp / "b"), tokenizer_3=t5_tokenizer(), vae=vae(4),
-                     scheduler=d.FlowMatchEulerDiscreteScheduler(shift=3.0))
+        parts = {"transformer": transformer, "text_encoder": clip_encoder(8, 4), "text_encoder_2": clip_encoder(8, 4),
+                 "text_encoder_3": t5_encoder(16), "tokenizer": clip_tokenizer(tmp / "a"),
+                 "tokenizer_2": clip_tokenizer(tmp / "b"), "tokenizer_3": t5_tokenizer(), "vae": vae(4),
+                 "scheduler": d.FlowMatchEulerDiscreteScheduler(shift=3.0)}
         cls = d.StableDiffusion3Pipeline
     elif kind == "flux":
         transformer = d.FluxTransformer2DModel(
             patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True,
             axes_dims_rope=(2, 2, 4))
-        parts = dict(transformer=transformer, text_encoder=clip_encoder(8), text_encoder_2=t5_encoder(16),
-                     tokenizer=clip_tokenizer(tmp / "a"), tokenizer_2=t5_tokenizer(), vae=vae(4),
-                     scheduler=d.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
-                                                                 max_shift=1.15, base_image_seq_len=4,
-                                                                 max_image_seq_len=64))
+        parts = {"transformer": transformer, "text_encoder": clip_encoder(8), "text_encoder_2": t5_encoder(16),
+                 "tokenizer": clip_tokenizer(tmp / "a"), "tokenizer_2": t5_tokenizer(), "vae": vae(4),
+                 "scheduler": d.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
+                                                             max_shift=1.15, base_image_seq_len=4,
+                                                             max_image_seq_len=64)}
         cls = d.FluxPipeline
     else:
         raise ValueError(kind)
