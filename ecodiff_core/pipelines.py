@@ -142,8 +142,10 @@ def load_pipeline(info: PipelineInfo, dtype: torch.dtype = torch.float32, vae: b
     """The pipeline (without its VAE unless ``vae``), weights in ``dtype``, on the CPU."""
     d = diffusers_module()
     extra = {} if vae else {"vae": None}
-    return _from_pretrained(f"the pipeline in {info.folder}", lambda: d.DiffusionPipeline.from_pretrained(
+    pipe = _from_pretrained(f"the pipeline in {info.folder}", lambda: d.DiffusionPipeline.from_pretrained(
         str(info.folder), local_files_only=True, torch_dtype=dtype, **extra))
+    _in_dtype(getattr(pipe, info.denoiser), dtype)
+    return pipe
 
 
 def load_denoiser(info: PipelineInfo, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -152,7 +154,15 @@ def load_denoiser(info: PipelineInfo, dtype: torch.dtype = torch.float32) -> nn.
     cls = getattr(d, info.denoiser_class)
     model = _from_pretrained(f"{info.folder / info.denoiser}", lambda: cls.from_pretrained(
         str(info.folder), subfolder=info.denoiser, local_files_only=True, torch_dtype=dtype))
-    return model.eval()
+    return _in_dtype(model, dtype).eval()
+
+
+def _in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``model``'s floating-point weights to ``dtype`` where the loader left them in another one
+    (some diffusers versions ignore ``torch_dtype`` for some classes, e.g. SD3Transformer2DModel)."""
+    if any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        nn.Module.to(model, dtype=dtype)  # plain cast: diffusers' .to() warns about its fp32 modules
+    return model
 
 
 def text_encoders_digest(pipe: Any) -> str:

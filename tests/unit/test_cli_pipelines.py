@@ -279,3 +279,14 @@ def test_recover_on_a_pruned_diffusers_denoiser(pipelines, workdir, capsys):
     pipe.unet = slim
     pipe.load_lora_weights(str(out / "recover_lora.safetensors"))
     assert rel_err(expected, denoise_once(pipe, "sd15")) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_denoiser_loads_in_the_asked_dtype(kind, pipelines):
+    """diffusers leaves some classes (SD3) in float32 despite torch_dtype; the loaders cast them."""
+    from ecodiff_core.pipelines import load_denoiser
+
+    info = pipeline_info(pipelines(kind))
+    assert {p.dtype for p in load_denoiser(info, torch.bfloat16).parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in getattr(load_pipeline(info, torch.bfloat16), info.denoiser).parameters()} == {
+        torch.bfloat16}
