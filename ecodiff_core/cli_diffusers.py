@@ -179,7 +179,8 @@ def learn_command(args: argparse.Namespace) -> int:
     from .archs import find_layout
     from .learn import MaskLearner, digest, run_inputs
     from .maskfile import load_mask, save_mask
-    from .pipelines import calibration_sample, load_and_encode, pipeline_info, read_prompts
+    from .pipelines import calibration_sample, load_and_encode, pipeline_info
+    from .prompts import read_prompts
 
     settings = learn_settings(args)
     _check_output(args.output, args.resume or args.overwrite, "mask.safetensors")
@@ -415,7 +416,8 @@ def recover_command(args: argparse.Namespace) -> int:
     from .archs import find_layout
     from .distributed import device_for_rank
     from .learn import frozen_weights
-    from .pipelines import calibration_sample, load_and_encode, pipeline_info, read_prompts
+    from .pipelines import calibration_sample, load_and_encode, pipeline_info
+    from .prompts import read_prompts
     from .pruned_diffusers import load_pruned_denoiser, read_pruned_file
     from .recover import (
         DistillProblem,

@@ -48,7 +48,6 @@ DENOISER_CLASSES: dict[str, str] = {
 }
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_PROMPTS_FILE = Path(__file__).resolve().parent / "calibration_prompts.txt"
 
 
 def diffusers_module():
@@ -62,22 +61,6 @@ def diffusers_module():
         raise EcoDiffError(f"the diffusers commands need the diffusers and transformers packages ({exc}); "
                            "install them with: pip install diffusers transformers") from exc
     return diffusers
-
-
-def read_prompts(path: str | Path | None = None) -> list[str]:
-    """Prompts of a text file, one per line (blank lines and lines starting with # skipped);
-    ``None``: the shipped calibration prompts.  SettingsError when the file is missing or empty."""
-    path = Path(path) if path is not None else DEFAULT_PROMPTS_FILE
-    if not path.is_file():
-        raise SettingsError(f"prompts file not found: {path}; give a text file with one prompt per line")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SettingsError(f"cannot read prompts file {path}: {exc}") from exc
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise SettingsError(f"{path} holds no prompts (one per line; lines starting with # are comments)")
-    return prompts
 
 
 @dataclass(frozen=True)

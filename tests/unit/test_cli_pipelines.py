@@ -19,7 +19,8 @@ from ecodiff_core.cli_diffusers import file_report
 from ecodiff_core.errors import EcoDiffError
 from ecodiff_core.learn import MaskLearner
 from ecodiff_core.maskfile import load_mask
-from ecodiff_core.pipelines import load_pipeline, pipeline_info, read_prompts
+from ecodiff_core.pipelines import load_pipeline, pipeline_info
+from ecodiff_core.prompts import read_prompts
 from ecodiff_core.pruned_diffusers import load_pruned_denoiser, read_pruned_file
 from ecodiff_core.pruned_record import PrunedFileError
 
