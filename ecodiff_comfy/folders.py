@@ -12,12 +12,12 @@ import os
 from pathlib import Path
 
 from ..ecodiff_core.errors import EcoDiffError
+from ..ecodiff_core.prompts import read_prompts
 
 MASK_FOLDER = "ecodiff_masks"
 PRUNED_FOLDER = "ecodiff_pruned"
 RECOVER_FOLDER = "ecodiff_recover"  # resumable states of LoRA Recover runs
 LORA_FOLDER = "loras"  # ComfyUI's own
-PROMPTS_FILE = Path(__file__).resolve().parent / "calibration_prompts.txt"
 
 
 def register_folders() -> None:
@@ -78,5 +78,4 @@ def safe_filename(stem: str, suffix: str = ".safetensors") -> str:
 
 def default_prompts() -> str:
     """The shipped calibration prompts, one per line (comments dropped)."""
-    lines = PROMPTS_FILE.read_text(encoding="utf-8").splitlines()
-    return "\n".join(line for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    return "\n".join(read_prompts())

@@ -26,6 +26,7 @@ from .trajectory import Denoiser, check_sigmas, per_step_gradient, sample, teach
 from .units import Layout
 
 if TYPE_CHECKING:
+    from .distributed import DataParallel
     from .memory import StepMemory
 
 log = logging.getLogger("ecodiff")
@@ -138,13 +139,18 @@ class MaskLearner:
         inputs: dict[str, Any] | None = None,
         step_memory: "StepMemory | None" = None,
         free_memory: int | None = None,
+        parallel: "DataParallel | None" = None,
     ) -> None:
         """``inputs`` (from :func:`run_inputs`) fingerprints what this run learns from; with it, a
         ``resume`` state recorded for other inputs is not continued: learning starts fresh and
         ``state.start_note`` (and the ``ecodiff`` log) says why.  Without it, ``resume`` is trusted.
         ``step_memory`` (the preflight's estimate of one step) and ``free_memory`` (bytes free on
-        the device) decide ``block_checkpointing="auto"``; without either, auto means off."""
+        the device) decide ``block_checkpointing="auto"``; without either, auto means off.
+        ``parallel`` (data-parallel learning, see ``distributed``): this process computes only the
+        samples it ``owns`` (the others may be None) and the λ gradients are all-reduced before each
+        optimiser step, so every process takes the step one process would take."""
         settings.validate()
+        self.parallel = parallel
         self.model, self.layout, self.settings = model, layout, settings
         self.grad_context = grad_context
         self.start_note = ""
@@ -255,9 +261,14 @@ class MaskLearner:
         return torch.stack(terms).sum()
 
     # -- learning ------------------------------------------------------------------------------
+    def _owns(self, index: int) -> bool:
+        return self.parallel is None or self.parallel.owns(index)
+
     def prepare(self, samples: Sequence[CalibrationSample], sigmas: torch.Tensor) -> None:
-        """Targets: the ungated model's trajectory from the same x_T and prompt."""
-        for s in samples:
+        """Targets: the ungated model's trajectory from the same x_T and prompt (own samples only)."""
+        for index, s in enumerate(samples):
+            if not self._owns(index):
+                continue
             if self.settings.objective == "end_to_end" and s.target is None:
                 s.target = sample(s.denoise, s.noise, sigmas)
             if self.settings.objective == "per_step" and s.teacher is None:
@@ -353,7 +364,8 @@ class MaskLearner:
         grads = [torch.zeros_like(p) for p in params]
         recon_sum = torch.zeros((), dtype=torch.float64, device=params[0].device)
         n = len(indices)
-        for members, s in self._batches(samples, indices):
+        own = [i for i in indices if self._owns(i)]  # this process's share (all of them alone)
+        for members, s in self._batches(samples, own):
             # one gate sample per step for the whole batch; alone, each sample keeps its own
             noise_seed = _seed(self.settings.seed, epoch, members[0])
             if len(members) == 1:
@@ -366,6 +378,8 @@ class MaskLearner:
             for acc, g in zip(grads, result.grads):
                 acc.add_(g, alpha=scale)
             self.controller.set(None)
+        if self.parallel is not None:  # sum of every process's share of this step's samples
+            recon_sum = self.parallel.all_reduce(grads, recon_sum)
         with torch.enable_grad():
             reg = self._regularizer()
             reg_grads = torch.autograd.grad(self.settings.beta * reg, params)

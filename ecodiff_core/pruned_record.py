@@ -146,6 +146,13 @@ def check_pruned_record(record: Any, source: str) -> dict:
         raise PrunedFileError(f"{source}: the record stores weights in {record['weight_dtype']} but has no "
                               f"manual_cast_dtype; float8 weights are computed in one of {', '.join(COMPUTE_DTYPES)}; "
                               "the file is damaged: prune and save the model again")
+    return check_kept_units(record, source)
+
+
+def check_kept_units(record: dict, source: str) -> dict:
+    """The unit part of a record (``kept``, ``counts``, ``silenced``, types already checked): kept
+    indices unique and within ``counts``, silenced groups real and keeping one unit.  Returns the
+    record; raises PrunedFileError."""
     counts, kept = record["counts"], record["kept"]
     if set(kept) != set(counts):
         odd = sorted(set(kept) ^ set(counts))
@@ -177,10 +184,10 @@ def check_record_layout(record: dict, layout: Layout, source: str) -> dict[str, 
         raise PrunedFileError(
             f"{source}: the record's unit counts do not match the model its config rebuilds "
             f"(group {odd[0]!r}: record {record['counts'].get(odd[0])}, model {theirs.get(odd[0])}); "
-            "the file is damaged or ComfyUI's model code changed")
+            "the file is damaged or the model code (ComfyUI, diffusers) changed")
     if layout.fingerprint() != record["fingerprint"]:
         raise PrunedFileError(f"{source}: the rebuilt base model does not match the saved layout "
-                              "(ComfyUI's model code changed?)")
+                              "(the model code of ComfyUI or diffusers changed?)")
     keep = {g.name: torch.zeros(g.count, dtype=torch.bool) for g in layout.groups}
     for name, kept in record["kept"].items():
         keep[name][kept] = True

@@ -7,6 +7,7 @@ from typing import Any
 from comfy_api.latest import io
 
 from ..ecodiff_core.maskfile import MaskState
+from ..ecodiff_core.prompts import parse_prompts as prompts_of
 
 CATEGORY = "EcoDiff"
 MaskType = io.Custom("ECODIFF_MASK")
@@ -17,7 +18,8 @@ SEED_CONTROL = io.ControlAfterGenerate.fixed if hasattr(io, "ControlAfterGenerat
 
 
 def parse_prompts(text: str, limit: int = 0) -> list[str]:
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    """The prompts of a text widget (the engine's rule: one per line, # comments), the first ``limit`` if > 0."""
+    prompts = prompts_of(text)
     return prompts[:limit] if limit > 0 else prompts
 
 
