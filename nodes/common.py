@@ -1,7 +1,7 @@
 """Types and small helpers shared by the EcoDiff nodes (no math here: see ``ecodiff_comfy`` and the engine)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from comfy_api.latest import io
@@ -23,6 +23,7 @@ class ReportData:
     report: Any  # ecodiff_core.report.PruneReport
     mode: str
     target: str
+    warnings: list[str] = field(default_factory=list)  # unfinished or mismatched mask, almost emptied kinds/blocks
 
     @property
     def keep_counts(self) -> dict[str, tuple[int, int]]:

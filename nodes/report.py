@@ -34,6 +34,7 @@ class PruningReport(io.ComfyNode):
 
     @classmethod
     def execute(cls, report: ReportData) -> io.NodeOutput:
-        text = f"mode: {report.mode}; target: {report.target}\n" + report.report.to_text()
+        text = ("".join(f"WARNING: {w}\n" for w in report.warnings)
+                + f"mode: {report.mode}; target: {report.target}\n" + report.report.to_text())
         chart = kept_chart(chart_rows(report), f"{report.report.arch}: kept units per block ({report.mode})")
         return io.NodeOutput(text, chart, ui={"text": (text,), **ui.PreviewImage(chart, cls=cls).as_dict()})

@@ -281,8 +281,7 @@ class WsRun:
 def learn_inputs(**overrides) -> dict:
     inputs = {"prompts": "a red fox in the snow\na lighthouse in a storm\na bowl of ramen",
               "negative_prompt": "blurry", "max_prompts": 2, "width": 64, "height": 64, "steps": 2, "cfg": 2.0,
-              "sampler_name": "euler", "scheduler": "normal", "seed": 0, "epochs": 2, "accumulate": 1, "beta": 0.5,
-              "regularizer": "l1", "lr_heads": 0.1, "lr_neurons": 0.1, "lr_channels": 0.5, "checkpointing": True,
+              "sampler_name": "euler", "scheduler": "normal", "seed": 0, "epochs": 2, "beta": 0.5,
               "run_name": "e2e", "resume": False}
     inputs.update(overrides)
     return inputs

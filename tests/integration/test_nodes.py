@@ -2,6 +2,8 @@
 (under torch.inference_mode), plus interrupt/resume and save/load round trips."""
 from __future__ import annotations
 
+import dataclasses
+
 import comfy_tiny as ct
 import pytest
 import torch
@@ -50,7 +52,10 @@ def test_learn_reduces_loss_and_leaves_model_untouched(flux_run, folders):
     assert mask.progress["finished"] and mask.arch == "comfy_flux"
     assert "6 optimiser steps" in summary
     assert same_weights(tiny.model.model.diffusion_model, snapshot)
-    assert (folders.folder(folders.MASK_FOLDER) / "flux_main.safetensors").is_file()
+    assert folders.run_state_path("flux_main").is_file()
+    assert folders.run_state_path("flux_main").parent.name == ".runs"
+    assert not any("flux_main" in name for name in folders.list_files(folders.MASK_FOLDER)), \
+        "run states stay out of the masks list"
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3"])
@@ -104,7 +109,7 @@ def test_interrupt_keeps_mask_and_rerun_resumes(flux_run, nodes, folders, progre
     interrupt_processing(False)
     monkeypatch.setattr(progress.Progress, "update", original)
 
-    path = folders.folder(folders.MASK_FOLDER) / "flux_interrupt.safetensors"
+    path = folders.run_state_path("flux_interrupt")
     saved = sub("ecodiff_core.maskfile").load_mask(path)
     assert saved.progress["step"] == 2 and not saved.progress["finished"]
     assert "interrupted" in saved.stop_reason
@@ -334,12 +339,27 @@ def test_unsupported_sampler_is_refused(nodes, core):
         learn(nodes, tiny, "bad_sampler", sampler_name="dpmpp_2m")
 
 
-def test_pruning_an_already_pruned_model_is_refused(flux_run, nodes, core):
+@pytest.mark.parametrize("node", ["apply", "learn"])
+def test_an_already_pruned_model_is_refused(flux_run, nodes, core, node):
     tiny, out, _ = flux_run
     with torch.inference_mode():
         pruned = nodes.ApplyPrunedMask.execute(tiny.model, out.args[0], "params", 0.1, "", "prune").args[0]
-    with pytest.raises(core.errors.EcoDiffError, match="already pruned"):
-        nodes.ApplyPrunedMask.execute(pruned, out.args[0], "params", 0.1, "", "prune")
+    with pytest.raises(core.errors.EcoDiffError, match="already pruned.*original model"):
+        if node == "apply":
+            nodes.ApplyPrunedMask.execute(pruned, out.args[0], "params", 0.1, "", "prune")
+        else:
+            learn(nodes, dataclasses.replace(tiny, model=pruned), "learn_on_pruned")
+
+
+def test_save_pruned_model_explains_soft_mode(flux_run, nodes, core, folders):
+    tiny, out, _ = flux_run
+    with torch.inference_mode():
+        soft = nodes.ApplyPrunedMask.execute(tiny.model, out.args[0], "params", 0.1, "", "soft").args[0]
+        with pytest.raises(core.errors.EcoDiffError, match="soft mode keeps the full-size weights.*'prune'"):
+            nodes.SavePrunedModel.execute(soft, "from_soft")
+        with pytest.raises(core.errors.EcoDiffError, match="needs a MODEL from Apply Pruned Mask"):
+            nodes.SavePrunedModel.execute(tiny.model, "from_original")
+    assert not (folders.folder(folders.PRUNED_FOLDER) / "from_soft.safetensors").exists()
 
 
 def _run_node(cls, legacy_method: str, *args):
