@@ -451,3 +451,33 @@ def test_learn_at_the_largest_seed_wraps_per_prompt_seeds(nodes):
         comfy.sample.prepare_noise = original
     assert seen[-2:] == [0xFFFFFFFFFFFFFFFF, 0], seen  # the noise of prompts 0 and 1
     assert len(out.args[0].history) == 2
+
+
+@pytest.mark.parametrize("model_seed, other_weights", [(1, False), (2, True)])
+def test_apply_warns_when_the_mask_was_learned_on_other_weights(flux_run, nodes, model_seed, other_weights):
+    """flux_run learned on tiny FLUX seed 1; seed 2 is the same architecture with other weights."""
+    mask = flux_run[1].args[0]
+    target = flux_run[0] if model_seed == 1 else ct.tiny("flux", seed=model_seed)
+    with torch.inference_mode():
+        out = nodes.ApplyPrunedMask.execute(target.model, mask, "params", 0.1, "", "prune")
+        report_text = nodes.PruningReport.execute(out.args[1]).args[0]
+    warned = [w for w in out.args[1].warnings if "learned on other weights" in w]
+    assert bool(warned) == other_weights, out.args[1].warnings
+    assert (mask.inputs["weights"] in warned[0]) if warned else True
+    ui_text = out.ui["text"][0]
+    for warning in out.args[1].warnings:  # every warning is shown in the node and in the report
+        assert f"WARNING: {warning}" in ui_text and f"WARNING: {warning}" in report_text
+    assert "remove 10.0% of parameters" in ui_text
+
+
+def test_apply_warns_on_an_unfinished_mask_and_an_almost_emptied_kind(flux_run, nodes, core):
+    tiny, out, _ = flux_run
+    mask = dataclasses.replace(out.args[0], progress=dict(out.args[0].progress, finished=False, epoch=1))
+    with torch.inference_mode():
+        data = nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.0, "neuron=0.05", "prune").args[1]
+    assert any(w.startswith("the mask is unfinished") and "1 of 2 epochs" in w for w in data.warnings), data.warnings
+    kept = sum(g.units_after for g in data.report.groups if g.kind == "neuron")
+    total = sum(g.units_before for g in data.report.groups if g.kind == "neuron")
+    assert kept / total < core.mask_checks.ALMOST_EMPTY, (kept, total)
+    assert f"pruning removes {1 - kept / total:.0%} of the neurons ({total - kept} of {total})" in "\n".join(
+        data.warnings), data.warnings
