@@ -6,6 +6,7 @@ from typing import Any
 
 from comfy_api.latest import io
 
+from ..ecodiff_core.mask_checks import closed_fraction
 from ..ecodiff_core.maskfile import MaskState
 
 CATEGORY = "EcoDiff"
@@ -44,4 +45,4 @@ def mask_summary(state: MaskState) -> str:
     done = "finished" if state.progress.get("finished") else f"stopped ({state.stop_reason or 'unfinished'})"
     loss = f"loss {s['first_loss']:.5g} → {s['last_loss']:.5g}" if s["steps"] else "no steps yet"
     return (f"EcoDiff mask for {state.arch} ({len(state.logits)} unit groups, fingerprint {state.fingerprint}): "
-            f"{s['steps']} optimiser steps, {loss}, {done}" + (f"\n{state.start_note}" if state.start_note else ""))
+            f"{s['steps']} optimiser steps, {loss}, {closed_fraction(state):.1%} of gates closed, {done}" + (f"\n{state.start_note}" if state.start_note else ""))

@@ -91,24 +91,8 @@ def test_the_latest_state_is_handed_over_when_a_run_stops(progress, weights, kin
 
 
 def test_interrupt_keeps_mask_and_rerun_resumes(flux_run, nodes, folders, progress, monkeypatch):
-    import comfy.model_management
-
     tiny = flux_run[0]
-    calls = {"n": 0}
-    original = progress.Progress.update
-
-    def interrupting_update(self, value, total=None):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            interrupt_processing(True)
-        original(self, value, total)
-
-    monkeypatch.setattr(progress.Progress, "update", interrupting_update)
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
-        learn(nodes, tiny, "flux_interrupt")
-    interrupt_processing(False)
-    monkeypatch.setattr(progress.Progress, "update", original)
-
+    interrupted_run(nodes, progress, monkeypatch, tiny, "flux_interrupt")
     path = folders.run_state_path("flux_interrupt")
     saved = sub("ecodiff_core.maskfile").load_mask(path)
     assert saved.progress["step"] == 2 and not saved.progress["finished"]
