@@ -465,3 +465,28 @@ def test_apply_warns_on_an_unfinished_mask_and_an_almost_emptied_kind(flux_run, 
     assert kept / total < core.mask_checks.ALMOST_EMPTY, (kept, total)
     assert f"pruning removes {1 - kept / total:.0%} of the neurons ({total - kept} of {total})" in "\n".join(
         data.warnings), data.warnings
+
+
+def test_learn_settings_node_defaults_are_the_engines(nodes, core):
+    """One source of defaults: the settings node's widgets and Learn's epochs/beta read LearnSettings."""
+    engine = core.learn.LearnSettings()
+    schema = nodes.LearnSettingsNode.define_schema()
+    defaults = {i.id: i.default for i in schema.inputs}
+    assert defaults == {"accumulate": engine.accumulate, "regularizer": engine.regularizer,
+                        "lr_heads": engine.lr["head"], "lr_neurons": engine.lr["neuron"],
+                        "lr_channels": engine.lr["channel"], "weight_decay": engine.weight_decay,
+                        "gate_temperature": engine.gate.temperature, "init_logit": engine.gate.init_logit,
+                        "noise_offset": engine.gate.noise_offset, "checkpointing": engine.checkpointing,
+                        "block_checkpointing": engine.block_checkpointing}
+    learn_defaults = {i.id: getattr(i, "default", None) for i in nodes.LearnSparsityMask.define_schema().inputs}
+    assert (learn_defaults["epochs"], learn_defaults["beta"]) == (engine.epochs, engine.beta) == (4, 0.5)
+    assert not set(defaults) & set(learn_defaults), "an expert setting is on both nodes"
+    assert nodes.LearnSettingsNode.execute().args[0] == engine
+    changed = nodes.LearnSettingsNode.execute(lr_channels=0.2, gate_temperature=0.5, accumulate=2).args[0]
+    assert changed.lr == {**engine.lr, "channel": 0.2} and changed.gate.temperature == 0.5
+    assert changed.accumulate == 2 and changed.gate.init_logit == engine.gate.init_logit
+    with pytest.raises(core.errors.SettingsError, match="accumulate must be >= 1"):
+        nodes.LearnSettingsNode.execute(accumulate=0)
+    with pytest.raises(core.errors.SettingsError, match="unknown learn setting.*lr_head"):
+        nodes.LearnSparsityMask.execute(model=ct.tiny("sd15").model, clip=None, **dict(LEARN_ARGS, lr_head=0.1),
+                                        run_name="typo")
