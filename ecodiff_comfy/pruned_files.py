@@ -30,6 +30,7 @@ from ..ecodiff_core.safetensors_file import check_format, read, write_atomic
 from .attention_patches import fit_attention_patches
 from .lora_on_pruned import pruned_patcher
 from .pruned_models import set_precision
+from .soft_gates import is_soft_gated
 from .weights import own_weights, pruning_info, wrapped_weights
 
 PRUNED_FORMAT = "ecodiff-pruned-model"
@@ -40,6 +41,10 @@ log = logging.getLogger("ecodiff")
 def save_pruned_model(model: Any, path: Path) -> Path:
     """Safetensors of the pruned denoiser's weights + the record to rebuild its shapes; returns ``path``."""
     record = pruning_info(model)
+    if record is None and is_soft_gated(model):
+        raise EcoDiffError("Save Pruned Model got a soft-gated MODEL (Apply Pruned Mask in soft mode): soft mode "
+                           "keeps the full-size weights and only multiplies removed units by 0, so there is "
+                           "nothing smaller to save; set Apply Pruned Mask's mode to 'prune' to get a model to save")
     if record is None:
         raise EcoDiffError("Save Pruned Model needs a MODEL from Apply Pruned Mask (or Load Pruned Model); "
                            "unpruned models are saved with ComfyUI's own checkpoint savers")

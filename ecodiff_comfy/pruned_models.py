@@ -28,7 +28,7 @@ from ..ecodiff_core.report import PruneReport
 from ..ecodiff_core.units import Layout
 from .attention_patches import fit_attention_patches
 from .lora_on_pruned import pruned_patcher
-from .weights import diffusion_module, model_layout, own_weights, pruning_info, wrapped_weights
+from .weights import diffusion_module, model_layout, own_weights, refuse_pruned, wrapped_weights
 
 log = logging.getLogger("ecodiff")
 
@@ -37,7 +37,7 @@ def plan_for_mask(model: Any, state: MaskState, target: PruneTarget) -> tuple[La
     """Keep masks for ``target`` (the engine keeps the units that must stay, ``min_keep``)."""
     layout = model_layout(model)
     state.check_layout(layout)
-    return layout, plan_pruning(diffusion_module(model), layout, state.logits, target)
+    return layout, plan_pruning(diffusion_module(model), layout, state.logits, target, settings=state.settings)
 
 
 def _new_base_model(model: Any, pruned: nn.Module, record: dict) -> Any:
@@ -90,10 +90,7 @@ def build_pruned_model(model: Any, layout: Layout, keep: dict[str, torch.Tensor]
 def pruning_record(model: Any, layout: Layout, keep: dict[str, torch.Tensor], silenced: list[str]) -> dict:
     """Everything needed to rebuild the pruned module's shapes from the base architecture."""
     base = model.model
-    original = pruning_info(model)
-    if original is not None:
-        raise EcoDiffError("this MODEL is already pruned by EcoDiff; apply masks to the original model "
-                           "(masks are learned for the full-size layout)")
+    refuse_pruned(model, "be pruned again")
     cfg = base.model_config
     return {
         "arch": layout.arch,

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..ecodiff_core.archs import find_layout
 from ..ecodiff_core.errors import EcoDiffError
+from ..ecodiff_core.learn import weights_digest
 from ..ecodiff_core.units import Layout
 
 
@@ -117,6 +118,22 @@ def model_layout(model: Any) -> Layout:
 def pruning_info(model: Any) -> dict | None:
     """The pruning record of a MODEL built by ``build_pruned_model`` (None for others)."""
     return getattr(model.model, "ecodiff_pruning", None)
+
+
+def weights_fingerprint(model: Any) -> str:
+    """``learn.weights_digest`` of the weights this MODEL computes with (its patches loaded), as
+    learning records it in a mask's ``inputs["weights"]``."""
+    with own_weights(model) as module:
+        return weights_digest(module)
+
+
+def refuse_pruned(model: Any, action: str) -> None:
+    """EcoDiffError when ``model`` was pruned by EcoDiff (Apply Pruned Mask in prune mode, Load
+    Pruned Model): masks are learned and applied for the full-size layout, so ``action`` (e.g.
+    "learn a mask") needs the original model."""
+    if pruning_info(model) is not None:
+        raise EcoDiffError(f"this MODEL is already pruned by EcoDiff, so it cannot {action}: masks belong to "
+                           "the full-size layout; connect the original model (the loader's MODEL output) instead")
 
 
 class _CopyWeight:

@@ -167,9 +167,11 @@ def learn_mask(
 
 
 def prune_to(
-    transformer: nn.Module, layout: Layout, logits: dict[str, torch.Tensor], target: PruneTarget
+    transformer: nn.Module, layout: Layout, logits: dict[str, torch.Tensor], target: PruneTarget,
+    settings: dict | None = None,
 ) -> tuple[nn.Module, PrunePlan]:
-    plan = plan_pruning(transformer, layout, logits, target)
+    """``settings``: the mask's recorded learning settings (ranking per kind, see ``plan.ranking_scores``)."""
+    plan = plan_pruning(transformer, layout, logits, target, settings=settings)
     return prune_model(transformer, layout, plan.keep), plan
 
 
@@ -236,7 +238,8 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict[str, Any]:
 
         run = learn_mask(transformer, layout, learn_settings, samples, sigmas(settings.steps), on_step)
     save_mask(out / "mask.safetensors", run.state)
-    pruned, plan = prune_to(transformer, layout, run.state.logits, PruneTarget(params=settings.sparsity))
+    pruned, plan = prune_to(transformer, layout, run.state.logits, PruneTarget(params=settings.sparsity),
+                            settings=run.state.settings)
 
     evaluation = EvalSettings(
         per_class=settings.eval_per_class, steps=settings.eval_steps, cfg=settings.cfg, seed=settings.seed

@@ -32,7 +32,7 @@ def test_impossible_setting_stops_before_any_compute(nodes, folders, sampling, p
     with pytest.raises(core.errors.EcoDiffError) as info:
         learn(nodes, tiny, "too_big", prompts="a cat", width=4096, height=4096, epochs=1)
     assert not computed
-    assert not (folders.folder(folders.MASK_FOLDER) / "too_big.safetensors").exists()
+    assert not folders.run_state_path("too_big").exists()
     estimate = preflight.estimate(tiny.model, spec_for(sampling, 4096), [(tiny.positive, tiny.negative)])
     message = str(info.value)
     assert isinstance(info.value, preflight.InsufficientMemoryError)
