@@ -32,7 +32,7 @@ def mask_warnings(state: MaskState, weights: str | None = None) -> list[str]:
     ``weights`` is ``learn.weights_digest`` of the model the mask is applied to (None: not checked;
     masks recorded without a fingerprint are not checked either)."""
     out = []
-    progress, asked = state.progress, state.settings.get("epochs")
+    progress, asked = state.progress, state.settings.epochs
     if not progress.get("finished"):
         done = f"{progress.get('epoch', 0)} of {asked} epochs" if asked else "not all epochs"
         why = f" ({state.stop_reason})" if state.stop_reason else ""

@@ -23,6 +23,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -377,14 +378,16 @@ def ratio_shortfalls(layout: Layout, keep_ratios: dict[str, float], align: int =
 
 
 def ranking_scores(layout: Layout, logits: dict[str, torch.Tensor],
-                   settings: dict | None = None) -> dict[str, torch.Tensor]:
+                   settings: Any = None) -> dict[str, torch.Tensor]:
     """The values the planners rank (float64, one per unit, shape ``(count,)`` per group).
 
-    ``settings`` is the mask's recorded ``LearnSettings`` as a dict (``MaskState.settings``): with
+    ``settings`` is the mask's recorded ``LearnSettings`` (``MaskState.settings``, or its dict): with
     its per-kind learning rates ``lr`` and ``gate.init_logit`` λ₀, score = (λ − λ₀) / lr[kind]; the
     order inside each kind (and so inside each group) is the logits' own.  Without ``lr`` the logits
     are returned unchanged.  Raises EcoDiffError for bad logits or a learning rate ≤ 0."""
     logits = check_logits(layout, logits)
+    if hasattr(settings, "to_dict"):
+        settings = settings.to_dict()
     lr = (settings or {}).get("lr")
     if not lr:
         return logits
@@ -405,7 +408,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def plan_pruning(model: nn.Module, layout: Layout, logits: dict[str, torch.Tensor], target: PruneTarget,
-                 flop_costs: FlopCosts | None = None, settings: dict | None = None) -> PrunePlan:
+                 flop_costs: FlopCosts | None = None, settings: Any = None) -> PrunePlan:
     """Keep masks for ``target``: budget = fraction × the model's total parameters (or FLOPs).
     ``settings`` (the mask's ``MaskState.settings``) puts every kind on one scale before the global
     ranking (see :func:`ranking_scores`)."""

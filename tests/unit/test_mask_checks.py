@@ -69,7 +69,7 @@ def test_per_kind_scores_are_logit_steps_and_independent_of_the_rates():
     a, b = short_run(0.5, 0.1, 0.5), short_run(0.1, 0.5, 0.1)
     scores = ranking_scores(layout, a.logits, a.settings)
     for g in layout.groups:
-        expected = (a.logits[g.name].double() - a.settings["gate"]["init_logit"]) / a.settings["lr"][g.kind]
+        expected = (a.logits[g.name].double() - a.settings.gate.init_logit) / a.settings.lr[g.kind]
         torch.testing.assert_close(scores[g.name], expected)
     assert ranking_scores(layout, a.logits, None)[layout.groups[0].name].equal(a.logits[layout.groups[0].name].double())
     # plans of 4-step runs at other rates remove similar amounts per kind
@@ -83,7 +83,7 @@ def fake_state(layout, logits: dict, *, finished=True, epochs=4, weights="w1") -
     state = MaskState.fresh(layout, 3.0)
     state.logits = logits
     state.progress = {"epoch": epochs if finished else 1, "position": 0, "step": 7, "finished": finished}
-    state.settings = {"epochs": epochs}
+    state.settings = replace(state.settings, epochs=epochs)
     state.inputs = {"weights": weights}
     return state
 
