@@ -7,7 +7,8 @@ Facts this relies on (ComfyUI 0.3.64, checked again in ``tests/integration``):
   loop serves EPS, V and flow models alike; a ``comfy.samplers.Sampler`` subclass gets the ready
   guider in ``sample`` (``HostedRun`` runs the body there instead of sampling);
 - the executor runs nodes under ``torch.inference_mode()``: latents and conds are inference
-  tensors; bodies run in ``inference_mode(False)`` with copies (see ``weights``);
+  tensors; bodies run in ``inference_mode(False)`` with copies of the conds and non-inference
+  views of the weights (see ``weights.plain_tensors``);
 - FLUX blocks add residuals in place: forward and backward run under
   ``torch.autograd.graph.allow_mutation_on_saved_tensors`` (``grad_context``).
 ComfyUI is imported lazily so the pack imports without it.
@@ -24,7 +25,7 @@ from torch import nn
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.learn import CalibrationSample
 from ..ecodiff_core.seeds import check_seed, derived_seed
-from .weights import diffusion_module, plain_tensors, require_own_weights, trainable_patcher
+from .weights import diffusion_module, plain_tensors, require_own_weights
 
 LEARN_SAMPLERS: tuple[str, ...] = ("euler",)
 
@@ -143,7 +144,7 @@ def run_with_denoisers(model: Any, conds: Sequence[tuple[list, list]], spec: Sam
         raise EcoDiffError("no calibration prompts: give at least one non-empty prompt")
     HostedRun = _host_sampler_class()
     with torch.inference_mode(False):
-        patcher = trainable_patcher(model)
+        patcher = model.clone()  # the guider's own patcher; the input MODEL is left as it was
         module = diffusion_module(patcher)
         sigmas = sigma_schedule(patcher, spec.scheduler, spec.steps)
         latent = comfy.sample.fix_empty_latent_channels(patcher, empty_latent(patcher, spec))
