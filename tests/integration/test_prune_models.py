@@ -180,7 +180,7 @@ def test_plan_for_mask_aligns_kept_features(arch, align, device, expected, weigh
         target = core.plan.PruneTarget(params=0.3)
         _, plan = pruned_models.plan_for_mask(model, mask, target, align=align)
         reference = core.plan.plan_pruning(model.model.diffusion_model, layout, mask.logits,
-                                           core.plan.PruneTarget(params=0.3, align=expected))
+                                           core.plan.PruneTarget(params=0.3, align=expected), settings=mask.settings)
     assert plan.align == expected
     assert all(torch.equal(plan.keep[k], reference.keep[k]) for k in reference.keep)
     for g in layout.groups:
