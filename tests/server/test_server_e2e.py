@@ -255,9 +255,9 @@ def test_loader_and_learn_alone_run_and_keep_only_saved_masks_in_the_list(server
     assert "run state kept" in entry["outputs"]["4"]["text"][0]
     state = load_mask(server.models / "ecodiff_masks" / ".runs" / "alone.safetensors")
     assert state.progress["finished"] and len(state.history) == 3, state.progress
-    assert state.settings["accumulate"] == 2 and state.settings["regularizer"] == "sigmoid"
-    assert state.settings["lr"] == {"head": 0.3, "neuron": 0.2, "channel": 0.5}
-    assert state.settings["gate"]["temperature"] == 0.5 and state.settings["gate"]["init_logit"] == 2.0
+    assert state.settings.accumulate == 2 and state.settings.regularizer == "sigmoid"
+    assert state.settings.lr == {"head": 0.3, "neuron": 0.2, "channel": 0.5}
+    assert state.settings.gate.temperature == 0.5 and state.settings.gate.init_logit == 2.0
     masks = server.object_info()["EcoDiffLoadMask"]["input"]["required"]["mask_name"]
     names = masks[1]["options"] if isinstance(masks[1], dict) and "options" in masks[1] else masks[0]
     assert not any("alone" in n for n in names), names
