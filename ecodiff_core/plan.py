@@ -23,7 +23,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from .errors import EcoDiffError, SettingsError
 from .flops import FlopCosts
 from .prune import emptied_groups
 from .units import UNIT_KINDS, Layout, UnitGroup, parameter_costs
+
+if TYPE_CHECKING:
+    from .learn_settings import LearnSettings
 
 MAX_FRACTION = 0.95
 MIN_KEEP_RATIO = 0.05
@@ -378,23 +381,20 @@ def ratio_shortfalls(layout: Layout, keep_ratios: dict[str, float], align: int =
 
 
 def ranking_scores(layout: Layout, logits: dict[str, torch.Tensor],
-                   settings: Any = None) -> dict[str, torch.Tensor]:
-    """The values the planners rank (float64, one per unit, shape ``(count,)`` per group).
+                   settings: LearnSettings | None = None) -> dict[str, torch.Tensor]:
+    """The values the planners rank (one per unit, shape ``(count,)`` per group).
 
-    ``settings`` is the mask's recorded ``LearnSettings`` (``MaskState.settings``, or its dict): with
-    its per-kind learning rates ``lr`` and ``gate.init_logit`` λ₀, score = (λ − λ₀) / lr[kind]; the
-    order inside each kind (and so inside each group) is the logits' own.  Without ``lr`` the logits
-    are returned unchanged.  Raises EcoDiffError for bad logits or a learning rate ≤ 0."""
+    ``settings`` is the mask's recorded ``LearnSettings`` (``MaskState.settings``): score =
+    (λ − λ₀) / lr[kind] with its per-kind learning rates and ``gate.init_logit`` λ₀; the order inside
+    each kind (and so inside each group) is the logits' own.  Without settings (baseline scores), or
+    when a kind has no recorded rate, the logits are returned unchanged.  Raises EcoDiffError for bad
+    logits or a learning rate ≤ 0."""
     logits = check_logits(layout, logits)
-    if hasattr(settings, "to_dict"):
-        settings = settings.to_dict()
-    lr = (settings or {}).get("lr")
-    if not lr:
+    if settings is None:
         return logits
-    init = float(((settings or {}).get("gate") or {}).get("init_logit", 0.0))
-    out = {}
+    init, out = float(settings.gate.init_logit), {}
     for g in layout.groups:
-        rate = lr.get(g.kind)
+        rate = settings.lr.get(g.kind)
         if rate is None:
             return logits  # a mask recorded without this kind's rate: rank the logits as they are
         if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
@@ -408,7 +408,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def plan_pruning(model: nn.Module, layout: Layout, logits: dict[str, torch.Tensor], target: PruneTarget,
-                 flop_costs: FlopCosts | None = None, settings: Any = None) -> PrunePlan:
+                 flop_costs: FlopCosts | None = None, settings: LearnSettings | None = None) -> PrunePlan:
     """Keep masks for ``target``: budget = fraction × the model's total parameters (or FLOPs).
     ``settings`` (the mask's ``MaskState.settings``) puts every kind on one scale before the global
     ranking (see :func:`ranking_scores`)."""

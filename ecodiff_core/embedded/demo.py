@@ -168,7 +168,7 @@ def learn_mask(
 
 def prune_to(
     transformer: nn.Module, layout: Layout, logits: dict[str, torch.Tensor], target: PruneTarget,
-    settings: Any = None,
+    settings: LearnSettings | None = None,
 ) -> tuple[nn.Module, PrunePlan]:
     """``settings``: the mask's recorded learning settings (ranking per kind, see ``plan.ranking_scores``)."""
     plan = plan_pruning(transformer, layout, logits, target, settings=settings)
