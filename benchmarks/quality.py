@@ -27,13 +27,13 @@ if __package__ in (None, ""):  # run as a file: the repository root is where `ec
 
 from ecodiff_core.archs import find_layout  # noqa: E402
 from ecodiff_core.baselines import magnitude_scores, random_scores, taylor_scores  # noqa: E402
-from ecodiff_core.learn_settings import LearnSettings  # noqa: E402
-from ecodiff_core.plan import PruneTarget, count_parameters  # noqa: E402
 from ecodiff_core.embedded.demo import calibration_samples, default_learn_settings, forward_flops, learn_mask, prune_to  # noqa: E402
 from ecodiff_core.embedded.evaluation import EvalSettings, evaluate_model  # noqa: E402
 from ecodiff_core.embedded.judge import load_judge, real_data_floor  # noqa: E402
 from ecodiff_core.embedded.model import load_default_model, sigmas  # noqa: E402
 from ecodiff_core.embedded.text import calibration_prompts  # noqa: E402
+from ecodiff_core.learn_settings import LearnSettings  # noqa: E402
+from ecodiff_core.plan import PruneTarget, count_parameters  # noqa: E402
 
 METHODS = ("ecodiff", "ecodiff-per-step", "ecodiff-target", "taylor", "magnitude", "random")
 TARGET_METHODS = ("ecodiff-target",)  # learned for one sparsity: scored once per sparsity
@@ -187,7 +187,7 @@ def plot(rows: list[dict], args, floor: float) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for method in args.methods:
         xs = [0.0] + list(args.sparsities)
-        for ax, key in zip(axes, ("accuracy", "fd_judge")):
+        for ax, key in zip(axes, ("accuracy", "fd_judge"), strict=True):
             ys = [statistics.fmean(_select(rows, "original", 0.0, key))]
             ys += [statistics.fmean(_select(rows, method, s, key)) for s in args.sparsities]
             ax.plot([100 * x for x in xs], ys, marker="o", label=method)

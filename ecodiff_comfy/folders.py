@@ -12,12 +12,16 @@ import os
 from pathlib import Path
 
 from ..ecodiff_core.errors import EcoDiffError
+from ..ecodiff_core.prompts import read_prompts
 
 MASK_FOLDER = "ecodiff_masks"
 PRUNED_FOLDER = "ecodiff_pruned"
+#: run states of Learn (resumable after an interrupt) live in this hidden sub-folder of the masks
+#: folder: they follow it wherever it is configured and survive restarts (ComfyUI's temp folder is
+#: emptied at every start), while the masks list shows only the masks a user saved
+RUNS_SUBFOLDER = ".runs"
 RECOVER_FOLDER = "ecodiff_recover"  # resumable states of LoRA Recover runs
 LORA_FOLDER = "loras"  # ComfyUI's own
-PROMPTS_FILE = Path(__file__).resolve().parent / "calibration_prompts.txt"
 
 
 def register_folders() -> None:
@@ -42,11 +46,21 @@ def folder(name: str) -> Path:
 
 
 def list_files(name: str) -> list[str]:
-    """The file names in the ComfyUI folder ``name``, sorted (for the nodes' combo boxes)."""
+    """The file names in the ComfyUI folder ``name``, sorted (for the nodes' combo boxes); files in
+    hidden sub-folders (such as the run states in ``RUNS_SUBFOLDER``) are left out."""
     import folder_paths
 
     register_folders()
-    return sorted(folder_paths.get_filename_list(name))
+    return sorted(f for f in folder_paths.get_filename_list(name)
+                  if not any(part.startswith(".") for part in Path(f).parts[:-1]))
+
+
+def run_state_path(run_name: str) -> Path:
+    """Where Learn keeps the resumable state of ``run_name``: ``<masks folder>/.runs/<run_name>.safetensors``
+    (the sub-folder is created)."""
+    path = folder(MASK_FOLDER) / RUNS_SUBFOLDER
+    path.mkdir(parents=True, exist_ok=True)
+    return path / safe_filename(run_name)
 
 
 def file_path(name: str, filename: str) -> Path:
@@ -78,5 +92,4 @@ def safe_filename(stem: str, suffix: str = ".safetensors") -> str:
 
 def default_prompts() -> str:
     """The shipped calibration prompts, one per line (comments dropped)."""
-    lines = PROMPTS_FILE.read_text(encoding="utf-8").splitlines()
-    return "\n".join(line for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    return "\n".join(read_prompts())

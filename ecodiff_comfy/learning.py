@@ -17,7 +17,7 @@ from ..ecodiff_core.learn import LearnSettings, MaskLearner, StepInfo, model_res
 from ..ecodiff_core.maskfile import MaskState
 from . import sampling
 from .progress import state_kept_on_stop
-from .weights import model_layout
+from .weights import model_layout, refuse_pruned
 
 log = logging.getLogger("ecodiff")
 
@@ -32,7 +32,8 @@ def learn_mask(model: Any, conds: Sequence[tuple[list, list]], spec: sampling.Sa
     included), conditioning, σ schedule, starting latents and settings, and the model responds
     alike (its x0 prediction for the first prompt, which sees model options, model and object
     patches and weight wrappers); otherwise learning starts fresh and the returned state's
-    ``start_note`` says why."""
+    ``start_note`` says why.  An already-pruned MODEL is refused (EcoDiffError)."""
+    refuse_pruned(model, "learn a mask")
     layout = model_layout(model)
     if resume is not None:
         resume.check_layout(layout)

@@ -66,17 +66,18 @@ def _attention_override():
     return override
 
 
-def _meta_problem(model: Any, module: nn.Module, spec: Any, conds: Sequence[tuple[list, list]]):
-    """(denoiser, x, sigmas) on meta for a step of this run: CFG batch, latent and context shapes."""
+def _meta_problem(model: Any, module: nn.Module, spec: Any, conds: Sequence[tuple[list, list]], prompts: int = 1):
+    """(denoiser, x, sigmas) on meta for a step of this run: ``prompts`` calibration prompts per
+    denoiser call (``LearnSettings.prompt_batch``), CFG batch, latent and context shapes."""
     family, ctx_dim, adm = _dims(module)
     dtype = compute_dtype(model)
     meta = dict(device="meta", dtype=dtype)
     cfg = spec.cfg != 1.0
-    n = 2 if cfg else 1
+    n = (2 if cfg else 1) * prompts
     channels = model.model.latent_format.latent_channels
     factor = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
     tokens = max(max(_cond_tensor(p).shape[1], _cond_tensor(q).shape[1]) for p, q in conds)
-    x = torch.empty(1, channels, spec.height // factor, spec.width // factor, **meta)
+    x = torch.empty(prompts, channels, spec.height // factor, spec.width // factor, **meta)
     context = torch.empty(n, tokens, ctx_dim, **meta)
     extra: dict[str, Any] = {"transformer_options": {"optimized_attention_override": _attention_override()}}
     if adm is not None:
@@ -103,11 +104,17 @@ def weight_dtype_name(module: nn.Module) -> str:
     return "fp16" if torch.float16 in dtypes else "bf16" if torch.bfloat16 in dtypes else "fp32"
 
 
+def prompts_per_step(settings: LearnSettings, conds: Sequence[tuple[list, list]]) -> int:
+    """Calibration prompts one learning step runs at once: ``prompt_batch``, at most all of them."""
+    return max(1, min(settings.prompt_batch, len(conds)))
+
+
 def estimate(model: Any, spec: Any, conds: Sequence[tuple[list, list]],
-             modes: tuple[bool, ...] = (False, True)) -> StepMemory:
+             modes: tuple[bool, ...] = (False, True), prompts: int = 1) -> StepMemory:
     """Weights and activation peaks (without / with block checkpointing, the ``modes`` asked for) of
-    one learning step of ``model`` for the latent size, CFG and prompts of ``spec``/``conds``; cached
-    per layout and shape.
+    one learning step of ``model`` for the latent size, CFG and prompts of ``spec``/``conds``, with
+    ``prompts`` calibration prompts per denoiser call (``prompts_per_step``); cached per layout and
+    shape.
 
     Raises EcoDiffError for a model the preflight cannot trace.
     """
@@ -115,7 +122,7 @@ def estimate(model: Any, spec: Any, conds: Sequence[tuple[list, list]],
     layout = model_layout(model)
     with torch.inference_mode(False):
         copy = meta_copy(module)
-        denoise, x, sigmas, shape_key = _meta_problem(model, copy, spec, conds)
+        denoise, x, sigmas, shape_key = _meta_problem(model, copy, spec, conds, prompts)
         key = ("comfy", layout.fingerprint(), weight_dtype_name(module), tuple(x.shape), spec.cfg != 1.0, shape_key)
 
         def measure(block_checkpointing: bool) -> int:
@@ -142,8 +149,10 @@ def check(model: Any, spec: Any, conds: Sequence[tuple[list, list]], settings: L
     """
     settings.validate()
     spec.validate()
+    prompts = prompts_per_step(settings, conds)
     try:
-        memory = estimate(model, spec, conds, (True,) if settings.block_checkpointing == "on" else (False, True))
+        memory = estimate(model, spec, conds, (True,) if settings.block_checkpointing == "on" else (False, True),
+                          prompts)
     except EcoDiffError:
         raise
     except Exception as exc:  # noqa: BLE001 — a model the trace cannot run: learning reports its own error
@@ -156,15 +165,17 @@ def check(model: Any, spec: Any, conds: Sequence[tuple[list, list]], settings: L
     available = free + loaded
     blocks = use_block_checkpointing(settings.block_checkpointing, memory, available, device)
     need = memory.total(blocks)
-    log.info("EcoDiff preflight: one learning step needs about %.2f GB (weights %.2f, activations %.2f, "
-             "block checkpointing %s); %.2f GB available", need / GB, memory.weights / GB,
-             memory.activations(blocks) / GB, "on" if blocks else "off", available / GB)
+    log.info("EcoDiff preflight: one learning step of %d prompt(s) needs about %.2f GB (weights %.2f, "
+             "activations %.2f, block checkpointing %s); %.2f GB available", prompts, need / GB,
+             memory.weights / GB, memory.activations(blocks) / GB, "on" if blocks else "off", available / GB)
     if need > available:
         what = f"{type(diffusion_module(model)).__name__} at {spec.width}×{spec.height}" \
-               f"{' with CFG' if spec.cfg != 1.0 else ''}"
+               f"{' with CFG' if spec.cfg != 1.0 else ''}, {prompts} prompt(s) per step (prompt_batch)"
+        fewer = f" Or lower prompt_batch (now {prompts}): each prompt in a step adds its own activations." \
+            if prompts > 1 else ""
         raise InsufficientMemoryError(
             "EcoDiff stopped before learning: " +
-            fit_advice(memory, available, blocks, weight_dtype_name(diffusion_module(model)), what))
+            fit_advice(memory, available, blocks, weight_dtype_name(diffusion_module(model)), what) + fewer)
     return dataclasses.replace(settings, block_checkpointing="on" if blocks else "off")
 
 

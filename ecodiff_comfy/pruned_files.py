@@ -25,11 +25,13 @@ from ..ecodiff_core.archs import find_layout
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.prune import prune_model
 from ..ecodiff_core.pruned_record import (PrunedFileError, check_pruned_record, check_record_layout,
-                                          check_state_dict, config_from_json)
+                                          check_state_dict, config_from_json,
+                                          other_dtypes)
 from ..ecodiff_core.safetensors_file import check_format, read, write_atomic
 from .attention_patches import fit_attention_patches
 from .lora_on_pruned import pruned_patcher
 from .pruned_models import set_precision
+from .soft_gates import is_soft_gated
 from .weights import own_weights, pruning_info, wrapped_weights
 
 PRUNED_FORMAT = "ecodiff-pruned-model"
@@ -40,6 +42,10 @@ log = logging.getLogger("ecodiff")
 def save_pruned_model(model: Any, path: Path) -> Path:
     """Safetensors of the pruned denoiser's weights + the record to rebuild its shapes; returns ``path``."""
     record = pruning_info(model)
+    if record is None and is_soft_gated(model):
+        raise EcoDiffError("Save Pruned Model got a soft-gated MODEL (Apply Pruned Mask in soft mode): soft mode "
+                           "keeps the full-size weights and only multiplies removed units by 0, so there is "
+                           "nothing smaller to save; set Apply Pruned Mask's mode to 'prune' to get a model to save")
     if record is None:
         raise EcoDiffError("Save Pruned Model needs a MODEL from Apply Pruned Mask (or Load Pruned Model); "
                            "unpruned models are saved with ComfyUI's own checkpoint savers")
@@ -47,6 +53,7 @@ def save_pruned_model(model: Any, path: Path) -> Path:
         wrapped = wrapped_weights(model, module)  # weight wrappers folded in, as pruning does
         sd = {k: wrapped.get(k, v).detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
     dtype = record.get("weight_dtype") or (str(next(iter(sd.values())).dtype) if sd else "float32")
+    record = {**record, "tensor_dtypes": other_dtypes(module, sd, dtype)}
     metadata = {"format": PRUNED_FORMAT, "format_version": str(PRUNED_FORMAT_VERSION),
                 "record": json.dumps(record), "dtype": dtype.removeprefix("torch.")}
     path = write_atomic(path, sd, metadata)
@@ -138,7 +145,7 @@ def load_pruned_model(path: Path) -> Any:
     keep = check_record_layout(record, layout, path.name)
     pruned = prune_model(base.diffusion_model, layout, keep)
     fit_attention_patches(pruned)
-    check_state_dict(pruned, sd, path.name, cfg.manual_cast_dtype)
+    check_state_dict(pruned, sd, path.name, cfg.manual_cast_dtype, record.get("tensor_dtypes", {}))
     offload = mm.unet_offload_device()
     missing, unexpected = pruned.load_state_dict(sd, strict=False, assign=True)
     meta_left = [n for n, t in list(pruned.named_parameters()) + list(pruned.named_buffers()) if t.is_meta]

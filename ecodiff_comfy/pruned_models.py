@@ -13,6 +13,7 @@ Facts this relies on (ComfyUI 0.3.64, checked again in ``tests/integration``):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from typing import Any
 
@@ -28,16 +29,36 @@ from ..ecodiff_core.report import PruneReport
 from ..ecodiff_core.units import Layout
 from .attention_patches import fit_attention_patches
 from .lora_on_pruned import pruned_patcher
-from .weights import diffusion_module, model_layout, own_weights, pruning_info, wrapped_weights
+from .weights import diffusion_module, model_layout, own_weights, refuse_pruned, wrapped_weights
 
 log = logging.getLogger("ecodiff")
 
 
-def plan_for_mask(model: Any, state: MaskState, target: PruneTarget) -> tuple[Layout, PrunePlan]:
-    """Keep masks for ``target`` (the engine keeps the units that must stay, ``min_keep``)."""
+def device_align(model: Any) -> int:
+    """The feature multiple pruned modules of ``model`` should keep on its load device (see
+    ``PruneTarget.align``): 8 on CUDA, where GEMMs of multiples of 8 stay on tensor-core paths; 1
+    (no alignment) elsewhere.  What ``align="auto"`` means."""
+    device = getattr(model, "load_device", None)
+    return 8 if device is not None and torch.device(device).type == "cuda" else 1
+
+
+def plan_for_mask(model: Any, state: MaskState, target: PruneTarget,
+                  align: int | str | None = None) -> tuple[Layout, PrunePlan]:
+    """Keep masks for ``target`` (the engine keeps the units that must stay, ``min_keep``).
+
+    ``align``: the feature multiple every pruned module keeps (``PruneTarget.align``, 1 = off);
+    "auto" asks the MODEL's device (``device_align``); None keeps ``target.align``.  Raises
+    EcoDiffError for another value."""
+    if align == "auto":
+        align = device_align(model)
+    elif isinstance(align, str):
+        raise EcoDiffError(f"align is the multiple of features every pruned module keeps: \"auto\" (8 on CUDA, "
+                           f"1 otherwise) or an integer (1 = off), got {align!r}")
+    if align is not None and align != target.align:
+        target = dataclasses.replace(target, align=align)  # PruneTarget checks the value
     layout = model_layout(model)
     state.check_layout(layout)
-    return layout, plan_pruning(diffusion_module(model), layout, state.logits, target)
+    return layout, plan_pruning(diffusion_module(model), layout, state.logits, target, settings=state.settings)
 
 
 def _new_base_model(model: Any, pruned: nn.Module, record: dict) -> Any:
@@ -90,10 +111,7 @@ def build_pruned_model(model: Any, layout: Layout, keep: dict[str, torch.Tensor]
 def pruning_record(model: Any, layout: Layout, keep: dict[str, torch.Tensor], silenced: list[str]) -> dict:
     """Everything needed to rebuild the pruned module's shapes from the base architecture."""
     base = model.model
-    original = pruning_info(model)
-    if original is not None:
-        raise EcoDiffError("this MODEL is already pruned by EcoDiff; apply masks to the original model "
-                           "(masks are learned for the full-size layout)")
+    refuse_pruned(model, "be pruned again")
     cfg = base.model_config
     return {
         "arch": layout.arch,

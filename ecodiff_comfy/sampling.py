@@ -1,5 +1,6 @@
 """Running a body inside ComfyUI's sampling machinery: the calibration trajectories' setup (size,
-steps, CFG, σ schedule, starting latents, conditioning) and one x0 denoiser per prompt.
+steps, CFG, σ schedule, starting latents, conditioning) and one x0 denoiser per prompt, or per
+batch of prompts stacked along dim 0.
 
 Facts this relies on (ComfyUI 0.3.64, checked again in ``tests/integration``):
 - ``CFGGuider`` prepares the model (loading through model_management, conds through
@@ -7,7 +8,8 @@ Facts this relies on (ComfyUI 0.3.64, checked again in ``tests/integration``):
   loop serves EPS, V and flow models alike; a ``comfy.samplers.Sampler`` subclass gets the ready
   guider in ``sample`` (``HostedRun`` runs the body there instead of sampling);
 - the executor runs nodes under ``torch.inference_mode()``: latents and conds are inference
-  tensors; bodies run in ``inference_mode(False)`` with copies (see ``weights``);
+  tensors; bodies run in ``inference_mode(False)`` with copies of the conds and non-inference
+  views of the weights (see ``weights.plain_tensors``);
 - FLUX blocks add residuals in place: forward and backward run under
   ``torch.autograd.graph.allow_mutation_on_saved_tensors`` (``grad_context``).
 ComfyUI is imported lazily so the pack imports without it.
@@ -24,7 +26,7 @@ from torch import nn
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.learn import CalibrationSample
 from ..ecodiff_core.seeds import check_seed, derived_seed
-from .weights import diffusion_module, plain_tensors, require_own_weights, trainable_patcher
+from .weights import diffusion_module, plain_tensors, require_own_weights
 
 LEARN_SAMPLERS: tuple[str, ...] = ("euler",)
 
@@ -133,7 +135,11 @@ class Session:
 def run_with_denoisers(model: Any, conds: Sequence[tuple[list, list]], spec: SamplingSpec,
                        body: Callable[[Session], Any]) -> Any:
     """Load ``model`` through ComfyUI, build one x0 denoiser (CFG included) and one starting
-    latent x_T per (positive, negative) pair, and call ``body`` with them; returns its result."""
+    latent x_T per (positive, negative) pair, and call ``body`` with them; returns its result.
+
+    The samples are batchable (``CalibrationSample.batchable``): with ``LearnSettings.prompt_batch``
+    > 1 the engine stacks prompts whose conditioning shapes agree (the same token count) and runs
+    them as one ComfyUI batch; others run one by one."""
     import comfy.sample
     import comfy.sampler_helpers
     import comfy.samplers
@@ -143,7 +149,7 @@ def run_with_denoisers(model: Any, conds: Sequence[tuple[list, list]], spec: Sam
         raise EcoDiffError("no calibration prompts: give at least one non-empty prompt")
     HostedRun = _host_sampler_class()
     with torch.inference_mode(False):
-        patcher = trainable_patcher(model)
+        patcher = model.clone()  # the guider's own patcher; the input MODEL is left as it was
         module = diffusion_module(patcher)
         sigmas = sigma_schedule(patcher, spec.scheduler, spec.steps)
         latent = comfy.sample.fix_empty_latent_channels(patcher, empty_latent(patcher, spec))
@@ -152,16 +158,24 @@ def run_with_denoisers(model: Any, conds: Sequence[tuple[list, list]], spec: Sam
         def body_in_guider(guider, dev_sigmas, extra_args, noise, latent_image, max_denoise):
             device = noise.device
             ms = guider.inner_model.model_sampling
+
+            def batch_denoiser(conditioning: dict) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                """The CFG x0 denoiser of prompts stacked along dim 0 (ComfyUI takes a batch of
+                conditionings as a multi-line CLIPTextEncode gives); the first prompt's seed."""
+                rows, seed = conditioning["prompt"].shape[0], derived_seed(spec.seed, int(conditioning["prompt"][0]))
+                processed = comfy.samplers.process_conds(
+                    guider.inner_model, _rows(noise, rows),
+                    {"positive": comfy.sampler_helpers.convert_cond(conditioning["positive"]),
+                     "negative": comfy.sampler_helpers.convert_cond(conditioning["negative"])},
+                    device, _rows(latent_image, rows), None, seed)
+                return _denoiser(guider, processed, extra_args, seed)
+
             samples = []
             for i, (pos, neg) in enumerate(conds):
-                processed = comfy.samplers.process_conds(
-                    guider.inner_model, noise,
-                    {"positive": comfy.sampler_helpers.convert_cond(pos),
-                     "negative": comfy.sampler_helpers.convert_cond(neg)},
-                    device, latent_image, None, derived_seed(spec.seed, i))
                 x_noise = comfy.sample.prepare_noise(latent, derived_seed(spec.seed, i)).to(device)
                 x_t = ms.noise_scaling(dev_sigmas[0], x_noise, latent_image, max_denoise)
-                samples.append(CalibrationSample(_denoiser(guider, processed, extra_args, derived_seed(spec.seed, i)), x_t))
+                conditioning = {"positive": pos, "negative": neg, "prompt": torch.tensor([i])}
+                samples.append(CalibrationSample.batchable(batch_denoiser, conditioning, x_t))
             require_own_weights(patcher, partial_ok=True)  # the guider loaded exactly this clone's weights
             with plain_tensors(module):
                 return body(Session(module, samples, dev_sigmas, device))
@@ -173,6 +187,11 @@ def run_with_denoisers(model: Any, conds: Sequence[tuple[list, list]], spec: Sam
         noise = comfy.sample.prepare_noise(latent, spec.seed)
         guider.sample(noise, latent, host, sigmas, disable_pbar=True, seed=spec.seed)
         return host.result
+
+
+def _rows(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """``t`` (1, …) as ``rows`` equal rows (a view); None stays None."""
+    return t if t is None or t.shape[0] == rows else t.expand(rows, *t.shape[1:])
 
 
 def _denoiser(guider: Any, processed: dict, extra_args: dict, seed: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

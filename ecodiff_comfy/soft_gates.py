@@ -36,6 +36,11 @@ class _GateWeight:
         return self.scale.numel() * self.scale.element_size()
 
 
+def is_soft_gated(model: Any) -> bool:
+    """Whether ``model`` carries soft gates (Apply Pruned Mask in soft mode): full-size weights."""
+    return any(isinstance(f, _GateWeight) for fs in getattr(model, "weight_wrapper_patches", {}).values() for f in fs)
+
+
 def soft_gated_model(model: Any, layout: Layout, keep: dict[str, torch.Tensor]) -> Any:
     """A clone of ``model`` that multiplies removed units by 0 through weight wrappers (preview)."""
     keep = check_keep(layout, keep)

@@ -6,8 +6,10 @@ Facts this relies on (ComfyUI 0.3.64, checked again in ``tests/integration``):
   patches in that module, so every weight read goes through ``own_weights`` (loads this clone,
   checks it);
 - the executor runs nodes under ``torch.inference_mode()``: weights are inference tensors, which
-  autograd may not save; learning reads non-inference copies (``trainable_patcher`` for
-  ``comfy.ops`` layers, ``plain_tensors`` for the rest).
+  autograd may not save; while learning, the module holds non-inference views of the same storage
+  (``plain_tensors``: no weight is copied, once or per forward), and ``comfy.ops`` layers read
+  ``self.weight``/``self.bias`` through ``cast_bias_weight`` (manual cast, low-VRAM weight functions
+  and weight wrappers are applied to the view, as to the original).
 ComfyUI is imported lazily so the pack imports without it.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from ..ecodiff_core.archs import find_layout
 from ..ecodiff_core.errors import EcoDiffError
+from ..ecodiff_core.learn import weights_digest
 from ..ecodiff_core.units import Layout
 
 
@@ -119,50 +122,50 @@ def pruning_info(model: Any) -> dict | None:
     return getattr(model.model, "ecodiff_pruning", None)
 
 
-class _CopyWeight:
-    """Identity weight wrapper: makes ``comfy.ops`` layers use a fresh (non-inference) copy."""
-
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight if not weight.is_inference() else weight.clone()
-
-    def move_to(self, device: Any = None) -> int:
-        return 0
+def weights_fingerprint(model: Any) -> str:
+    """``learn.weights_digest`` of the weights this MODEL computes with (its patches loaded), as
+    learning records it in a mask's ``inputs["weights"]``."""
+    with own_weights(model) as module:
+        return weights_digest(module)
 
 
-def trainable_patcher(model: Any) -> Any:
-    """A clone whose comfy.ops layers read non-inference copies of inference-tensor weights.
+def refuse_pruned(model: Any, action: str) -> None:
+    """EcoDiffError when ``model`` was pruned by EcoDiff (Apply Pruned Mask in prune mode, Load
+    Pruned Model): masks are learned and applied for the full-size layout, so ``action`` (e.g.
+    "learn a mask") needs the original model."""
+    if pruning_info(model) is not None:
+        raise EcoDiffError(f"this MODEL is already pruned by EcoDiff, so it cannot {action}: masks belong to "
+                           "the full-size layout; connect the original model (the loader's MODEL output) instead")
 
-    Every weight/bias of a comfy.ops layer gets the wrapper: which tensors are inference tensors is
-    only known once the clone is loaded (the shared module may hold another clone's weights now)."""
-    patcher = model.clone()
-    module = diffusion_module(model)
-    for name, sub in module.named_modules():
-        if not hasattr(sub, "weight_function"):
-            continue
-        for attr in ("weight", "bias"):
-            if isinstance(getattr(sub, attr, None), torch.Tensor):
-                patcher.add_weight_wrapper(f"diffusion_model.{name}.{attr}", _CopyWeight())
-    return patcher
+
+def _storage_view(t: torch.Tensor, parameter: bool) -> torch.Tensor:
+    """A normal (non-inference) tensor over ``t``'s storage: same values, same bytes, no copy
+    (an ``nn.Parameter`` without grad where ``parameter``).  Made outside inference mode, autograd
+    may save it for backward."""
+    with torch.inference_mode(False):
+        view = torch.empty(0, dtype=t.dtype, device=t.device).set_(
+            t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+        return nn.Parameter(view, requires_grad=False) if parameter else view
 
 
 @contextlib.contextmanager
 def plain_tensors(module: nn.Module) -> Iterator[None]:
-    """Inference-tensor parameters/buffers of layers without weight functions (e.g. FLUX's QK-norm
-    scales) are swapped for clones for the duration, and the originals put back afterwards."""
-    swapped: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
+    """Every inference-tensor parameter/buffer of ``module`` is swapped for a non-inference view of
+    the same storage (``_storage_view``: nothing is copied) for the duration, so autograd may save
+    the weights; the originals are put back afterwards (where ComfyUI did not replace the view by
+    then).  Call it once the MODEL is loaded (its weight patches merged): the views alias exactly
+    the weights loaded."""
+    swapped: list[tuple[dict, str, torch.Tensor, torch.Tensor]] = []
     try:
         for sub in module.modules():
-            covered = hasattr(sub, "weight_function")
-            for name, p in list(sub._parameters.items()):
-                if p is not None and p.is_inference() and not (covered and name in ("weight", "bias")):
-                    swapped.append((sub, name, True, p))
-                    sub._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
-            for name, b in list(sub._buffers.items()):
-                if b is not None and b.is_inference():
-                    swapped.append((sub, name, False, b))
-                    sub._buffers[name] = b.clone()
+            for slots, is_param in ((sub._parameters, True), (sub._buffers, False)):
+                for name, t in list(slots.items()):
+                    if t is None or not t.is_inference():
+                        continue
+                    slots[name] = _storage_view(t, is_param)
+                    swapped.append((slots, name, t, slots[name]))
         yield
     finally:
-        for sub, name, is_param, original in reversed(swapped):
-            (sub._parameters if is_param else sub._buffers)[name] = original
-
+        for slots, name, original, view in reversed(swapped):
+            if slots.get(name) is view:
+                slots[name] = original

@@ -1,4 +1,7 @@
-"""Command line: ``python -m ecodiff_core demo [options]``.
+"""Command line: ``python -m ecodiff_core demo|recover|memory|learn|prune|report [options]``.
+
+``learn``, ``prune`` and ``report`` work on local diffusers pipelines (``cli_diffusers``); ``learn``
+runs data-parallel under ``torchrun --nproc-per-node N -m ecodiff_core learn ...``.
 
 Every bad argument ends in one ``error:`` line and exit code 2 (argparse's convention): the engine
 validates the settings before any work starts and its EcoDiffError goes to ``parser.error``.
@@ -7,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -144,6 +148,9 @@ def _recover_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_in(0, SEED_MAX), default=run["seed"], help=f"random seed, 0..{SEED_MAX}")
     p.add_argument("--threads", type=_at_least_one, default=1, help="CPU threads for torch")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from .cli_diffusers import add_recover_arguments
+
+    add_recover_arguments(p)  # --model DIR: the same recovery on a pruned diffusers denoiser
     return p
 
 
@@ -168,7 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     demo = _demo_parser(sub)
     memory = _memory_parser(sub)
     recover = _recover_parser(sub)
+    from .cli_diffusers import COMMANDS
+
+    diffusers_commands = {name: (add(sub), run) for name, (add, run) in COMMANDS.items()}
     args = parser.parse_args(argv)
+    if args.command in diffusers_commands:
+        command_parser, run = diffusers_commands[args.command]
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        with command_errors(command_parser):
+            return run(args)
     if args.command == "memory":
         with command_errors(memory):
             return memory_command(args)
@@ -177,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recover":
         torch.set_num_threads(args.threads)
         with command_errors(recover):
+            if args.model is not None:
+                from .cli_diffusers import recover_command
+
+                return recover_command(args)
             return _run_recover(args)
 
     from .embedded.demo import DemoSettings, run_demo, summary_text

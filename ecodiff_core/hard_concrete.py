@@ -35,7 +35,7 @@ class GateSettings:
         check_number("gate noise_offset", self.noise_offset)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "GateSettings":
+    def from_dict(cls, data: dict) -> GateSettings:
         """Forward-compatible, like ``LearnSettings.from_dict``: unknown keys ignored, missing ones default."""
         return cls(**known_fields(cls, data))
 

@@ -8,8 +8,10 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,8 +20,8 @@ from .archs import checkpoint_block_paths
 from .batching import NotStackable, stack_latents, stack_tree
 from .block_checkpoint import checkpointed_blocks
 from .errors import SettingsError
-from .hard_concrete import regularizer, sample_gate, uniform_noise
 from .gate_hooks import GateController
+from .hard_concrete import regularizer, sample_gate, uniform_noise
 from .learn_settings import TARGET, LearnSettings
 from .maskfile import MaskState
 from .target_constraint import TargetConstraint
@@ -27,6 +29,7 @@ from .trajectory import Denoiser, check_sigmas, per_step_gradient, sample, teach
 from .units import Layout
 
 if TYPE_CHECKING:
+    from .distributed import DataParallel
     from .flops import FlopCosts
     from .memory import StepMemory
 
@@ -52,7 +55,7 @@ class CalibrationSample:
 
     @classmethod
     def batchable(cls, batch_denoiser: Callable[[Any], Denoiser], conditioning: Any,
-                  noise: torch.Tensor) -> "CalibrationSample":
+                  noise: torch.Tensor) -> CalibrationSample:
         return cls(batch_denoiser(conditioning), noise, conditioning=conditioning, batch_denoiser=batch_denoiser)
 
 
@@ -107,7 +110,7 @@ def frozen_weights(model: nn.Module) -> Iterator[None]:
                 p.requires_grad_(True)
 
 
-def use_block_checkpointing(mode: str, step_memory: "StepMemory | None", free_memory: int | None,
+def use_block_checkpointing(mode: str, step_memory: StepMemory | None, free_memory: int | None,
                             device: torch.device) -> bool:
     """"on"/"off" as given; "auto" is on only when the preflight's plain-step estimate exceeds the
     free memory of a non-CPU device (off on CPU or when either figure is unknown)."""
@@ -138,9 +141,10 @@ class MaskLearner:
         resume: MaskState | None = None,
         grad_context: Callable[[], ContextManager] = contextlib.nullcontext,
         inputs: dict[str, Any] | None = None,
-        step_memory: "StepMemory | None" = None,
+        step_memory: StepMemory | None = None,
         free_memory: int | None = None,
-        flop_costs: "FlopCosts | None" = None,
+        flop_costs: FlopCosts | None = None,
+        parallel: DataParallel | None = None,
     ) -> None:
         """``inputs`` (from :func:`run_inputs`) fingerprints what this run learns from; with it, a
         ``resume`` state recorded for other inputs is not continued: learning starts fresh and
@@ -148,8 +152,12 @@ class MaskLearner:
         ``step_memory`` (the preflight's estimate of one step) and ``free_memory`` (bytes free on
         the device) decide ``block_checkpointing="auto"``; without either, auto means off.
         ``flop_costs`` (``flops.measure_flops``) price the units for ``regularizer="target"`` with
-        ``target_mode="flops"``; without them, one denoiser call of the first sample is measured."""
+        ``target_mode="flops"``; without them, one denoiser call of the first sample is measured.
+        ``parallel`` (data-parallel learning, see ``distributed``): this process computes only the
+        samples it ``owns`` (the others may be None) and the λ gradients are all-reduced before each
+        optimiser step, so every process takes the step one process would take."""
         settings.validate()
+        self.parallel = parallel
         self.model, self.layout, self.settings = model, layout, settings
         self.grad_context = grad_context
         self.start_note = ""
@@ -241,7 +249,7 @@ class MaskLearner:
         def noise(step_list: list[int]) -> dict[int, tuple[torch.Tensor, ...]]:
             rows = [uniform_noise(total, torch.Generator().manual_seed(_seed(noise_seed, i))) for i in step_list]
             moved = torch.stack(rows).to(device)
-            return {i: torch.split(row, sizes) for i, row in zip(step_list, moved)}
+            return {i: torch.split(row, sizes) for i, row in zip(step_list, moved, strict=True)}
 
         drawn = noise(list(range(steps)))
 
@@ -249,7 +257,7 @@ class MaskLearner:
             if step not in drawn:
                 drawn.update(noise([step]))
             values = {name: sample_gate(self.logits[name], u, self.settings.gate)
-                      for name, u in zip(names, drawn[step])}
+                      for name, u in zip(names, drawn[step], strict=True)}
             self.controller.set(values)
 
         return before_step
@@ -270,9 +278,14 @@ class MaskLearner:
         return torch.stack(terms).sum()
 
     # -- learning ------------------------------------------------------------------------------
+    def _owns(self, index: int) -> bool:
+        return self.parallel is None or self.parallel.owns(index)
+
     def prepare(self, samples: Sequence[CalibrationSample], sigmas: torch.Tensor) -> None:
-        """Targets: the ungated model's trajectory from the same x_T and prompt."""
-        for s in samples:
+        """Targets: the ungated model's trajectory from the same x_T and prompt (own samples only)."""
+        for index, s in enumerate(samples):
+            if not self._owns(index):
+                continue
             if self.settings.objective == "end_to_end" and s.target is None:
                 s.target = sample(s.denoise, s.noise, sigmas)
             if self.settings.objective == "per_step" and s.teacher is None:
@@ -373,7 +386,8 @@ class MaskLearner:
         grads = [torch.zeros_like(p) for p in params]
         recon_sum = torch.zeros((), dtype=torch.float64, device=params[0].device)
         n = len(indices)
-        for members, s in self._batches(samples, indices):
+        own = [i for i in indices if self._owns(i)]  # this process's share (all of them alone)
+        for members, s in self._batches(samples, own):
             # one gate sample per step for the whole batch; alone, each sample keeps its own
             noise_seed = _seed(self.settings.seed, epoch, members[0])
             if len(members) == 1:
@@ -383,9 +397,11 @@ class MaskLearner:
                                      for r in (samples[i].noise.shape[0] for i in members)])
                 result, scale = self._sample_gradient(s, sigmas, noise_seed, weights), 1.0
             recon_sum += result.loss_tensor.double() * scale
-            for acc, g in zip(grads, result.grads):
+            for acc, g in zip(grads, result.grads, strict=True):
                 acc.add_(g, alpha=scale)
             self.controller.set(None)
+        if self.parallel is not None:  # sum of every process's share of this step's samples
+            recon_sum = self.parallel.all_reduce(grads, recon_sum)
         with torch.enable_grad():
             reg, weight, extra = self._sparsity_term(total_steps)
             reg_grads = torch.autograd.grad(weight * reg, params)
@@ -399,7 +415,7 @@ class MaskLearner:
                 "good mask kept. Lower the learning rates or check the model's outputs."
             )
             return None
-        for p, g, rg in zip(params, grads, reg_grads):
+        for p, g, rg in zip(params, grads, reg_grads, strict=True):
             p.grad = g + rg
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -442,7 +458,7 @@ def digest(obj: Any, sample: int | None = None) -> str:
 
 
 @torch.no_grad()
-def _feed(h: "hashlib._Hash", obj: Any, sample: int | None) -> None:
+def _feed(h: hashlib._Hash, obj: Any, sample: int | None) -> None:
     if isinstance(obj, torch.Tensor):
         flat = obj.detach().reshape(-1)
         h.update(f"T{tuple(obj.shape)}{obj.dtype}".encode())
@@ -513,8 +529,8 @@ def responses_match(old: Any, new: Any, rtol: float = RESPONSE_RTOL) -> bool:
         if len(old["probes"]) != len(new["probes"]) or len(old["sigmas"]) != len(new["sigmas"]):
             return False
         pairs = [(torch.tensor([float(a)], dtype=torch.float64), torch.tensor([float(b)], dtype=torch.float64))
-                 for a, b in zip(old["sigmas"], new["sigmas"])]
-        for p, q in zip(old["probes"], new["probes"]):
+                 for a, b in zip(old["sigmas"], new["sigmas"], strict=True)]
+        for p, q in zip(old["probes"], new["probes"], strict=True):
             if [int(n) for n in p["shape"]] != [int(n) for n in q["shape"]] or len(p["values"]) != len(q["values"]):
                 return False
             pairs.append((torch.tensor([float(p["norm"])], dtype=torch.float64),

@@ -125,7 +125,7 @@ class LearnSettings:
                 "builds such settings)")
 
     @classmethod
-    def for_target(cls, target: float, target_mode: str = "params", **fields) -> "LearnSettings":
+    def for_target(cls, target: float, target_mode: str = "params", **fields) -> LearnSettings:
         """Settings that learn for ``target`` (regularizer "target", textbook gates δ = 0); ``fields``
         override any other setting (a given ``gate`` is taken with its noise_offset set to 0)."""
         gate = fields.pop("gate", GateSettings())
@@ -138,7 +138,7 @@ class LearnSettings:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LearnSettings":
+    def from_dict(cls, data: dict) -> LearnSettings:
         """The inverse of :meth:`to_dict`, forward-compatible (as peft's configs load): keys a newer
         version wrote are ignored with a log line, missing keys take the defaults (``gate`` too).
         SettingsError for values out of range or of the wrong type."""

@@ -1,8 +1,14 @@
 """Binarise learned logits into keep masks that hit a parameter or FLOP budget.
 
-One global ranking of all units by logit (lowest = least important = removed first), across
-heads, neurons and channels alike; units are removed in that order until the removed cost reaches
-the budget, so the result overshoots the target by less than the cost of one unit.  The
+One global ranking of all units (lowest score = least important = removed first), across heads,
+neurons and channels alike; units are removed in that order until the removed cost reaches the
+budget, so the result overshoots the target by less than the cost of one unit.  With the mask's
+learning settings, the score of a unit is its logit's displacement from the initial logit λ₀ in
+units of its kind's learning rate, (λ − λ₀) / lr_kind (:func:`ranking_scores`): AdamW moves a logit
+by at most about one learning rate per step, so this counts the steps' worth of consistent push
+towards closing, the same scale for every kind; a kind learned at a 5× higher rate no longer
+dominates the removals merely because its logits moved 5× further.  Without settings (baseline
+scores, bare logits) the values are ranked as given.  The
 ``min_keep`` best units of each group are never removed (they are not counted as prunable), so
 every plan that is accepted is delivered by ``prune_model`` as planned.
 
@@ -17,6 +23,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +32,9 @@ from .errors import EcoDiffError, SettingsError
 from .flops import FlopCosts
 from .prune import emptied_groups
 from .units import UNIT_KINDS, Layout, UnitGroup, parameter_costs
+
+if TYPE_CHECKING:
+    from .learn_settings import LearnSettings
 
 MAX_FRACTION = 0.95
 MIN_KEEP_RATIO = 0.05
@@ -370,13 +380,39 @@ def ratio_shortfalls(layout: Layout, keep_ratios: dict[str, float], align: int =
     return notes
 
 
+def ranking_scores(layout: Layout, logits: dict[str, torch.Tensor],
+                   settings: LearnSettings | None = None) -> dict[str, torch.Tensor]:
+    """The values the planners rank (one per unit, shape ``(count,)`` per group).
+
+    ``settings`` is the mask's recorded ``LearnSettings`` (``MaskState.settings``): score =
+    (λ − λ₀) / lr[kind] with its per-kind learning rates and ``gate.init_logit`` λ₀; the order inside
+    each kind (and so inside each group) is the logits' own.  Without settings (baseline scores), or
+    when a kind has no recorded rate, the logits are returned unchanged.  Raises EcoDiffError for bad
+    logits or a learning rate ≤ 0."""
+    logits = check_logits(layout, logits)
+    if settings is None:
+        return logits
+    init, out = float(settings.gate.init_logit), {}
+    for g in layout.groups:
+        rate = settings.lr.get(g.kind)
+        if rate is None:
+            return logits  # a mask recorded without this kind's rate: rank the logits as they are
+        if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
+            raise EcoDiffError(f"the mask's learning rate for {g.kind} must be > 0, got {rate!r}")
+        out[g.name] = (logits[g.name] - init) / float(rate)
+    return out
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def plan_pruning(model: nn.Module, layout: Layout, logits: dict[str, torch.Tensor], target: PruneTarget,
-                 flop_costs: FlopCosts | None = None) -> PrunePlan:
-    """Keep masks for ``target``: budget = fraction × the model's total parameters (or FLOPs)."""
+                 flop_costs: FlopCosts | None = None, settings: LearnSettings | None = None) -> PrunePlan:
+    """Keep masks for ``target``: budget = fraction × the model's total parameters (or FLOPs).
+    ``settings`` (the mask's ``MaskState.settings``) puts every kind on one scale before the global
+    ranking (see :func:`ranking_scores`)."""
+    logits = ranking_scores(layout, logits, settings)
     costs = parameter_costs(model, layout)
     total = count_parameters(model)
     budget: float | None = None

@@ -122,6 +122,9 @@ OPTIONAL_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
                           f"null or a compute dtype ({', '.join(COMPUTE_DTYPES)})"),
     "scaled_fp8": (lambda v: v is None or _is_fp8_name(v), "null or the name of a float8 torch dtype"),
     "fp8_optimizations": (lambda v: isinstance(v, bool), "true or false"),
+    "tensor_dtypes": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_float_dtype_name(d)
+                                                          for k, d in v.items()),
+                      "an object of tensor names to floating-point dtype names"),
 }
 
 
@@ -146,6 +149,13 @@ def check_pruned_record(record: Any, source: str) -> dict:
         raise PrunedFileError(f"{source}: the record stores weights in {record['weight_dtype']} but has no "
                               f"manual_cast_dtype; float8 weights are computed in one of {', '.join(COMPUTE_DTYPES)}; "
                               "the file is damaged: prune and save the model again")
+    return check_kept_units(record, source)
+
+
+def check_kept_units(record: dict, source: str) -> dict:
+    """The unit part of a record (``kept``, ``counts``, ``silenced``, types already checked): kept
+    indices unique and within ``counts``, silenced groups real and keeping one unit.  Returns the
+    record; raises PrunedFileError."""
     counts, kept = record["counts"], record["kept"]
     if set(kept) != set(counts):
         odd = sorted(set(kept) ^ set(counts))
@@ -177,24 +187,36 @@ def check_record_layout(record: dict, layout: Layout, source: str) -> dict[str, 
         raise PrunedFileError(
             f"{source}: the record's unit counts do not match the model its config rebuilds "
             f"(group {odd[0]!r}: record {record['counts'].get(odd[0])}, model {theirs.get(odd[0])}); "
-            "the file is damaged or ComfyUI's model code changed")
+            "the file is damaged or the model code (ComfyUI, diffusers) changed")
     if layout.fingerprint() != record["fingerprint"]:
         raise PrunedFileError(f"{source}: the rebuilt base model does not match the saved layout "
-                              "(ComfyUI's model code changed?)")
+                              "(the model code of ComfyUI or diffusers changed?)")
     keep = {g.name: torch.zeros(g.count, dtype=torch.bool) for g in layout.groups}
     for name, kept in record["kept"].items():
         keep[name][kept] = True
     return keep
 
 
+def other_dtypes(module: nn.Module, state_dict: dict[str, torch.Tensor], weight_dtype: str) -> dict[str, str]:
+    """The tensors of a pruned module that are not weight matrices and are stored in another floating-point
+    dtype than ``weight_dtype`` (e.g. SD3's float32 ``pos_embed`` in a bf16 model), name → dtype name: the
+    record declares them, so loading keeps exactly these dtypes and :func:`check_state_dict` accepts them."""
+    params = dict(module.named_parameters())
+    return {name: _dtype(t.dtype) for name, t in state_dict.items()
+            if t.is_floating_point() and _dtype(t.dtype) != weight_dtype.removeprefix("torch.")
+            and not (name in params and params[name].ndim >= 2)}
+
+
 def check_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                     compute_dtype: torch.dtype | None = None) -> None:
+                     compute_dtype: torch.dtype | None = None, declared: dict[str, str] | None = None) -> None:
     """The file's tensors against the rebuilt (meta-device) pruned module: same names, same shapes,
     and the dtypes the record builds: every weight matrix (a parameter of >= 2 dims) in exactly the
     rebuilt module's dtype (the record's ``weight_dtype``, or ``scaled_fp8``); biases, norms, scales
     and buffers in that dtype too, or in float32 / ``compute_dtype`` when the record computes through
     a manual cast (mixed checkpoints keep such tensors in full precision).  ``compute_dtype`` is the
-    record's ``manual_cast_dtype`` (None: weights compute in their own dtype).  Raises PrunedFileError."""
+    record's ``manual_cast_dtype`` (None: weights compute in their own dtype).  ``declared``: the record's
+    ``tensor_dtypes`` (see :func:`other_dtypes`), non-matrix tensors stored in exactly the declared dtype are
+    accepted.  Raises PrunedFileError."""
     expected = module.state_dict(keep_vars=True)
     unexpected = sorted(set(state_dict) - set(expected))
     missing = sorted(set(expected) - set(state_dict))
@@ -210,7 +232,8 @@ def check_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], sou
         if tensor.dtype == want.dtype:
             continue
         matrix = isinstance(want, nn.Parameter) and want.ndim >= 2
-        if tensor.is_floating_point() and want.is_floating_point() and not matrix and tensor.dtype in loose:
+        if tensor.is_floating_point() and want.is_floating_point() and not matrix and (
+                tensor.dtype in loose or (declared or {}).get(name) == _dtype(tensor.dtype)):
             continue
         raise PrunedFileError(
             f"{source}: tensor {name} is stored in {_dtype(tensor.dtype)}, but the record builds it in "

@@ -5,8 +5,8 @@ al. 2022).
 The expected removed fraction s = Σ_units (1 − P(gate ≠ 0)) · cost / total, with the unit costs of
 the unit groups (parameters, or forward FLOPs) and the model's total of the same measure, is held at
 the ramped target t by the min over the logits and max over (λ₁, λ₂) of λ₁(s − t) + λ₂(s − t)²;
-the multipliers take one gradient-ascent step per optimiser step (λ₂'s much larger, to damp).  t ramps linearly from 0 to the
-target over the first ``target_warmup`` fraction of the learning steps.
+the multipliers take one gradient-ascent step per optimiser step (λ₂'s much larger, to damp).  t
+ramps linearly from 0 to the target over the first ``target_warmup`` fraction of the learning steps.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class TargetConstraint:
 
     @classmethod
     def for_model(cls, model: nn.Module, layout: Layout, settings: LearnSettings, progress: dict[str, Any],
-                  run: Callable[[], Any] | None = None, flop_costs: FlopCosts | None = None) -> "TargetConstraint":
+                  run: Callable[[], Any] | None = None, flop_costs: FlopCosts | None = None) -> TargetConstraint:
         """Costs from ``model``: parameters (``units.parameter_costs`` over all its parameters) or,
         for ``target_mode="flops"``, ``flop_costs`` or else FLOPs measured over one call of ``run``;
         multipliers from ``progress`` (0 for a fresh run)."""

@@ -8,13 +8,14 @@ from .apply import ApplyPrunedMask
 from .compare import CompareImages
 from .demo import DemoModel, JudgeDigits
 from .learn import LearnSparsityMask
+from .learn_settings import LearnSettingsNode
 from .mask_files import LoadSparsityMask, SaveSparsityMask
 from .pruned_files import LoadPrunedModel, SavePrunedModel
 from .recover import LoraRecover
 from .report import PruningReport
 
 NODES: list[type[io.ComfyNode]] = [
-    LearnSparsityMask, ApplyPrunedMask, SaveSparsityMask, LoadSparsityMask,
+    LearnSparsityMask, LearnSettingsNode, ApplyPrunedMask, SaveSparsityMask, LoadSparsityMask,
     SavePrunedModel, LoadPrunedModel, CompareImages, PruningReport, LoraRecover,
     DemoModel, JudgeDigits,
 ]

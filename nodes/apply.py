@@ -1,17 +1,21 @@
 """Apply Pruned Mask: a physically smaller MODEL (or a soft-gated preview) from a learned mask."""
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io
 
 from ..ecodiff_comfy.pruned_models import build_pruned_model, plan_for_mask
 from ..ecodiff_comfy.soft_gates import soft_preview
-from ..ecodiff_comfy.weights import pruning_info
+from ..ecodiff_comfy.weights import refuse_pruned, weights_fingerprint
 from ..ecodiff_core.plan import MAX_FRACTION, PruneTarget, parse_keep_ratios  # noqa: F401 (the parser lives in the engine)
 from ..ecodiff_core.errors import EcoDiffError
+from ..ecodiff_core.mask_checks import mask_warnings, plan_warnings
 from ..ecodiff_core.maskfile import MaskState
 from .common import CATEGORY, MaskType, ReportData, ReportType
 
 TARGETS = ("params", "keep_ratios")
+log = logging.getLogger("ecodiff")
 MODES = ("prune", "soft")
 
 
@@ -33,7 +37,7 @@ class ApplyPrunedMask(io.ComfyNode):
                 io.String.Input("keep_ratios", default="head=0.8, neuron=0.8, channel=0.8", tooltip="Used with target=keep_ratios: fraction of units to KEEP per kind, e.g. head=0.8, neuron=0.7. Kinds the model does not have (channel on UNets and SD3) are ignored, and the report says so."),
                 io.Combo.Input("mode", options=list(MODES), default="prune", tooltip="prune: slice the weights (smaller, faster model); soft: zero the removed units through weight wrappers (same size, for previews)."),
             ],
-            outputs=[
+            outputs=[  # ui text: what was removed, after warnings on an unfinished or mismatched mask
                 io.Model.Output(display_name="model", tooltip="The pruned (or soft-gated) model; connect it to KSampler, SamplerCustomAdvanced, LoRA loaders or Save Pruned Model."),
                 ReportType.Output(display_name="report", tooltip="What was removed where; connect to Pruning Report."),
             ],
@@ -50,8 +54,7 @@ class ApplyPrunedMask(io.ComfyNode):
             goal, label = PruneTarget(keep_ratios=ratios), f"keep ratios {ratios}"
         else:
             raise EcoDiffError(f"target must be one of {', '.join(TARGETS)}, got '{target}'")
-        if pruning_info(model) is not None:
-            raise EcoDiffError("this MODEL is already pruned; apply the mask to the original model")
+        refuse_pruned(model, "take another mask")
         layout, plan = plan_for_mask(model, mask, goal)
         if plan.ignored_kinds:
             label += f"; ignored {', '.join(plan.ignored_kinds)} ({layout.arch} has no such units)"
@@ -61,5 +64,10 @@ class ApplyPrunedMask(io.ComfyNode):
             out, report = soft_preview(model, layout, plan)
         else:
             out, report = build_pruned_model(model, layout, plan.keep, mask.logits)
-        data = ReportData(report=report, mode=mode, target=label)
-        return io.NodeOutput(out, data)
+        warnings = mask_warnings(mask, weights_fingerprint(model)) + plan_warnings(layout, plan.keep)
+        for warning in warnings:
+            log.warning("EcoDiff Apply Pruned Mask: %s", warning)
+        data = ReportData(report=report, mode=mode, target=label, warnings=warnings)
+        text = "\n".join([*(f"WARNING: {w}" for w in warnings), f"{mode}: {label}; "
+                           f"{report.params_before:,} → {report.params_after:,} parameters"])
+        return io.NodeOutput(out, data, ui={"text": (text,)})

@@ -1,12 +1,14 @@
 """Types and small helpers shared by the EcoDiff nodes (no math here: see ``ecodiff_comfy`` and the engine)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from comfy_api.latest import io
 
+from ..ecodiff_core.mask_checks import closed_fraction
 from ..ecodiff_core.maskfile import MaskState
+from ..ecodiff_core.prompts import parse_prompts as prompts_of
 
 CATEGORY = "EcoDiff"
 MaskType = io.Custom("ECODIFF_MASK")
@@ -17,7 +19,8 @@ SEED_CONTROL = io.ControlAfterGenerate.fixed if hasattr(io, "ControlAfterGenerat
 
 
 def parse_prompts(text: str, limit: int = 0) -> list[str]:
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    """The prompts of a text widget (the engine's rule: one per line, # comments), the first ``limit`` if > 0."""
+    prompts = prompts_of(text)
     return prompts[:limit] if limit > 0 else prompts
 
 
@@ -28,6 +31,7 @@ class ReportData:
     report: Any  # ecodiff_core.report.PruneReport
     mode: str
     target: str
+    warnings: list[str] = field(default_factory=list)  # unfinished or mismatched mask, almost emptied kinds/blocks
 
     @property
     def keep_counts(self) -> dict[str, tuple[int, int]]:
@@ -48,4 +52,4 @@ def mask_summary(state: MaskState) -> str:
     done = "finished" if state.progress.get("finished") else f"stopped ({state.stop_reason or 'unfinished'})"
     loss = f"loss {s['first_loss']:.5g} → {s['last_loss']:.5g}" if s["steps"] else "no steps yet"
     return (f"EcoDiff mask for {state.arch} ({len(state.logits)} unit groups, fingerprint {state.fingerprint}): "
-            f"{s['steps']} optimiser steps, {loss}, {done}" + (f"\n{state.start_note}" if state.start_note else ""))
+            f"{s['steps']} optimiser steps, {loss}, {closed_fraction(state):.1%} of gates closed, {done}" + (f"\n{state.start_note}" if state.start_note else ""))

@@ -1,20 +1,21 @@
 """Learn Sparsity Mask: EcoDiff's end-to-end mask learning on a MODEL."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from comfy_api.latest import io
 
 from ..ecodiff_comfy import preflight
-from ..ecodiff_comfy.folders import MASK_FOLDER, default_prompts, folder, safe_filename
+from ..ecodiff_comfy.folders import MASK_FOLDER, RUNS_SUBFOLDER, default_prompts, run_state_path
 from ..ecodiff_comfy.progress import Progress, notify
 from ..ecodiff_comfy.sampling import LEARN_SAMPLERS, SamplingSpec, encode_prompts, scheduler_names
-from ..ecodiff_comfy.weights import model_layout
+from ..ecodiff_comfy.weights import model_layout, refuse_pruned
 from ..ecodiff_core.errors import EcoDiffError, MaskFileError
-from ..ecodiff_core.hard_concrete import REGULARIZERS
 from ..ecodiff_core.learn import LearnSettings, StepInfo
 from ..ecodiff_core.maskfile import MaskState, load_mask, save_mask
 from .common import CATEGORY, SEED_CONTROL, MaskType, mask_summary, parse_prompts
+from .learn_settings import DEFAULTS, LearnSettingsType, with_widgets
 
 
 class LearnSparsityMask(io.ComfyNode):
@@ -26,9 +27,9 @@ class LearnSparsityMask(io.ComfyNode):
             category=CATEGORY,
             description="Learns one gate per attention head, FFN neuron (and FLUX modulation channel) so that the "
                         "gated model's final latent matches the original's over whole sampling trajectories, with "
-                        "a sparsity penalty. Interrupting keeps the latest mask in models/ecodiff_masks; running "
+                        "a sparsity penalty. Interrupting keeps the latest state in models/ecodiff_masks/.runs; running "
                         "again with the same run_name resumes from it when the model, prompts and settings "
-                        "are unchanged.",
+                        "are unchanged. Save the learned mask with Save Sparsity Mask.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to learn a mask for (SD1.x, SD2, SDXL, SD3.x, FLUX.1). It is not modified."),
                 io.Clip.Input("clip", optional=True, tooltip="Text encoder used to encode the calibration prompts. Not needed when positive/negative conditionings are connected."),
@@ -42,43 +43,39 @@ class LearnSparsityMask(io.ComfyNode):
                 io.Combo.Input("sampler_name", options=list(LEARN_SAMPLERS), default="euler", tooltip="Sampler of the calibration trajectories; learning needs a deterministic one (Euler)."),
                 io.Combo.Input("scheduler", options=scheduler_names(), default="normal", tooltip="Scheduler giving the σ schedule, from the model's own sampling settings."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=SEED_CONTROL, tooltip="Seed of the starting noise (prompt i uses seed + i, modulo 2^64) and of the gate noise. Keep it fixed: a new seed means learning again."),
-                io.Int.Input("epochs", default=2, min=1, max=1000, tooltip="Passes over all prompts."),
-                io.Int.Input("accumulate", default=4, min=1, max=1000, tooltip="Prompts per optimiser step (gradient accumulation)."),
-                io.Float.Input("beta", default=0.5, min=0.0, max=100.0, step=0.01, tooltip="Weight of the sparsity penalty: higher removes more units."),
-                io.Combo.Input("regularizer", options=list(REGULARIZERS), default="l1", tooltip="Sparsity penalty: l1 = mean |λ| (official SDXL), sigmoid = mean sigmoid(0.4λ+1) (official FLUX), l0 = expected fraction of open gates."),
-                io.Float.Input("lr_heads", default=0.1, min=1e-6, max=10.0, step=0.01, tooltip="Learning rate of the attention-head logits."),
-                io.Float.Input("lr_neurons", default=0.1, min=1e-6, max=10.0, step=0.01, tooltip="Learning rate of the feed-forward neuron logits."),
-                io.Float.Input("lr_channels", default=0.5, min=1e-6, max=10.0, step=0.01, tooltip="Learning rate of the FLUX modulation-channel logits (ignored for other models)."),
-                io.Boolean.Input("checkpointing", default=True, tooltip="Time-step gradient checkpointing: memory of one step whatever the step count, about one extra forward per step."),
-                io.String.Input("run_name", default="ecodiff_run", tooltip="Name of the mask file kept up to date in models/ecodiff_masks (after an interrupt, a rerun with the same name resumes)."),
+                io.Int.Input("epochs", default=DEFAULTS.epochs, min=1, max=1000, tooltip="Passes over all prompts (the official runs use 4; fewer leave most gates undecided)."),
+                io.Float.Input("beta", default=DEFAULTS.beta, min=0.0, max=100.0, step=0.01, tooltip="Weight of the sparsity penalty: higher removes more units."),
+                io.String.Input("run_name", default="ecodiff_run", tooltip=f"Name of the run state kept up to date in models/ecodiff_masks/{RUNS_SUBFOLDER} (hidden from the masks list; after an interrupt, a rerun with the same name resumes). Save the mask with Save Sparsity Mask."),
                 io.Boolean.Input("resume", default=True, tooltip="Resume an unfinished run saved under run_name if it was learned on the same model weights, prompts and settings; otherwise learning starts fresh and the summary says why."),
                 MaskType.Input("resume_mask", optional=True, tooltip="Continue learning from this mask instead (it must come from the same model; if its weights, prompts or settings differ, learning starts fresh and the summary says why)."),
                 io.Conditioning.Input("positive", optional=True, tooltip="Instead of CLIP + prompts: one positive conditioning (a single calibration prompt)."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Negative conditioning to go with 'positive'."),
-                io.Combo.Input("block_checkpointing", options=["auto", "on", "off"], default="auto", optional=True, tooltip="Activation checkpointing per transformer/ResNet block inside each step: far less memory (SDXL fits in 12 GB, FLUX with fp8 weights in 16 GB) for about one extra forward. auto = on only when the memory check says the step would not fit otherwise."),
+                LearnSettingsType.Input("settings", optional=True, tooltip="Expert settings (accumulation, learning rates per kind, regulariser, gate temperature, λ₀, checkpointing) from an EcoDiff Learn Settings node; without it the engine's defaults are used."),
             ],
             outputs=[
                 MaskType.Output(display_name="mask", tooltip="The learned logits (one per prunable unit); feed Apply Pruned Mask or Save Sparsity Mask."),
                 io.String.Output(display_name="summary", tooltip="Steps, first and last loss, whether learning finished, and why a saved run was not resumed."),
             ],
             hidden=[io.Hidden.unique_id],
+            is_output_node=True,  # learning writes its run state: a graph of loader → Learn runs on its own
             not_idempotent=False,
         )
 
     @classmethod
     def execute(cls, model, prompts: str, negative_prompt: str, max_prompts: int, width: int, height: int,
-                steps: int, cfg: float, sampler_name: str, scheduler: str, seed: int, epochs: int, accumulate: int,
-                beta: float, regularizer: str, lr_heads: float, lr_neurons: float, lr_channels: float,
-                checkpointing: bool, run_name: str, resume: bool, clip=None, resume_mask: MaskState | None = None,
-                positive=None, negative=None, block_checkpointing: str = "auto") -> io.NodeOutput:
+                steps: int, cfg: float, sampler_name: str, scheduler: str, seed: int, epochs: int, beta: float,
+                run_name: str, resume: bool, clip=None, resume_mask: MaskState | None = None, positive=None,
+                negative=None, settings: LearnSettings | None = None, **expert) -> io.NodeOutput:
+        """``expert``: EcoDiff Learn Settings widgets given by name (API callers, older workflows); they
+        override ``settings``."""
+        refuse_pruned(model, "learn a mask")
+        settings = dataclasses.replace(with_widgets(settings or DEFAULTS, **expert), epochs=epochs, beta=beta,
+                                       seed=seed)
         conds = cls._conditionings(clip, prompts, negative_prompt, max_prompts, positive, negative)
         spec = SamplingSpec(width=width, height=height, steps=steps, cfg=cfg, sampler_name=sampler_name,
                                    scheduler=scheduler, seed=seed)
-        settings = LearnSettings(epochs=epochs, accumulate=accumulate, beta=beta, regularizer=regularizer,
-                                 lr={"head": lr_heads, "neuron": lr_neurons, "channel": lr_channels},
-                                 checkpointing=checkpointing, block_checkpointing=block_checkpointing, seed=seed)
         layout = model_layout(model)
-        path = folder(MASK_FOLDER) / safe_filename(run_name)
+        path = run_state_path(run_name)
         start, note = (resume_mask, "") if resume_mask is not None else (
             cls._unfinished(path, layout) if resume else (None, ""))
         if start is not None:
@@ -97,7 +94,8 @@ class LearnSparsityMask(io.ComfyNode):
                                   on_stop=lambda s: save_mask(path, s))
         save_mask(path, state)
         text = "\n".join([mask_summary(state), *([note] if note else []),
-                          f"saved to models/{MASK_FOLDER}/{path.name}"])
+                          f"run state kept in models/{MASK_FOLDER}/{RUNS_SUBFOLDER}/{path.name} (for resuming); "
+                          "save the mask with Save Sparsity Mask"])
         return io.NodeOutput(state, text, ui={"text": (text,)})
 
     @staticmethod

@@ -46,7 +46,7 @@ class PruningReport(io.ComfyNode):
 
     @classmethod
     def execute(cls, report: ReportData) -> io.NodeOutput:
-        text = "\n".join([*warnings(report.report), f"mode: {report.mode}; target: {report.target}",
-                          report.report.to_text()])
+        text = "\n".join([*warnings(report.report), *(f"WARNING: {w}" for w in report.warnings),
+                          f"mode: {report.mode}; target: {report.target}", report.report.to_text()])
         chart = kept_chart(chart_rows(report), f"{report.report.arch}: kept units per block ({report.mode})")
         return io.NodeOutput(text, chart, ui={"text": (text,), **ui.PreviewImage(chart, cls=cls).as_dict()})

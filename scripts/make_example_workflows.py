@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a file: the repository root is where `sc
 
 from scripts.workflow_check import check_against_schemas, check_structure  # noqa: E402
 from scripts.workflow_graph import WorkflowBuilder  # noqa: E402
-from scripts.workflow_schema import EXAMPLES, ROOT, object_info_in_process  # noqa: E402
+from scripts.workflow_schema import EXAMPLES, ROOT, object_info_in_process, schema_inputs  # noqa: E402
 from scripts.workflow_layout import overlaps  # noqa: E402
 
 SDXL_NOTE = """# EcoDiff on SDXL: learn a mask, prune, compare
@@ -107,7 +107,8 @@ SIZES = {
     "CheckpointLoaderSimple": (315, 98), "UNETLoader": (315, 82), "DualCLIPLoader": (315, 130),
     "TripleCLIPLoader": (315, 106), "VAELoader": (315, 58), "CLIPTextEncode": (400, 180),
     "EmptyLatentImage": (315, 106), "EmptySD3LatentImage": (315, 106), "FluxGuidance": (315, 58),
-    "KSampler": (315, 262), "VAEDecode": (210, 46), "EcoDiffLearnMask": (440, 960), "EcoDiffApplyMask": (340, 170),
+    "KSampler": (315, 262), "VAEDecode": (210, 46), "EcoDiffLearnMask": (440, 800), "EcoDiffLearnSettings": (440, 340),
+    "EcoDiffApplyMask": (340, 170),
     "EcoDiffSaveMask": (340, 150), "EcoDiffLoadMask": (340, 170), "EcoDiffPruningReport": (600, 640),
     "EcoDiffCompare": (720, 520), "EcoDiffDemoModel": (315, 98), "EcoDiffJudgeDigits": (400, 220),
     "EcoDiffLoraRecover": (440, 860),
@@ -204,7 +205,7 @@ def learn_workflow(info: dict, *, loaders: str, note: str, learn: dict, sampler:
         positive = (fg, "CONDITIONING")
     latent_kind = "EmptySD3LatentImage" if loaders != "checkpoint" else "EmptyLatentImage"
     lat = add(b, latent_kind, (480, 460), {"width": size, "height": size, "batch_size": 1})
-    ln = add(b, "EcoDiffLearnMask", (940, 0), dict(learn, width=size, height=size))
+    ln = add_learn(b, (940, 0), dict(learn, width=size, height=size))
     b.connect(model[0], model[1], ln, "model")
     b.connect(clip[0], clip[1], ln, "clip")
     ap = add(b, "EcoDiffApplyMask", (1420, 0), {"target": "params", "sparsity": sparsity, "mode": "prune"})
@@ -292,7 +293,7 @@ def demo_workflow(info: dict) -> dict:
     learn = learn_settings("demo_digits_ecodiff", prompts=demo_prompts(), cfg=1.5, scheduler="simple", seed=0,
                            beta=0.01, regularizer="sigmoid", lr_heads=0.5, lr_neurons=0.5, lr_channels=0.5,
                            width=64, height=64, **DEMO_LEARN)
-    ln = add(b, "EcoDiffLearnMask", (940, 0), learn)
+    ln = add_learn(b, (940, 0), learn)
     b.connect(model[0], model[1], ln, "model")
     b.connect(clip[0], clip[1], ln, "clip")
     ap = add(b, "EcoDiffApplyMask", (1420, 0), {"target": "params", "sparsity": 0.3, "mode": "prune"})
@@ -313,11 +314,24 @@ def demo_workflow(info: dict) -> dict:
 
 
 def learn_settings(run_name: str, **kw) -> dict:
+    """Learn's widgets plus expert settings by name (these go to an EcoDiff Learn Settings node);
+    whatever is not given keeps the node's default, which is the engine's."""
     base = {"negative_prompt": "", "max_prompts": 0, "sampler_name": "euler", "scheduler": "normal",
-            "seed": 44, "epochs": 2, "accumulate": 4, "beta": 0.5, "regularizer": "l1", "lr_heads": 0.1,
-            "lr_neurons": 0.1, "lr_channels": 0.5, "checkpointing": True, "run_name": run_name, "resume": True}
+            "seed": 44, "run_name": run_name, "resume": True}
     base.update(kw)
     return base
+
+
+def add_learn(b: WorkflowBuilder, pos, learn: dict):
+    """Learn Sparsity Mask at ``pos``; expert settings in ``learn`` (the widgets of EcoDiff Learn
+    Settings) go to a Learn Settings node below it, wired to its ``settings`` input."""
+    expert_names = {s.name for s in schema_inputs(b.object_info["EcoDiffLearnSettings"]) if s.is_widget}
+    expert = {k: v for k, v in learn.items() if k in expert_names}
+    ln = add(b, "EcoDiffLearnMask", pos, {k: v for k, v in learn.items() if k not in expert_names})
+    if expert:
+        st = add(b, "EcoDiffLearnSettings", (pos[0], pos[1] + SIZES["EcoDiffLearnMask"][1] + 60), expert)
+        b.connect(st, "settings", ln, "settings")
+    return ln
 
 
 def recover_settings(lora_name: str, **kw) -> dict:

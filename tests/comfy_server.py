@@ -276,16 +276,16 @@ class WsRun:
 def learn_inputs(**overrides) -> dict:
     inputs = {"prompts": "a red fox in the snow\na lighthouse in a storm\na bowl of ramen",
               "negative_prompt": "blurry", "max_prompts": 2, "width": 64, "height": 64, "steps": 2, "cfg": 2.0,
-              "sampler_name": "euler", "scheduler": "normal", "seed": 0, "epochs": 2, "accumulate": 1, "beta": 0.5,
-              "regularizer": "l1", "lr_heads": 0.1, "lr_neurons": 0.1, "lr_channels": 0.5, "checkpointing": True,
+              "sampler_name": "euler", "scheduler": "normal", "seed": 0, "epochs": 2, "beta": 0.5,
               "run_name": "e2e", "resume": False}
     inputs.update(overrides)
     return inputs
 
 
 def learn_prune_compare_graph(arch: str = "sdxl", run_name: str = "e2e", model_seed: int = 0, **learn) -> dict:
-    """Tiny checkpoint -> Learn -> Apply -> KSampler x2 (same seed) -> VAE decode x2 -> Compare (+ report).
-    A distinct ``model_seed`` gives a freshly built model (the test pack caches models per arch and seed)."""
+    """Tiny checkpoint -> Learn (+ Learn Settings: one prompt per optimiser step) -> Apply -> KSampler x2
+    (same seed) -> VAE decode x2 -> Compare (+ report).  A distinct ``model_seed`` gives a freshly built
+    model (the test pack caches models per arch and seed)."""
     latent = "EmptySD3LatentImage" if arch in ("flux", "sd3") else "EmptyLatentImage"
     ks = {"seed": 7, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal",
           "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["6", 0], "denoise": 1.0}
@@ -294,7 +294,9 @@ def learn_prune_compare_graph(arch: str = "sdxl", run_name: str = "e2e", model_s
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox in the snow", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
         "4": {"class_type": "EcoDiffLearnMask",
-              "inputs": dict(learn_inputs(run_name=run_name, **learn), model=["1", 0], clip=["1", 1])},
+              "inputs": dict(learn_inputs(run_name=run_name, **learn), model=["1", 0], clip=["1", 1],
+                             settings=["13", 0])},
+        "13": {"class_type": "EcoDiffLearnSettings", "inputs": {"accumulate": 1}},
         "5": {"class_type": "EcoDiffApplyMask", "inputs": {"model": ["1", 0], "mask": ["4", 0], "target": "params",
                                                            "sparsity": 0.2, "keep_ratios": "head=0.8",
                                                            "mode": "prune"}},

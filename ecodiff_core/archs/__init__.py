@@ -14,11 +14,12 @@ from torch import nn
 
 from ..errors import EcoDiffError, UnsupportedArchitectureError
 from ..units import Layout, get_linear
-from . import comfy_flux, comfy_mmdit, comfy_unet, diffusers_flux, diffusers_unet
+from . import comfy_flux, comfy_mmdit, comfy_unet, diffusers_flux, diffusers_sd3, diffusers_unet
 
 TABLES: list[ModuleType] = [
     diffusers_unet,
     diffusers_flux,
+    diffusers_sd3,
     comfy_unet,
     comfy_flux,
     comfy_mmdit,

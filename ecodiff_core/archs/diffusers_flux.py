@@ -34,7 +34,7 @@ def _qkv(path: str, prefix: str = "to_") -> tuple[Slice, ...]:
 
 def _require(group: UnitGroup | None, path: str) -> UnitGroup:
     if group is None:
-        raise EcoDiffError(f"'{path}' does not have the FLUX feed-forward layout (net.0.proj, net.2)")
+        raise EcoDiffError(f"'{path}' does not have the diffusers feed-forward layout (net.0.proj, net.2)")
     return group
 
 

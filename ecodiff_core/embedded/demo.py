@@ -9,20 +9,21 @@ import json
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..archs import find_layout
-from ..plan import PrunePlan, PruneTarget, count_parameters, plan_pruning
 from ..errors import EcoDiffError, SettingsError
 from ..flops import total_flops
 from ..hard_concrete import GateSettings
 from ..learn import CalibrationSample, LearnSettings, MaskLearner, StepInfo
 from ..maskfile import MaskState, save_mask
+from ..plan import PrunePlan, PruneTarget, count_parameters, plan_pruning
 from ..prune import prune_model
 from ..report import PruneReport
 from ..seeds import check_seed, derived_seed
@@ -167,9 +168,11 @@ def learn_mask(
 
 
 def prune_to(
-    transformer: nn.Module, layout: Layout, logits: dict[str, torch.Tensor], target: PruneTarget
+    transformer: nn.Module, layout: Layout, logits: dict[str, torch.Tensor], target: PruneTarget,
+    settings: LearnSettings | None = None,
 ) -> tuple[nn.Module, PrunePlan]:
-    plan = plan_pruning(transformer, layout, logits, target)
+    """``settings``: the mask's recorded learning settings (ranking per kind, see ``plan.ranking_scores``)."""
+    plan = plan_pruning(transformer, layout, logits, target, settings=settings)
     return prune_model(transformer, layout, plan.keep), plan
 
 
@@ -236,7 +239,8 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict[str, Any]:
 
         run = learn_mask(transformer, layout, learn_settings, samples, sigmas(settings.steps), on_step)
     save_mask(out / "mask.safetensors", run.state)
-    pruned, plan = prune_to(transformer, layout, run.state.logits, PruneTarget(params=settings.sparsity))
+    pruned, plan = prune_to(transformer, layout, run.state.logits, PruneTarget(params=settings.sparsity),
+                            settings=run.state.settings)
 
     evaluation = EvalSettings(
         per_class=settings.eval_per_class, steps=settings.eval_steps, cfg=settings.cfg, seed=settings.seed

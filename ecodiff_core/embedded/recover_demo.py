@@ -89,15 +89,16 @@ def run_recover(settings: RecoverDemoSettings, progress: bool = True) -> dict[st
     prompts, _ = calibration_prompts(settings.prompts_per_class)
     cpu0 = time.process_time()
     if settings.mask is not None:
-        logits, learn_seconds = load_mask(settings.mask, layout).logits, 0.0
+        mask = load_mask(settings.mask, layout)
+        logits, mask_settings, learn_seconds = mask.logits, mask.settings, 0.0
     else:
         samples = calibration_samples(model, prompts, settings.cfg, settings.prompts_per_trajectory, settings.seed)
         run = learn_mask(transformer, layout, replace(default_learn_settings(), seed=settings.seed), samples,
                          sigmas(10))
-        logits, learn_seconds = run.state.logits, run.seconds
+        logits, mask_settings, learn_seconds = run.state.logits, run.state.settings, run.seconds
         save_mask(out / "mask.safetensors", run.state)
     learn_cpu = time.process_time() - cpu0
-    pruned, plan = prune_to(transformer, layout, logits, PruneTarget(params=settings.sparsity))
+    pruned, plan = prune_to(transformer, layout, logits, PruneTarget(params=settings.sparsity), settings=mask_settings)
     evaluation = EvalSettings(per_class=settings.eval_per_class, steps=settings.eval_steps, cfg=settings.cfg,
                               seed=settings.seed)
     original = evaluate_model(model, judge, evaluation)

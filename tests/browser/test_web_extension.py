@@ -43,7 +43,7 @@ DOCS_IMAGES = {"live_chart.png": "learn_live_chart.png", "compare_view.png": "co
                "workflow_demo_digits_learn_prune_compare.png": "demo_digits_workflow.png"}
 #: text each result box must show after the run (besides the node's exact ui text)
 RESULT_WORDS = {
-    "EcoDiffLearnMask": ("optimiser steps", "saved to models/"),
+    "EcoDiffLearnMask": ("optimiser steps", "run state kept in models/"),
     "EcoDiffSaveMask": ("saved browser_mask.safetensors to models/ecodiff_masks",),
     "EcoDiffSavePrunedModel": ("saved browser_pruned.safetensors to models/ecodiff_pruned",),
     "EcoDiffPruningReport": ("parameters:", "removed params", "block"),

@@ -2,6 +2,8 @@
 (under torch.inference_mode), plus interrupt/resume and save/load round trips."""
 from __future__ import annotations
 
+import dataclasses
+
 import comfy_tiny as ct
 import pytest
 import torch
@@ -46,7 +48,10 @@ def test_learn_reduces_loss_and_leaves_model_untouched(flux_run, folders):
     assert mask.progress["finished"] and mask.arch == "comfy_flux"
     assert "6 optimiser steps" in summary
     assert same_weights(tiny.model.model.diffusion_model, snapshot)
-    assert (folders.folder(folders.MASK_FOLDER) / "flux_main.safetensors").is_file()
+    assert folders.run_state_path("flux_main").is_file()
+    assert folders.run_state_path("flux_main").parent.name == ".runs"
+    assert not any("flux_main" in name for name in folders.list_files(folders.MASK_FOLDER)), \
+        "run states stay out of the masks list"
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3"])
@@ -85,7 +90,7 @@ def test_interrupt_keeps_mask_and_rerun_resumes(flux_run, nodes, folders, progre
     tiny = flux_run[0]
     interrupted_run(nodes, progress, monkeypatch, tiny, "flux_interrupt")
 
-    path = folders.folder(folders.MASK_FOLDER) / "flux_interrupt.safetensors"
+    path = folders.run_state_path("flux_interrupt")
     saved = sub("ecodiff_core.maskfile").load_mask(path)
     assert saved.progress["step"] == 2 and not saved.progress["finished"]
     assert "interrupted" in saved.stop_reason
@@ -313,12 +318,27 @@ def test_unsupported_sampler_is_refused(nodes, core):
         learn(nodes, tiny, "bad_sampler", sampler_name="dpmpp_2m")
 
 
-def test_pruning_an_already_pruned_model_is_refused(flux_run, nodes, core):
+@pytest.mark.parametrize("node", ["apply", "learn"])
+def test_an_already_pruned_model_is_refused(flux_run, nodes, core, node):
     tiny, out, _ = flux_run
     with torch.inference_mode():
         pruned = nodes.ApplyPrunedMask.execute(tiny.model, out.args[0], "params", 0.1, "", "prune").args[0]
-    with pytest.raises(core.errors.EcoDiffError, match="already pruned"):
-        nodes.ApplyPrunedMask.execute(pruned, out.args[0], "params", 0.1, "", "prune")
+    with pytest.raises(core.errors.EcoDiffError, match="already pruned.*original model"):
+        if node == "apply":
+            nodes.ApplyPrunedMask.execute(pruned, out.args[0], "params", 0.1, "", "prune")
+        else:
+            learn(nodes, dataclasses.replace(tiny, model=pruned), "learn_on_pruned")
+
+
+def test_save_pruned_model_explains_soft_mode(flux_run, nodes, core, folders):
+    tiny, out, _ = flux_run
+    with torch.inference_mode():
+        soft = nodes.ApplyPrunedMask.execute(tiny.model, out.args[0], "params", 0.1, "", "soft").args[0]
+        with pytest.raises(core.errors.EcoDiffError, match="soft mode keeps the full-size weights.*'prune'"):
+            nodes.SavePrunedModel.execute(soft, "from_soft")
+        with pytest.raises(core.errors.EcoDiffError, match="needs a MODEL from Apply Pruned Mask"):
+            nodes.SavePrunedModel.execute(tiny.model, "from_original")
+    assert not (folders.folder(folders.PRUNED_FOLDER) / "from_soft.safetensors").exists()
 
 
 def _run_node(cls, legacy_method: str, *args):
@@ -407,3 +427,58 @@ def test_learn_at_the_largest_seed_wraps_per_prompt_seeds(nodes):
         comfy.sample.prepare_noise = original
     assert seen[-2:] == [0xFFFFFFFFFFFFFFFF, 0], seen  # the noise of prompts 0 and 1
     assert len(out.args[0].history) == 2
+
+
+@pytest.mark.parametrize("model_seed, other_weights", [(1, False), (2, True)])
+def test_apply_warns_when_the_mask_was_learned_on_other_weights(flux_run, nodes, model_seed, other_weights):
+    """flux_run learned on tiny FLUX seed 1; seed 2 is the same architecture with other weights."""
+    mask = flux_run[1].args[0]
+    target = flux_run[0] if model_seed == 1 else ct.tiny("flux", seed=model_seed)
+    with torch.inference_mode():
+        out = nodes.ApplyPrunedMask.execute(target.model, mask, "params", 0.1, "", "prune")
+        report_text = nodes.PruningReport.execute(out.args[1]).args[0]
+    warned = [w for w in out.args[1].warnings if "learned on other weights" in w]
+    assert bool(warned) == other_weights, out.args[1].warnings
+    assert (mask.inputs["weights"] in warned[0]) if warned else True
+    ui_text = out.ui["text"][0]
+    for warning in out.args[1].warnings:  # every warning is shown in the node and in the report
+        assert f"WARNING: {warning}" in ui_text and f"WARNING: {warning}" in report_text
+    assert "remove 10.0% of parameters" in ui_text
+
+
+def test_apply_warns_on_an_unfinished_mask_and_an_almost_emptied_kind(flux_run, nodes, core):
+    tiny, out, _ = flux_run
+    mask = dataclasses.replace(out.args[0], progress=dict(out.args[0].progress, finished=False, epoch=1))
+    with torch.inference_mode():
+        data = nodes.ApplyPrunedMask.execute(tiny.model, mask, "keep_ratios", 0.0, "neuron=0.05", "prune").args[1]
+    assert any(w.startswith("the mask is unfinished") and "1 of 2 epochs" in w for w in data.warnings), data.warnings
+    kept = sum(g.units_after for g in data.report.groups if g.kind == "neuron")
+    total = sum(g.units_before for g in data.report.groups if g.kind == "neuron")
+    assert kept / total < core.mask_checks.ALMOST_EMPTY, (kept, total)
+    assert f"pruning removes {1 - kept / total:.0%} of the neurons ({total - kept} of {total})" in "\n".join(
+        data.warnings), data.warnings
+
+
+def test_learn_settings_node_defaults_are_the_engines(nodes, core):
+    """One source of defaults: the settings node's widgets and Learn's epochs/beta read LearnSettings."""
+    engine = core.learn.LearnSettings()
+    schema = nodes.LearnSettingsNode.define_schema()
+    defaults = {i.id: i.default for i in schema.inputs}
+    assert defaults == {"accumulate": engine.accumulate, "regularizer": engine.regularizer,
+                        "lr_heads": engine.lr["head"], "lr_neurons": engine.lr["neuron"],
+                        "lr_channels": engine.lr["channel"], "weight_decay": engine.weight_decay,
+                        "gate_temperature": engine.gate.temperature, "init_logit": engine.gate.init_logit,
+                        "noise_offset": engine.gate.noise_offset, "checkpointing": engine.checkpointing,
+                        "block_checkpointing": engine.block_checkpointing}
+    learn_defaults = {i.id: getattr(i, "default", None) for i in nodes.LearnSparsityMask.define_schema().inputs}
+    assert (learn_defaults["epochs"], learn_defaults["beta"]) == (engine.epochs, engine.beta) == (4, 0.5)
+    assert not set(defaults) & set(learn_defaults), "an expert setting is on both nodes"
+    assert nodes.LearnSettingsNode.execute().args[0] == engine
+    changed = nodes.LearnSettingsNode.execute(lr_channels=0.2, gate_temperature=0.5, accumulate=2).args[0]
+    assert changed.lr == {**engine.lr, "channel": 0.2} and changed.gate.temperature == 0.5
+    assert changed.accumulate == 2 and changed.gate.init_logit == engine.gate.init_logit
+    with pytest.raises(core.errors.SettingsError, match="accumulate must be >= 1"):
+        nodes.LearnSettingsNode.execute(accumulate=0)
+    with pytest.raises(core.errors.SettingsError, match="unknown learn setting.*lr_head"):
+        nodes.LearnSparsityMask.execute(model=ct.tiny("sd15").model, clip=None, **dict(LEARN_ARGS, lr_head=0.1),
+                                        run_name="typo")

@@ -30,7 +30,7 @@ PRECISIONS = {
 # every precision on FLUX (cheap); the UNets' conv/norm layers on the usual checkpoint precisions
 CASES = [("flux", p) for p in PRECISIONS] + \
         [("sd15", p) for p in ("fp16-cast-fp32", "bf16", "fp8e4m3-cast-fp32", "scaled-fp8e4m3")] + \
-        [("sdxl", "fp8e5m2-cast-fp32"), ("sd3", "fp8e4m3-cast-fp32")]
+        [("sdxl", "fp8e5m2-cast-fp32"), ("sd3", "fp8e4m3-cast-fp32"), ("sd3", "bf16")]  # SD3 keeps pos_embed in fp32
 
 
 def build(arch: str, precision: str):

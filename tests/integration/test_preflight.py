@@ -32,7 +32,7 @@ def test_impossible_setting_stops_before_any_compute(nodes, folders, sampling, p
     with pytest.raises(core.errors.EcoDiffError) as info:
         learn(nodes, tiny, "too_big", prompts="a cat", width=4096, height=4096, epochs=1)
     assert not computed
-    assert not (folders.folder(folders.MASK_FOLDER) / "too_big.safetensors").exists()
+    assert not folders.run_state_path("too_big").exists()
     estimate = preflight.estimate(tiny.model, spec_for(sampling, 4096), [(tiny.positive, tiny.negative)])
     message = str(info.value)
     assert isinstance(info.value, preflight.InsufficientMemoryError)
@@ -86,3 +86,32 @@ def test_learning_with_block_checkpointing_through_the_node_learns_the_same_mask
     assert masks["on"].settings.block_checkpointing == "on"
     for name, lam in masks["off"].logits.items():
         torch.testing.assert_close(masks["on"].logits[name], lam, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt_batch, prompts, expected", [(1, 3, 1), (2, 3, 2), (4, 3, 3)])
+def test_preflight_estimates_the_prompt_batch_actually_run(sampling, preflight, core, monkeypatch,
+                                                           prompt_batch, prompts, expected):
+    """A step runs min(prompt_batch, prompts) prompts at once: the estimate is the trace of that batch
+    (activations grow with it, weights do not), and the stop message names it and the remedy."""
+    tiny = ct.tiny("sd15", seed=4)
+    conds = [(tiny.positive, tiny.negative)] * prompts
+    spec = spec_for(sampling, 128)
+    settings = core.learn.LearnSettings(block_checkpointing="off", prompt_batch=prompt_batch)
+    assert preflight.prompts_per_step(settings, conds) == expected
+    one = preflight.estimate(tiny.model, spec, conds, (False,))
+    batch = preflight.estimate(tiny.model, spec, conds, (False,), prompts=expected)
+    assert batch.weights == one.weights
+    if expected == 1:
+        assert batch == one
+    else:  # the activations of a step of ``expected`` prompts: about that many times one prompt's
+        assert 0.8 * expected < batch.activations_plain / one.activations_plain <= expected * 1.05
+    monkeypatch.setattr(preflight, "free_memory", lambda model: ((one.total(False) + batch.total(False)) // 2,
+                                                                 torch.device("cuda")))
+    monkeypatch.setattr(tiny.model, "loaded_size", lambda: 0)
+    if expected == 1:
+        assert preflight.check(tiny.model, spec, conds, settings).block_checkpointing == "off"
+        return
+    with pytest.raises(preflight.InsufficientMemoryError) as info:
+        preflight.check(tiny.model, spec, conds, settings)
+    message = str(info.value)
+    assert f"{expected} prompt(s) per step (prompt_batch)" in message and f"lower prompt_batch (now {expected})" in message

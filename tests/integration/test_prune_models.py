@@ -162,3 +162,38 @@ def test_advised_maximum_is_accepted_and_delivered(arch, nodes, weights, core):
     rows = sub("nodes.report").chart_rows(data)
     assert sum(k for _, stats in rows for kind, (k, _) in stats.items() if kind == "head") == \
         sum(s.units_after for s in report.kinds if s.kind == "head")
+
+
+@pytest.mark.parametrize("arch", ["sd15", "flux"])
+@pytest.mark.parametrize("align,device,expected", [(8, "cpu", 8), ("auto", "cpu", 1), ("auto", "cuda", 8),
+                                                   (None, "cpu", 1), (4, "cuda", 4)])
+def test_plan_for_mask_aligns_kept_features(arch, align, device, expected, weights, pruned_models, core):
+    """``align`` reaches the engine's planner ("auto": 8 on a CUDA load device, 1 elsewhere): the plan
+    is the engine's plan for that alignment, every group keeps a multiple of ``expected`` features
+    (or stays whole), and the parameter budget holds to within one aligned chunk per group."""
+    with torch.inference_mode():
+        model = ct.tiny(arch, seed=3).model.clone()
+        model.load_device = torch.device(device)  # only what the device is read from; nothing runs there
+        assert pruned_models.device_align(model) == (8 if device == "cuda" else 1)
+        layout = weights.model_layout(model)
+        mask = random_mask(layout, seed=5)
+        target = core.plan.PruneTarget(params=0.3)
+        _, plan = pruned_models.plan_for_mask(model, mask, target, align=align)
+        reference = core.plan.plan_pruning(model.model.diffusion_model, layout, mask.logits,
+                                           core.plan.PruneTarget(params=0.3, align=expected), settings=mask.settings)
+    assert plan.align == expected
+    assert all(torch.equal(plan.keep[k], reference.keep[k]) for k in reference.keep)
+    for g in layout.groups:
+        kept = int(plan.keep[g.name].sum())
+        assert kept == g.count or (kept * g.width) % expected == 0, (g.name, kept, g.width)
+    assert plan.removed_params >= plan.budget > 0
+
+
+def test_plan_for_mask_refuses_an_unknown_align(weights, pruned_models, core):
+    with torch.inference_mode():
+        model = ct.tiny("sd15", seed=3).model
+        mask = random_mask(weights.model_layout(model))
+        with pytest.raises(core.errors.EcoDiffError, match="auto"):
+            pruned_models.plan_for_mask(model, mask, core.plan.PruneTarget(params=0.3), align="fast")
+        with pytest.raises(core.errors.EcoDiffError, match="align"):
+            pruned_models.plan_for_mask(model, mask, core.plan.PruneTarget(params=0.3), align=0)

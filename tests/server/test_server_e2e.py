@@ -21,7 +21,7 @@ from scripts import workflow_schema as ws
 ROOT = Path(__file__).resolve().parent.parent.parent
 ECODIFF_NODES = ("EcoDiffLearnMask", "EcoDiffApplyMask", "EcoDiffSaveMask", "EcoDiffLoadMask",
                  "EcoDiffSavePrunedModel", "EcoDiffLoadPrunedModel", "EcoDiffCompare", "EcoDiffPruningReport",
-                 "EcoDiffLoraRecover", "EcoDiffDemoModel", "EcoDiffJudgeDigits")
+                 "EcoDiffLoraRecover", "EcoDiffDemoModel", "EcoDiffJudgeDigits", "EcoDiffLearnSettings")
 #: which tiny architecture stands in for each example workflow's model
 EXAMPLE_ARCH = {
     "sdxl_learn_prune_compare": "sdxl",
@@ -43,21 +43,27 @@ LOADER_SWAP = {
 }
 RUN_TIMEOUT = 300.0
 #: every test that learns gets its own freshly built model (no state carried between tests)
-MODEL_SEED = {"ws_progress": 101, "interrupt": 102, "other_model": 103,
+MODEL_SEED = {"ws_progress": 101, "interrupt": 102, "other_model": 103, "alone": 104,
               **{name: 200 + i for i, name in enumerate(sorted(EXAMPLE_ARCH))}}
 
 
 # ------------------------------------------------------------------------------------------------
 # graphs
 # ------------------------------------------------------------------------------------------------
-def learn_only_graph(arch: str, run_name: str, save_as: str | None = None, model_seed: int = 0, **learn) -> dict:
+def learn_only_graph(arch: str, run_name: str, save_as: str | None = None, model_seed: int = 0,
+                     settings: dict | None = None, **learn) -> dict:
+    """Tiny checkpoint -> Learn (an output node: it runs on its own) [-> Save Sparsity Mask when
+    ``save_as``]; ``settings`` adds an EcoDiff Learn Settings node with these widgets."""
     graph = {
         "1": {"class_type": "EcoDiffTinyCheckpointLoader", "inputs": {"arch": arch, "seed": model_seed}},
         "4": {"class_type": "EcoDiffLearnMask",
               "inputs": dict(learn_inputs(run_name=run_name, **learn), model=["1", 0], clip=["1", 1])},
     }
-    graph["5"] = {"class_type": "EcoDiffSaveMask",  # an output node: a prompt needs one
-                  "inputs": {"mask": ["4", 0], "filename": save_as or f"{run_name}_saved"}}
+    if settings is not None:
+        graph["3"] = {"class_type": "EcoDiffLearnSettings", "inputs": settings}
+        graph["4"]["inputs"]["settings"] = ["3", 0]
+    if save_as:
+        graph["5"] = {"class_type": "EcoDiffSaveMask", "inputs": {"mask": ["4", 0], "filename": save_as}}
     return graph
 
 
@@ -175,7 +181,7 @@ def test_learn_apply_sample_compare_with_progress_over_websocket(server):
     assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
     assert outputs["12"].get("text") and outputs["12"].get("images"), outputs["12"]
     assert "4" in outputs and outputs["4"].get("text"), "Learn's ui text"
-    assert (server.models / "ecodiff_masks" / "ws_progress.safetensors").is_file()
+    assert (server.models / "ecodiff_masks" / ".runs" / "ws_progress.safetensors").is_file()
 
 
 def test_interrupt_stops_learning_keeps_mask_and_rerun_resumes(server):
@@ -197,7 +203,7 @@ def test_interrupt_stops_learning_keeps_mask_and_rerun_resumes(server):
     assert any(m[0] == "execution_interrupted" for m in run.history["status"]["messages"])
     last_step = max(e["step"] for e in run.of_type("ecodiff.learn"))
     assert last_step <= sent["at"] + 2, "learning went on well after the interrupt"
-    path = server.models / "ecodiff_masks" / "interrupt_me.safetensors"
+    path = server.models / "ecodiff_masks" / ".runs" / "interrupt_me.safetensors"
     assert path.is_file(), "no mask file after the interrupt"
     state = load_mask(path)
     assert not state.progress.get("finished") and state.progress["step"] >= sent["at"], state.progress
@@ -233,6 +239,37 @@ def test_example_workflow_runs_on_tiny_models(server, path):
     assert compares and all(entry["outputs"].get(nid, {}).get("a_images") for nid in compares), entry["outputs"]
 
 
+def test_loader_and_learn_alone_run_and_keep_only_saved_masks_in_the_list(server):
+    """Learn is an output node (no Save node needed); its run state stays out of the masks list, and
+    the expert settings come from an EcoDiff Learn Settings node (accumulate 2 over 2 prompts = one
+    optimiser step per epoch)."""
+    from ecodiff_core.maskfile import load_mask
+
+    graph = learn_only_graph("sd15", "alone", model_seed=MODEL_SEED["alone"], epochs=3, max_prompts=2,
+                             settings={"accumulate": 2, "regularizer": "sigmoid", "lr_heads": 0.3,
+                                       "lr_neurons": 0.2, "lr_channels": 0.5, "weight_decay": 0.0,
+                                       "gate_temperature": 0.5, "init_logit": 2.0, "noise_offset": 0.1,
+                                       "checkpointing": True, "block_checkpointing": "off"})
+    entry = server.run(graph, timeout=RUN_TIMEOUT)
+    assert_success(entry)
+    assert "run state kept" in entry["outputs"]["4"]["text"][0]
+    state = load_mask(server.models / "ecodiff_masks" / ".runs" / "alone.safetensors")
+    assert state.progress["finished"] and len(state.history) == 3, state.progress
+    assert state.settings.accumulate == 2 and state.settings.regularizer == "sigmoid"
+    assert state.settings.lr == {"head": 0.3, "neuron": 0.2, "channel": 0.5}
+    assert state.settings.gate.temperature == 0.5 and state.settings.gate.init_logit == 2.0
+    masks = server.object_info()["EcoDiffLoadMask"]["input"]["required"]["mask_name"]
+    names = masks[1]["options"] if isinstance(masks[1], dict) and "options" in masks[1] else masks[0]
+    assert not any("alone" in n for n in names), names
+
+    saved = learn_only_graph("sd15", "alone", save_as="alone_kept", model_seed=MODEL_SEED["alone"], epochs=3,
+                             max_prompts=2, resume=True)
+    assert_success(server.run(saved, timeout=RUN_TIMEOUT))
+    masks = server.object_info()["EcoDiffLoadMask"]["input"]["required"]["mask_name"]
+    names = masks[1]["options"] if isinstance(masks[1], dict) and "options" in masks[1] else masks[0]
+    assert [n for n in names if "alone" in n] == ["alone_kept.safetensors"], names
+
+
 # ------------------------------------------------------------------------------------------------
 # clear errors
 # ------------------------------------------------------------------------------------------------
@@ -254,9 +291,10 @@ def test_mask_of_another_model_is_a_clear_error(server):
 
 
 def test_sparsity_out_of_range_is_refused_before_running(server):
+    """Apply's branch is refused at validation; Learn, an output node of its own, is still queued."""
     graph = learn_prune_compare_graph("sd15")
     graph["5"]["inputs"]["sparsity"] = 1.5
     status, answer = server.post_json("/prompt", {"prompt": graph})
-    assert status == 400, answer
-    assert "5" in answer["node_errors"], answer
+    assert status == 200 and "5" in answer["node_errors"], answer
     assert "sparsity" in str(answer["node_errors"]["5"]), answer
+    assert sorted(answer["node_errors"]["5"]["dependent_outputs"]) == ["11", "12"], answer

@@ -47,7 +47,7 @@ def mask_of_another_model() -> dict:
 #: graph, failing node, error class, words of the message that say what to do
 CASES = {
     "empty_prompts": (empty_prompts, "4", "EcoDiffError", ("one prompt per line",)),
-    "bad_keep_ratios": (bad_keep_ratios, "6", "EcoDiffError", ("not a number", "head=most")),
+    "bad_keep_ratios": (bad_keep_ratios, "6", "SettingsError", ("not a number", "head=most")),
     "mask_of_another_model": (mask_of_another_model, "21", "MaskFileError", ()),
 }
 

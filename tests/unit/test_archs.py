@@ -5,7 +5,7 @@ import functools
 
 import pytest
 import torch
-from tiny_models import MODEL_NAMES, build
+from tiny_models import TABLE_MODEL_NAMES, build
 from torch import nn
 
 from ecodiff_core.archs import TABLES, find_layout, supported_architectures, validate_layout
@@ -28,10 +28,12 @@ EXPECTED = {
     # 2 double blocks: 3 heads, ff+ff_context 2×96 neurons, 2×144 channels; 2 single: 3 heads, 96 neurons, 72 ch
     "flux": {"arch": "diffusers_flux", "groups": 16, "head": 4 * 3, "neuron": 2 * 2 * 96 + 2 * 96,
                  "channel": 2 * 2 * 144 + 2 * 72},
+    # 3 joint blocks of 3 heads (+ attn2 in block 0); ff 96 neurons each, ff_context in blocks 0-1 (2 is pre-only)
+    "sd3": {"arch": "diffusers_sd3", "groups": 9, "head": 4 * 3, "neuron": 5 * 96},
 }
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", TABLE_MODEL_NAMES)
 def test_find_layout_counts(name: str) -> None:
     _, layout = model_and_layout(name)
     exp = EXPECTED[name]

@@ -46,7 +46,8 @@ def test_report_numbers_are_the_measured_ones(demo_run):
     model, judge = load_default_model(), load_judge()
     layout = find_layout(model.transformer)
     state = load_mask(settings.output / "mask.safetensors", layout)
-    pruned, plan = prune_to(model.transformer, layout, state.logits, PruneTarget(params=settings.sparsity))
+    pruned, plan = prune_to(model.transformer, layout, state.logits, PruneTarget(params=settings.sparsity),
+                            settings=state.settings)
     assert result["params_before"] == count_parameters(model.transformer)
     assert result["params_after"] == count_parameters(pruned)
     assert abs(plan.removed_params - settings.sparsity * result["params_before"]) <= max(

@@ -166,7 +166,7 @@ def test_nodes_and_widgets_match_the_node_schemas(object_info, path):
     prompt = to_api(wf, object_info)
     learn = [n for n in prompt.values() if n["class_type"] == "EcoDiffLearnMask"]
     for node in learn:  # widgets_values map to the right names (order), not just the right count
-        assert node["inputs"]["sampler_name"] == "euler" and isinstance(node["inputs"]["checkpointing"], bool)
+        assert node["inputs"]["sampler_name"] == "euler" and isinstance(node["inputs"]["resume"], bool)
         assert node["inputs"]["run_name"].endswith("_ecodiff")
 
 

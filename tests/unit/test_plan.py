@@ -296,7 +296,7 @@ def test_aligned_budget_lands_within_one_chunk_and_slicing_equals_masking(name: 
     aligned offsets); the pruned model computes what the hard-gated model computes."""
     from test_prune import gated_output, rel_err
 
-    from tests.pruned_shapes import check_counts_match_shapes
+    from pruned_shapes import check_counts_match_shapes
 
     model, inputs, layout = case(name)
     logits = random_logits(layout, 3)

@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 from pruned_shapes import check_counts_match_shapes
-from tiny_models import MODEL_NAMES, build, must_keep_layout, run
+from tiny_models import MODEL_NAMES, TABLE_MODEL_NAMES, build, must_keep_layout, run
 from torch import nn
 
 from ecodiff_core.archs import find_layout
@@ -77,7 +77,7 @@ def make_keep(layout: Layout, mode: str, seed: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("mode,seed", [("random", 0), ("random", 1), ("random", 2), ("none", 0), ("all", 0)])
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", TABLE_MODEL_NAMES)
 def test_pruned_equals_hard_gated(name: str, mode: str, seed: int) -> None:
     model, inputs, layout = case(name)
     keep = make_keep(layout, mode, seed)
@@ -124,7 +124,7 @@ def test_counters_dims_match_weight_shapes(name: str, mode: str, seed: int) -> N
 
 
 @pytest.mark.parametrize("mode,seed", [("random", 0), ("random", 1), ("none", 0)])
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", TABLE_MODEL_NAMES)
 def test_closed_must_keep_units_stay_silenced(name: str, mode: str, seed: int) -> None:
     """Groups that must keep 2 units (min_keep) keep them physically where the mask closes more,
     with zeroed gate-side weights: slicing still equals hard masking with the mask as given."""
@@ -150,7 +150,7 @@ def _storages(model: nn.Module) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors if t.numel() > 0}
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", TABLE_MODEL_NAMES)
 def test_input_model_untouched_and_unshared(name: str) -> None:
     model, inputs, layout = case(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -173,7 +173,7 @@ def test_input_model_untouched_and_unshared(name: str) -> None:
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", TABLE_MODEL_NAMES)
 def test_parameter_cost_is_exact_per_unit(name: str) -> None:
     model, _, layout = case(name)
     costs = parameter_costs(model, layout)

@@ -48,7 +48,7 @@ def test_expected_removed_cost_equals_monte_carlo_over_sampled_gates(flux, offse
     draws, sizes = 20_000, [gr.count for gr in layout.groups]
     u = uniform_noise(draws * sum(sizes), g).double().reshape(draws, -1)
     removed = torch.zeros(draws, dtype=torch.float64)
-    for gr, part in zip(layout.groups, torch.split(u, sizes, dim=1)):
+    for gr, part in zip(layout.groups, torch.split(u, sizes, dim=1), strict=True):
         closed = sample_gate(logits[gr.name].expand(draws, -1), part, settings) == 0
         removed += closed.double().sum(1) * costs[gr.name] / total
     error = removed.std().item() / math.sqrt(draws)

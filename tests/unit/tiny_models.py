@@ -1,4 +1,4 @@
-"""Tiny random-weight diffusers models (SD1.5-like, SDXL-like, FLUX-like) and example inputs.
+"""Tiny random-weight diffusers models (SD1.5-like, SDXL-like, FLUX-like, SD3.5-like) and example inputs.
 
 Reusable by any unit test: ``build(name, dtype)`` returns ``(model, inputs)`` where
 ``model(**inputs)`` runs one forward pass.  Weights are seeded, so two builds are identical.
@@ -14,6 +14,8 @@ from torch import nn
 from ecodiff_core._compat import ensure_torchvision_importable
 
 MODEL_NAMES: tuple[str, ...] = ("sd15", "sdxl", "flux")
+# SD3 (MMDiT) joins the table and slicing tests; the other suites' harnesses know the three above
+TABLE_MODEL_NAMES: tuple[str, ...] = MODEL_NAMES + ("sd3",)
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
 # contend so badly that one 8×8 UNet forward takes seconds instead of ~15 ms.
@@ -66,6 +68,16 @@ def tiny_flux() -> nn.Module:
     )
 
 
+def tiny_sd3() -> nn.Module:
+    """SD3.5-like: dual attention in the first block, RMS q/k norms; the last block is context pre-only."""
+    d = diffusers_module()
+    return d.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+        num_attention_heads=3, joint_attention_dim=12, caption_projection_dim=24, pooled_projection_dim=10,
+        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+
+
 def _unet_inputs(model: nn.Module, dtype: torch.dtype, g: torch.Generator, sdxl: bool) -> dict[str, Any]:
     inputs = {
         "sample": torch.randn(2, 4, 8, 8, generator=g, dtype=dtype),
@@ -94,7 +106,19 @@ def _flux_inputs(model: nn.Module, dtype: torch.dtype, g: torch.Generator) -> di
     }
 
 
-BUILDERS: dict[str, Callable[[], nn.Module]] = {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "flux": tiny_flux}
+def _sd3_inputs(model: nn.Module, dtype: torch.dtype, g: torch.Generator) -> dict[str, Any]:
+    return {
+        "hidden_states": torch.randn(2, 4, 8, 8, generator=g, dtype=dtype),
+        "encoder_hidden_states": torch.randn(2, 5, 12, generator=g, dtype=dtype),
+        "pooled_projections": torch.randn(2, 10, generator=g, dtype=dtype),
+        "timestep": torch.tensor([300.0, 800.0], dtype=dtype),
+        "return_dict": False,
+    }
+
+
+BUILDERS: dict[str, Callable[[], nn.Module]] = {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "flux": tiny_flux,
+                                                "sd3": tiny_sd3}
+INPUTS = {"flux": _flux_inputs, "sd3": _sd3_inputs}
 
 
 def build(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
@@ -104,7 +128,7 @@ def build(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple
     _randomise(model, seed)
     model = model.to(dtype).eval()
     g = torch.Generator().manual_seed(seed + 1)
-    inputs = _flux_inputs(model, dtype, g) if name == "flux" else _unet_inputs(model, dtype, g, name == "sdxl")
+    inputs = INPUTS[name](model, dtype, g) if name in INPUTS else _unet_inputs(model, dtype, g, name == "sdxl")
     return model, inputs
 
 
