@@ -282,13 +282,15 @@ class MaskLearner:
         return self.parallel is None or self.parallel.owns(index)
 
     def prepare(self, samples: Sequence[CalibrationSample], sigmas: torch.Tensor) -> None:
-        """Targets: the ungated model's trajectory from the same x_T and prompt (own samples only)."""
+        """Targets: the ungated model's trajectory from the same x_T and prompt (own samples only), for
+        the objectives of the epochs still to learn."""
+        objectives = {self._objective(e) for e in range(self.progress["epoch"], self.settings.epochs)}
         for index, s in enumerate(samples):
             if not self._owns(index):
                 continue
-            if self.settings.objective == "end_to_end" and s.target is None:
+            if "end_to_end" in objectives and s.target is None:
                 s.target = sample(s.denoise, s.noise, sigmas)
-            if self.settings.objective == "per_step" and s.teacher is None:
+            if "per_step" in objectives and s.teacher is None:
                 s.teacher = teacher_steps(s.denoise, s.noise, sigmas)
 
     def _step_context(self) -> ContextManager:
@@ -297,11 +299,15 @@ class MaskLearner:
             return contextlib.nullcontext()
         return checkpointed_blocks(self.model, self.block_paths, self.controller)
 
+    def _objective(self, epoch: int) -> str:
+        """The objective of ``epoch`` (0-based): per-step during the warm start, then the settings'."""
+        return "per_step" if epoch < self.settings.warm_start_epochs else self.settings.objective
+
     def _sample_gradient(self, s: CalibrationSample, sigmas: torch.Tensor, noise_seed: int,
                          weights: torch.Tensor | None = None):
         params = list(self.logits.values())
         before_step = self._gate_setter(noise_seed, len(sigmas) - 1)
-        if self.settings.objective == "per_step":
+        if self._objective(self.progress["epoch"]) == "per_step":
             return per_step_gradient(s.denoise, sigmas, s.teacher, params, before_step, self.grad_context,
                                      self._step_context, weights)
         return trajectory_gradient(

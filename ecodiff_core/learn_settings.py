@@ -50,6 +50,8 @@ class LearnSettings:
     checkpointing        time-step checkpointing of the trajectory gradient (memory of one step).
     block_checkpointing  "auto", "on" or "off": recompute transformer blocks in the backward.
     objective            "end_to_end" (the final latent) or "per_step" (each step's x0).
+    warm_start_epochs    the first this many epochs learn with the per-step objective (a cheaper,
+                         denser signal), the rest with ``objective`` (0..epochs; 0 = none).
     seed                 seeds the prompt order and the gate noise (0..2**64-1).
     prompt_batch         calibration samples per denoiser call (they share each step's gate sample);
                          1 = one by one (≥ 1).
@@ -70,6 +72,7 @@ class LearnSettings:
     seed: int = 0
     # calibration samples per denoiser call (they share each step's gate sample); 1 = one by one
     prompt_batch: int = 1
+    warm_start_epochs: int = 0
     target: float = 0.5
     target_mode: str = "params"
     target_warmup: float = 0.5
@@ -102,6 +105,10 @@ class LearnSettings:
         check_choice("objective", self.objective, OBJECTIVES)
         check_seed(self.seed)
         check_int("prompt_batch (calibration prompts per denoiser call)", self.prompt_batch)
+        check_int("warm_start_epochs (per-step epochs first)", self.warm_start_epochs, low=0)
+        if self.warm_start_epochs > self.epochs:
+            raise SettingsError(f"warm_start_epochs ({self.warm_start_epochs}) counts epochs of the {self.epochs} "
+                                "learning epochs; lower it or raise epochs")
         self._validate_target()
 
     def _validate_target(self) -> None:

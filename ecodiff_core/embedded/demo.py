@@ -31,7 +31,7 @@ from ..units import Layout
 from ..validation import check_int, check_number
 
 
-def default_learn_settings() -> LearnSettings:
+def official_learn_settings() -> LearnSettings:
     """The official FLUX configuration (the default model is a FLUX transformer), 8 epochs.
 
     λ₀ = 3, δ = 0.1, mean sigmoid(0.4λ + 1) with β = 0.01, learning rates 0.5 / 0.1 / 0.5 for
@@ -46,6 +46,11 @@ def default_learn_settings() -> LearnSettings:
         lr={"head": 0.5, "neuron": 0.1, "channel": 0.5},
         gate=GateSettings(init_logit=3.0, noise_offset=0.1),
     )
+
+
+def default_learn_settings() -> LearnSettings:
+    """The demo's learning settings: the measured best on this model (docs/benchmarks.md)."""
+    return official_learn_settings()
 
 
 @dataclass

@@ -135,3 +135,44 @@ def test_damaged_saved_multipliers_are_refused(flux, multipliers):
     saved.progress["multipliers"] = multipliers
     with pytest.raises(MaskFileError, match="multipliers are damaged"):
         MaskLearner(model, layout, settings, resume=saved).learn(samples, sigmas)
+
+
+def _fresh(flux):
+    """The tiny run's samples without the targets and teachers an earlier run cached on them, on a
+    2-step trajectory (with one step the per-step and end-to-end losses are the same)."""
+    model, layout, samples, _ = flux
+    return model, layout, [CalibrationSample(s.denoise, s.noise) for s in samples], torch.linspace(1, 0, 3)
+
+
+@pytest.mark.parametrize("regularizer", ["sigmoid", "target"])
+def test_warm_start_learns_per_step_first_then_with_the_objective(flux, regularizer):
+    model, layout, samples, sigmas = _fresh(flux)
+    base = dict(epochs=4, lr={"head": 0.3, "neuron": 0.3, "channel": 0.3}, beta=0.5)
+    make = (lambda **f: LearnSettings.for_target(0.3, **{**base, **f})) if regularizer == "target" else \
+        (lambda **f: LearnSettings(regularizer=regularizer, **{**base, **f}))
+    warm = MaskLearner(model, layout, make(warm_start_epochs=2)).learn(samples, sigmas)
+    per_step = MaskLearner(model, layout, make(objective="per_step")).learn(samples, sigmas)
+    end_to_end = MaskLearner(model, layout, make()).learn(samples, sigmas)
+    steps = len(warm.history) // 4 * 2  # optimiser steps of the two warm-start epochs
+    assert warm.history[:steps] == per_step.history[:steps]  # the same per-step updates, step for step
+    assert warm.history[steps]["recon"] != per_step.history[steps]["recon"]  # then the end-to-end loss
+    assert warm.history[steps]["recon"] != end_to_end.history[steps]["recon"]
+    assert samples[0].target is not None and samples[0].teacher is not None  # both objectives prepared
+
+
+def test_warm_start_resumes_into_the_end_to_end_epochs(flux, tmp_path):
+    model, layout, samples, sigmas = _fresh(flux)
+    settings = LearnSettings(epochs=4, warm_start_epochs=2, beta=0.5)
+    straight = MaskLearner(model, layout, settings).learn(samples, sigmas)
+    half = MaskLearner(model, layout, settings).learn(samples, sigmas, callback=lambda info: info.step < 3)
+    resumed = MaskLearner(model, layout, settings, resume=load_mask(save_mask(tmp_path / "h.safetensors", half), layout))
+    final = resumed.learn(_fresh(flux)[2], sigmas)
+    assert final.history == straight.history
+    for name in straight.logits:
+        assert torch.equal(final.logits[name], straight.logits[name]), name
+
+
+@pytest.mark.parametrize("value, message", [(-1, ">= 0"), (5, "lower it or raise epochs"), (1.5, "integer")])
+def test_bad_warm_start_epochs_raise_settings_error(value, message):
+    with pytest.raises(SettingsError, match=message):
+        LearnSettings(epochs=4, warm_start_epochs=value)
