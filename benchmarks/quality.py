@@ -72,6 +72,7 @@ RECIPES: dict[str, Callable[[float], LearnSettings]] = {
     "x-per-step-equal-lr": lambda s: replace(official_learn_settings(), objective="per_step", lr=EQUAL_LR),
     "x-per-step-16": lambda s: replace(official_learn_settings(), objective="per_step", epochs=16),
     "x-warm4": lambda s: replace(official_learn_settings(), warm_start_epochs=4),
+    "x-warm4-equal-lr": lambda s: replace(official_learn_settings(), warm_start_epochs=4, lr=EQUAL_LR),
     "x-warm4-target": lambda s: _target(official_learn_settings(), s, lr=EQUAL_LR, warm_start_epochs=4),
 }
 BASELINES = ("taylor", "magnitude", "random")

@@ -165,7 +165,8 @@ def test_warm_start_resumes_into_the_end_to_end_epochs(flux, tmp_path):
     settings = LearnSettings(epochs=4, warm_start_epochs=2, beta=0.5)
     straight = MaskLearner(model, layout, settings).learn(samples, sigmas)
     half = MaskLearner(model, layout, settings).learn(samples, sigmas, callback=lambda info: info.step < 3)
-    resumed = MaskLearner(model, layout, settings, resume=load_mask(save_mask(tmp_path / "h.safetensors", half), layout))
+    saved = load_mask(save_mask(tmp_path / "half.safetensors", half), layout)
+    resumed = MaskLearner(model, layout, settings, resume=saved)
     final = resumed.learn(_fresh(flux)[2], sigmas)
     assert final.history == straight.history
     for name in straight.logits:
