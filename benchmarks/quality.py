@@ -70,6 +70,9 @@ RECIPES: dict[str, Callable[[float], LearnSettings]] = {
     "x-target-equal-lr": lambda s: _target(official_learn_settings(), s, lr=EQUAL_LR),
     "x-target-per-step": lambda s: _target(official_learn_settings(), s, lr=EQUAL_LR, objective="per_step"),
     "x-per-step-equal-lr": lambda s: replace(official_learn_settings(), objective="per_step", lr=EQUAL_LR),
+    "x-per-step-equal-lr-16": lambda s: replace(official_learn_settings(), objective="per_step", lr=EQUAL_LR,
+                                                epochs=16),
+    "x-equal-lr": lambda s: replace(official_learn_settings(), lr=EQUAL_LR),
     "x-per-step-16": lambda s: replace(official_learn_settings(), objective="per_step", epochs=16),
     "x-warm4": lambda s: replace(official_learn_settings(), warm_start_epochs=4),
     "x-warm4-equal-lr": lambda s: replace(official_learn_settings(), warm_start_epochs=4, lr=EQUAL_LR),
@@ -84,8 +87,8 @@ def learns_per_target(method: str) -> bool:
     return method in RECIPES and RECIPES[method](0.5).regularizer == TARGET
 
 
-def scores_for(method: str, model, layout, seed: int,
-               sparsity: float = 0.5) -> tuple[dict[str, torch.Tensor], LearnSettings | None, float]:
+def scores_for(method: str, model, layout, seed: int, sparsity: float = 0.5,
+               learn_steps: int = LEARN_STEPS) -> tuple[dict[str, torch.Tensor], LearnSettings | None, float]:
     """(scores, the mask's settings for Apply's ranking or None for a baseline, CPU-minutes)."""
     cpu = time.process_time()
     prompts, _ = calibration_prompts(10)
@@ -93,14 +96,14 @@ def scores_for(method: str, model, layout, seed: int,
     settings = None
     if method in RECIPES:
         settings = replace(RECIPES[method](sparsity), seed=seed)
-        run = learn_mask(model.transformer, layout, settings, samples, sigmas(LEARN_STEPS))
+        run = learn_mask(model.transformer, layout, settings, samples, sigmas(learn_steps))
         scores, settings = run.state.logits, run.state.settings
         last = run.state.history[-1] if run.state.history else {}
         print(json.dumps({"method": method, "seed": seed, "last_step": last, "closed": _closed(scores, settings)}),
               file=sys.stderr)
     elif method == "taylor":
         scores = taylor_scores(
-            model.transformer, layout, [s.denoise for s in samples], [s.noise for s in samples], sigmas(LEARN_STEPS)
+            model.transformer, layout, [s.denoise for s in samples], [s.noise for s in samples], sigmas(learn_steps)
         )
     elif method == "magnitude":
         scores = magnitude_scores(model.transformer, layout)
@@ -168,6 +171,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", choices=METHODS,
                         help="methods to run (default: all, or none with --from-json)")
     parser.add_argument("--eval-per-class", type=int, default=50)
+    parser.add_argument("--learn-steps", type=int, default=LEARN_STEPS,
+                        help="Euler steps of the calibration trajectories (other than 10: rows named METHOD@Nsteps)")
+    parser.add_argument("--eval-steps", type=int, default=20,
+                        help="Euler steps of the evaluation (other than 20: rows named METHOD@evalN)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-original", action="store_true", help="do not evaluate the unpruned model")
     parser.add_argument("--json", type=Path, help="write the fresh measurements here")
@@ -201,24 +208,28 @@ def measure(args) -> list[dict]:
     layout = find_layout(model.transformer)
     rows = []
     for seed in args.seeds:
-        evaluation = EvalSettings(per_class=args.eval_per_class, steps=20, cfg=CFG, seed=seed)
+        evaluation = EvalSettings(per_class=args.eval_per_class, steps=args.eval_steps, cfg=CFG, seed=seed)
         if not args.skip_original:
             base = evaluate_model(model, judge, evaluation)
-            rows.append({"method": "original", "seed": seed, "sparsity": 0.0, **_metrics(base)})
+            name = "original" + (f"@eval{args.eval_steps}" if args.eval_steps != 20 else "")
+            rows.append({"method": name, "seed": seed, "sparsity": 0.0, **_metrics(base)})
         for method in args.methods:
             if not learns_per_target(method):
-                scores, settings, cpu_minutes = scores_for(method, model, layout, seed)
+                scores, settings, cpu_minutes = scores_for(method, model, layout, seed, learn_steps=args.learn_steps)
             for sparsity in args.sparsities:
                 if learns_per_target(method):
-                    scores, settings, cpu_minutes = scores_for(method, model, layout, seed, sparsity)
+                    scores, settings, cpu_minutes = scores_for(method, model, layout, seed, sparsity, args.learn_steps)
                 pruned, _ = prune_to(model.transformer, layout, scores, PruneTarget(params=sparsity), settings=settings)
                 result = evaluate_model(model, judge, evaluation, transformer=pruned)
                 rows.append(
                     {
-                        "method": method,
+                        "method": method + (f"@{args.learn_steps}steps" if args.learn_steps != LEARN_STEPS else "")
+                        + (f"@eval{args.eval_steps}" if args.eval_steps != 20 else ""),
                         "seed": seed,
                         "sparsity": sparsity,
                         "cpu_minutes": cpu_minutes,
+                        "learn_steps": args.learn_steps,
+                        "eval_steps": args.eval_steps,
                         "ranking": "settings" if settings is not None else "scores",
                         "params_removed": 1 - count_parameters(pruned) / count_parameters(model.transformer),
                         "flops_removed": 1 - forward_flops(model, pruned) / forward_flops(model, model.transformer),
