@@ -39,6 +39,7 @@ def _common(p: argparse.ArgumentParser, threads: bool = True) -> None:
 def add_learn_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from .hard_concrete import REGULARIZERS
     from .learn import LearnSettings
+    from .learn_settings import TARGET, TARGET_MODES
 
     int_in, c_int_max, max_res, _ = _types()
     d = LearnSettings()
@@ -65,7 +66,12 @@ def add_learn_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--accumulate", type=int_in(None, c_int_max), default=d.accumulate,
                    help="prompts per optimiser step (split over the torchrun processes)")
     p.add_argument("--beta", type=float, default=d.beta, help="weight of the sparsity regulariser")
-    p.add_argument("--regularizer", choices=REGULARIZERS, default=d.regularizer, help="sparsity regulariser")
+    p.add_argument("--regularizer", choices=(*REGULARIZERS, TARGET), default=d.regularizer,
+                   help="sparsity regulariser; 'target' learns for --target (expected removed cost held at it)")
+    p.add_argument("--target", type=float, default=d.target,
+                   help="with --regularizer target: fraction of parameters (or FLOPs) to remove, (0, 0.95]")
+    p.add_argument("--target-mode", choices=TARGET_MODES, default=d.target_mode,
+                   help="with --regularizer target: what --target counts")
     for kind in LR_KINDS:
         p.add_argument(f"--lr-{kind}", type=float, default=d.lr[kind], help=f"learning rate of {kind} logits")
     p.add_argument("--objective", choices=("end_to_end", "per_step"), default=d.objective, help="loss")
@@ -166,11 +172,16 @@ def _progress(enabled: bool, total: int, initial: int, desc: str):
 # -- learn ----------------------------------------------------------------------------------------
 def learn_settings(args: argparse.Namespace):
     from .learn import LearnSettings
+    from .learn_settings import TARGET
 
-    settings = LearnSettings(epochs=args.epochs, accumulate=args.accumulate, beta=args.beta,
-                             regularizer=args.regularizer, lr={k: getattr(args, f"lr_{k}") for k in LR_KINDS},
-                             checkpointing=not args.no_checkpointing, block_checkpointing=args.block_checkpointing,
-                             objective=args.objective, warm_start_epochs=args.warm_start_epochs, seed=args.seed)
+    fields = dict(epochs=args.epochs, accumulate=args.accumulate, beta=args.beta,
+                  lr={k: getattr(args, f"lr_{k}") for k in LR_KINDS}, checkpointing=not args.no_checkpointing,
+                  block_checkpointing=args.block_checkpointing, objective=args.objective,
+                  warm_start_epochs=args.warm_start_epochs, seed=args.seed)
+    if args.regularizer == TARGET:  # textbook gates (noise offset 0), see LearnSettings.for_target
+        settings = LearnSettings.for_target(args.target, args.target_mode, **fields)
+    else:
+        settings = LearnSettings(regularizer=args.regularizer, **fields)
     settings.validate()
     return settings
 

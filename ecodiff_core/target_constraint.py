@@ -26,12 +26,17 @@ from .units import Layout, parameter_costs
 
 
 def expected_removed_fraction(logits: dict[str, torch.Tensor], costs: dict[str, float], total: float,
-                              settings: GateSettings) -> torch.Tensor:
+                              settings: GateSettings, min_keep: dict[str, int] | None = None) -> torch.Tensor:
     """s = Σ_g cost_g · Σ_i (1 − P(z_gi ≠ 0)) / total: the expected fraction of ``total`` (parameters
     or FLOPs) the closed gates remove; ``logits`` per group (shape (count,)), ``costs`` per unit of
-    each group in the unit of ``total``.  A scalar tensor with the logits' gradient."""
-    parts = [(1 - open_probability(lam, settings)).sum() * (float(costs[name]) / total)
-             for name, lam in logits.items()]
+    each group in the unit of ``total``.  ``min_keep`` (per group, ``UnitGroup.min_keep``): the
+    planner never removes a group's last ``min_keep`` units, so its ``min_keep`` most open gates
+    (highest logits) never count as removed.  A scalar tensor with the logits' gradient."""
+    parts = []
+    for name, lam in logits.items():
+        keep = (min_keep or {}).get(name, 0)
+        removable = torch.sort(lam, descending=True).values[keep:] if keep else lam
+        parts.append((1 - open_probability(removable, settings)).sum() * (float(costs[name]) / total))
     return torch.stack(parts).sum()
 
 
@@ -46,8 +51,9 @@ class TargetConstraint:
     """λ₁(s − t) + λ₂(s − t)² for one learning run; ``multipliers`` (λ₁, λ₂) are its resumable state."""
 
     def __init__(self, costs: dict[str, float], total: float, settings: LearnSettings,
-                 multipliers: tuple[float, float] = (0.0, 0.0)) -> None:
+                 multipliers: tuple[float, float] = (0.0, 0.0), min_keep: dict[str, int] | None = None) -> None:
         self.costs, self.total, self.settings = costs, float(total), settings
+        self.min_keep = {name: k for name, k in (min_keep or {}).items() if k > 0}
         self.multipliers = (float(multipliers[0]), float(multipliers[1]))
 
     @classmethod
@@ -67,11 +73,12 @@ class TargetConstraint:
                 isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m) for m in multipliers)):
             raise MaskFileError(f"the saved run's Lagrange multipliers are damaged ({multipliers!r}; expected two "
                                 "finite numbers); learn the mask again without resuming")
-        return cls(costs, total, settings, (multipliers[0], multipliers[1]))
+        return cls(costs, total, settings, (multipliers[0], multipliers[1]),
+                   {g.name: g.min_keep for g in layout.groups})
 
     def term(self, logits: dict[str, torch.Tensor], step: int, total_steps: int) -> tuple[torch.Tensor, float, float]:
         """(λ₁(s − t) + λ₂(s − t)² with the logits' gradient, s, t) at optimiser step ``step``."""
-        s = expected_removed_fraction(logits, self.costs, self.total, self.settings.gate)
+        s = expected_removed_fraction(logits, self.costs, self.total, self.settings.gate, self.min_keep)
         t = ramped_target(self.settings.target, self.settings.target_warmup, step, total_steps)
         gap = s - t
         return self.multipliers[0] * gap + self.multipliers[1] * gap * gap, s.item(), t

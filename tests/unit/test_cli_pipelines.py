@@ -170,6 +170,8 @@ def _bad_cases(root: Path, model: Path, mask: Path) -> dict[str, list[str]]:
         "epochs 0": learn_args(model, root / "m.safetensors", "--epochs", "0"),
         "odd width": learn_args(model, root / "m.safetensors", "--width", "15"),
         "nan beta": learn_args(model, root / "m.safetensors", "--beta", "nan"),
+        "warm start over epochs": learn_args(model, root / "m.safetensors", "--warm-start-epochs", "2"),
+        "target in percent": learn_args(model, root / "m.safetensors", "--regularizer", "target", "--target", "30"),
         "output is a folder": learn_args(model, folder),
         "output exists": learn_args(model, mask),
         "prompts missing": learn_args(model, root / "m.safetensors", "--prompts", str(root / "none.txt")),
@@ -185,7 +187,8 @@ def _bad_cases(root: Path, model: Path, mask: Path) -> dict[str, list[str]]:
     }
 
 
-BAD = ["model folder missing", "not a pipeline", "steps 0", "epochs 0", "odd width", "nan beta", "output is a folder",
+BAD = ["model folder missing", "not a pipeline", "steps 0", "epochs 0", "odd width", "nan beta",
+       "warm start over epochs", "target in percent", "output is a folder",
        "output exists", "prompts missing", "sparsity in percent", "two targets", "bad keep ratios",
        "mask of another model", "report of a foreign file"]
 
@@ -204,6 +207,16 @@ def test_bad_arguments_end_in_one_error_line(case, pipelines, workdir, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and "error:" in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_learn_for_a_target_with_a_warm_start(pipelines, workdir):
+    mask = workdir / "target_mask.safetensors"
+    assert main(learn_args(pipelines("sd15"), mask, "--epochs", "2", "--warm-start-epochs", "1", "--regularizer",
+                           "target", "--target", "0.3", "--target-mode", "flops")) == 0
+    state = load_mask(mask)
+    assert (state.settings.regularizer, state.settings.target, state.settings.target_mode) == ("target", 0.3, "flops")
+    assert state.settings.warm_start_epochs == 1 and state.settings.gate.noise_offset == 0  # textbook gates
+    assert [h["target"] for h in state.history] and len(state.progress["multipliers"]) == 2
 
 
 def test_damaged_pruned_files_are_refused(pipelines, workdir, tmp_path):

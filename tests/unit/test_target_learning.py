@@ -37,23 +37,28 @@ def costs_and_total(model, layout, samples, sigmas, mode):
     return flops.per_unit, flops.total
 
 
-@pytest.mark.parametrize("offset", [0.0, 0.1, 0.5])
-def test_expected_removed_cost_equals_monte_carlo_over_sampled_gates(flux, offset):
+@pytest.mark.parametrize("offset, keep", [(0.0, 0), (0.1, 0), (0.5, 0), (0.0, 2)])
+def test_expected_removed_cost_equals_monte_carlo_over_sampled_gates(flux, offset, keep):
+    """``keep`` > 0: every group keeps its ``keep`` highest-logit units, as the planner does for min_keep."""
     model, layout, _, _ = flux
     settings = GateSettings(noise_offset=offset)
     g = torch.Generator().manual_seed(3)
     logits = {gr.name: torch.randn(gr.count, generator=g, dtype=torch.float64) * 2 - 1 for gr in layout.groups}
     costs, total = parameter_costs(model, layout), count_parameters(model)
-    exact = expected_removed_fraction(logits, costs, total, settings).item()
+    min_keep = {gr.name: keep for gr in layout.groups}
+    exact = expected_removed_fraction(logits, costs, total, settings, min_keep).item()
     draws, sizes = 20_000, [gr.count for gr in layout.groups]
     u = uniform_noise(draws * sum(sizes), g).double().reshape(draws, -1)
     removed = torch.zeros(draws, dtype=torch.float64)
     for gr, part in zip(layout.groups, torch.split(u, sizes, dim=1), strict=True):
         closed = sample_gate(logits[gr.name].expand(draws, -1), part, settings) == 0
+        closed[:, torch.topk(logits[gr.name], keep).indices] = False  # kept by the planner whatever the gate
         removed += closed.double().sum(1) * costs[gr.name] / total
     error = removed.std().item() / math.sqrt(draws)
     assert 0.05 < exact < 0.95 * sum(costs[gr.name] * gr.count for gr in layout.groups) / total
     assert abs(removed.mean().item() - exact) < 4 * error, (removed.mean().item(), exact, error)
+    if keep:
+        assert exact < expected_removed_fraction(logits, costs, total, settings).item()
 
 
 @pytest.mark.parametrize("offset", [0.0, 0.1, 0.5])
