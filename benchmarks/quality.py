@@ -74,9 +74,9 @@ RECIPES: dict[str, Callable[[float], LearnSettings]] = {
                                                 epochs=16),
     "x-equal-lr": lambda s: replace(official_learn_settings(), lr=EQUAL_LR),
     "x-per-step-16": lambda s: replace(official_learn_settings(), objective="per_step", epochs=16),
-    "x-warm4": lambda s: replace(official_learn_settings(), warm_start_epochs=4),
-    "x-warm4-equal-lr": lambda s: replace(official_learn_settings(), warm_start_epochs=4, lr=EQUAL_LR),
-    "x-warm4-target": lambda s: _target(official_learn_settings(), s, lr=EQUAL_LR, warm_start_epochs=4),
+    "x-warm4": lambda s: replace(official_learn_settings(), warm_start=0.5),
+    "x-warm4-equal-lr": lambda s: replace(official_learn_settings(), warm_start=0.5, lr=EQUAL_LR),
+    "x-warm4-target": lambda s: _target(official_learn_settings(), s, lr=EQUAL_LR, warm_start=0.5),
 }
 BASELINES = ("taylor", "magnitude", "random")
 METHODS = (*RECIPES, *BASELINES)

@@ -75,8 +75,9 @@ def add_learn_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     for kind in LR_KINDS:
         p.add_argument(f"--lr-{kind}", type=float, default=d.lr[kind], help=f"learning rate of {kind} logits")
     p.add_argument("--objective", choices=("end_to_end", "per_step"), default=d.objective, help="loss")
-    p.add_argument("--warm-start-epochs", type=int_in(None, c_int_max), default=d.warm_start_epochs,
-                   help="learn the first N epochs with the per-step loss, then with --objective")
+    p.add_argument("--warm-start", type=float, default=d.warm_start,
+                   help="fraction of the epochs learned first with the per-step loss, then with --objective "
+                        "(0 = none)")
     p.add_argument("--no-checkpointing", action="store_true", help="backpropagate through the whole trajectory "
                    "instead of recomputing one step at a time (more memory, same result)")
     p.add_argument("--block-checkpointing", choices=("auto", "on", "off"), default="off",
@@ -177,7 +178,7 @@ def learn_settings(args: argparse.Namespace):
     fields = dict(epochs=args.epochs, accumulate=args.accumulate, beta=args.beta,
                   lr={k: getattr(args, f"lr_{k}") for k in LR_KINDS}, checkpointing=not args.no_checkpointing,
                   block_checkpointing=args.block_checkpointing, objective=args.objective,
-                  warm_start_epochs=args.warm_start_epochs, seed=args.seed)
+                  warm_start=args.warm_start, seed=args.seed)
     if args.regularizer == TARGET:  # textbook gates (noise offset 0), see LearnSettings.for_target
         settings = LearnSettings.for_target(args.target, args.target_mode, **fields)
     else:

@@ -6,6 +6,7 @@ stores them and loads them forward-compatibly (:meth:`LearnSettings.from_dict`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,7 +26,10 @@ MAX_TARGET = 0.95  # as PruneTarget: at most this fraction removed
 
 @dataclass
 class LearnSettings:
-    """Defaults follow the official SDXL run (β = 0.5 with mean |λ|, AdamW, 4 epochs, accumulation 4).
+    """Defaults follow the official SDXL run (β = 0.5 with mean |λ|, AdamW, 4 epochs, accumulation 4),
+    with the recipe measured best on the embedded model (docs/benchmarks.md, "Learning that earns its
+    cost"): one learning rate, 0.1, for every unit kind (the official FLUX run gives heads and channels
+    0.5) and a per-step warm start over the first half of the epochs.
 
     epochs               passes over the calibration prompts (≥ 1).
     accumulate           prompts (trajectories) per optimiser step (≥ 1).
@@ -50,8 +54,9 @@ class LearnSettings:
     checkpointing        time-step checkpointing of the trajectory gradient (memory of one step).
     block_checkpointing  "auto", "on" or "off": recompute transformer blocks in the backward.
     objective            "end_to_end" (the final latent) or "per_step" (each step's x0).
-    warm_start_epochs    the first this many epochs learn with the per-step objective (a cheaper,
-                         denser signal), the rest with ``objective`` (0..epochs; 0 = none).
+    warm_start           the fraction of the epochs learned first with the per-step objective (a
+                         cheaper, denser signal): the first ⌊warm_start × epochs⌋, the rest with
+                         ``objective`` ([0, 1]; 0 = none).  :attr:`warm_start_epochs` is that count.
     seed                 seeds the prompt order and the gate noise (0..2**64-1).
     prompt_batch         calibration samples per denoiser call (they share each step's gate sample);
                          1 = one by one (≥ 1).
@@ -63,7 +68,7 @@ class LearnSettings:
     accumulate: int = 4
     beta: float = 0.5
     regularizer: str = "l1"
-    lr: dict[str, float] = field(default_factory=lambda: {"head": 0.1, "neuron": 0.1, "channel": 0.5})
+    lr: dict[str, float] = field(default_factory=lambda: {"head": 0.1, "neuron": 0.1, "channel": 0.1})
     weight_decay: float = 0.01
     gate: GateSettings = field(default_factory=GateSettings)
     checkpointing: bool = True
@@ -72,7 +77,7 @@ class LearnSettings:
     seed: int = 0
     # calibration samples per denoiser call (they share each step's gate sample); 1 = one by one
     prompt_batch: int = 1
-    warm_start_epochs: int = 0
+    warm_start: float = 0.5
     target: float = 0.5
     target_mode: str = "params"
     target_warmup: float = 0.5
@@ -105,11 +110,15 @@ class LearnSettings:
         check_choice("objective", self.objective, OBJECTIVES)
         check_seed(self.seed)
         check_int("prompt_batch (calibration prompts per denoiser call)", self.prompt_batch)
-        check_int("warm_start_epochs (per-step epochs first)", self.warm_start_epochs, low=0)
-        if self.warm_start_epochs > self.epochs:
-            raise SettingsError(f"warm_start_epochs ({self.warm_start_epochs}) counts epochs of the {self.epochs} "
-                                "learning epochs; lower it or raise epochs")
+        if check_number("warm_start (fraction of the epochs)", self.warm_start) > 1:
+            raise SettingsError(f"warm_start is the fraction of the epochs learned with the per-step loss first and "
+                                f"must lie in [0, 1], got {self.warm_start!r}")
         self._validate_target()
+
+    @property
+    def warm_start_epochs(self) -> int:
+        """The epochs learned with the per-step objective before ``objective`` (⌊warm_start × epochs⌋)."""
+        return math.floor(self.warm_start * self.epochs + 1e-9)
 
     def _validate_target(self) -> None:
         target = check_number("target (fraction to remove)", self.target, strict=True)

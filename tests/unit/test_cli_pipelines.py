@@ -170,7 +170,7 @@ def _bad_cases(root: Path, model: Path, mask: Path) -> dict[str, list[str]]:
         "epochs 0": learn_args(model, root / "m.safetensors", "--epochs", "0"),
         "odd width": learn_args(model, root / "m.safetensors", "--width", "15"),
         "nan beta": learn_args(model, root / "m.safetensors", "--beta", "nan"),
-        "warm start over epochs": learn_args(model, root / "m.safetensors", "--warm-start-epochs", "2"),
+        "warm start over 1": learn_args(model, root / "m.safetensors", "--warm-start", "2"),
         "target in percent": learn_args(model, root / "m.safetensors", "--regularizer", "target", "--target", "30"),
         "output is a folder": learn_args(model, folder),
         "output exists": learn_args(model, mask),
@@ -188,7 +188,7 @@ def _bad_cases(root: Path, model: Path, mask: Path) -> dict[str, list[str]]:
 
 
 BAD = ["model folder missing", "not a pipeline", "steps 0", "epochs 0", "odd width", "nan beta",
-       "warm start over epochs", "target in percent", "output is a folder",
+       "warm start over 1", "target in percent", "output is a folder",
        "output exists", "prompts missing", "sparsity in percent", "two targets", "bad keep ratios",
        "mask of another model", "report of a foreign file"]
 
@@ -211,11 +211,11 @@ def test_bad_arguments_end_in_one_error_line(case, pipelines, workdir, capsys):
 
 def test_learn_for_a_target_with_a_warm_start(pipelines, workdir):
     mask = workdir / "target_mask.safetensors"
-    assert main(learn_args(pipelines("sd15"), mask, "--epochs", "2", "--warm-start-epochs", "1", "--regularizer",
+    assert main(learn_args(pipelines("sd15"), mask, "--epochs", "2", "--warm-start", "0.5", "--regularizer",
                            "target", "--target", "0.3", "--target-mode", "flops")) == 0
     state = load_mask(mask)
     assert (state.settings.regularizer, state.settings.target, state.settings.target_mode) == ("target", 0.3, "flops")
-    assert state.settings.warm_start_epochs == 1 and state.settings.gate.noise_offset == 0  # textbook gates
+    assert state.settings.warm_start == 0.5 and state.settings.gate.noise_offset == 0  # textbook gates
     assert [h["target"] for h in state.history] and len(state.progress["multipliers"]) == 2
 
 

@@ -138,8 +138,8 @@ def test_field_defaults_do_not_build_the_settings(monkeypatch):
     monkeypatch.setattr(DemoSettings, "validate", lambda self: pytest.fail("built"))
     defaults = field_defaults(DemoSettings)
     assert defaults["learn"] == LearnSettings(epochs=8, accumulate=1, beta=0.01, regularizer="sigmoid",
-                                              lr={"head": 0.5, "neuron": 0.1, "channel": 0.5},
-                                              gate=GateSettings(init_logit=3.0, noise_offset=0.1))
+                                              lr={"head": 0.1, "neuron": 0.1, "channel": 0.1},
+                                              gate=GateSettings(init_logit=3.0, noise_offset=0.1), warm_start=0.5)
 
 
 # -- forward-compatible loading --------------------------------------------------------------------

@@ -155,9 +155,9 @@ def test_warm_start_learns_per_step_first_then_with_the_objective(flux, regulari
     base = dict(epochs=4, lr={"head": 0.3, "neuron": 0.3, "channel": 0.3}, beta=0.5)
     make = (lambda **f: LearnSettings.for_target(0.3, **{**base, **f})) if regularizer == "target" else \
         (lambda **f: LearnSettings(regularizer=regularizer, **{**base, **f}))
-    warm = MaskLearner(model, layout, make(warm_start_epochs=2)).learn(samples, sigmas)
-    per_step = MaskLearner(model, layout, make(objective="per_step")).learn(samples, sigmas)
-    end_to_end = MaskLearner(model, layout, make()).learn(samples, sigmas)
+    warm = MaskLearner(model, layout, make(warm_start=0.5)).learn(samples, sigmas)
+    per_step = MaskLearner(model, layout, make(objective="per_step", warm_start=0.0)).learn(samples, sigmas)
+    end_to_end = MaskLearner(model, layout, make(warm_start=0.0)).learn(samples, sigmas)
     steps = len(warm.history) // 4 * 2  # optimiser steps of the two warm-start epochs
     assert warm.history[:steps] == per_step.history[:steps]  # the same per-step updates, step for step
     assert warm.history[steps]["recon"] != per_step.history[steps]["recon"]  # then the end-to-end loss
@@ -167,7 +167,8 @@ def test_warm_start_learns_per_step_first_then_with_the_objective(flux, regulari
 
 def test_warm_start_resumes_into_the_end_to_end_epochs(flux, tmp_path):
     model, layout, samples, sigmas = _fresh(flux)
-    settings = LearnSettings(epochs=4, warm_start_epochs=2, beta=0.5)
+    settings = LearnSettings(epochs=4, warm_start=0.5, beta=0.5)
+    assert settings.warm_start_epochs == 2
     straight = MaskLearner(model, layout, settings).learn(samples, sigmas)
     half = MaskLearner(model, layout, settings).learn(samples, sigmas, callback=lambda info: info.step < 3)
     saved = load_mask(save_mask(tmp_path / "half.safetensors", half), layout)
@@ -178,7 +179,14 @@ def test_warm_start_resumes_into_the_end_to_end_epochs(flux, tmp_path):
         assert torch.equal(final.logits[name], straight.logits[name]), name
 
 
-@pytest.mark.parametrize("value, message", [(-1, ">= 0"), (5, "lower it or raise epochs"), (1.5, "integer")])
-def test_bad_warm_start_epochs_raise_settings_error(value, message):
+@pytest.mark.parametrize("value, message", [(-0.1, "warm_start"), (1.5, "must lie in"), (math.nan, "warm_start"),
+                                            ("half", "warm_start")])
+def test_bad_warm_start_raises_settings_error(value, message):
     with pytest.raises(SettingsError, match=message):
-        LearnSettings(epochs=4, warm_start_epochs=value)
+        LearnSettings(epochs=4, warm_start=value)
+
+
+@pytest.mark.parametrize("warm_start, epochs, want", [(0.5, 8, 4), (0.5, 1, 0), (0.5, 3, 1), (1.0, 3, 3), (0.0, 5, 0),
+                                                       (0.3, 10, 3)])
+def test_warm_start_epochs_are_the_floor_of_the_fraction(warm_start, epochs, want):
+    assert LearnSettings(epochs=epochs, warm_start=warm_start).warm_start_epochs == want
