@@ -156,9 +156,10 @@ class LearnSettings:
     @classmethod
     def from_dict(cls, data: dict) -> LearnSettings:
         """The inverse of :meth:`to_dict`, forward-compatible (as peft's configs load): keys a newer
-        version wrote are ignored with a log line, missing keys take the defaults (``gate`` too).
-        SettingsError for values out of range or of the wrong type."""
-        values = known_fields(cls, data)
+        version wrote are ignored with a log line, missing keys take the defaults (``gate`` too), except
+        ``warm_start``: settings written before it existed were learned without one (0).  SettingsError
+        for values out of range or of the wrong type."""
+        values = {"warm_start": 0.0, **known_fields(cls, data)}
         if "gate" in values:
             values["gate"] = GateSettings.from_dict(values["gate"])
         return cls(**values)

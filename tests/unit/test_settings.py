@@ -150,8 +150,8 @@ def test_learn_settings_load_forward_compatibly(caplog):
     assert loaded == LearnSettings(beta=0.2, gate=GateSettings(temperature=0.5))
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert "future_option" in logged and "later" in logged
-    older = {"epochs": 2, "gate": {}}  # an older file: the rest take the defaults
-    assert LearnSettings.from_dict(older) == LearnSettings(epochs=2)
+    older = {"epochs": 2, "gate": {}}  # an older file: the rest take the defaults, but it had no warm start
+    assert LearnSettings.from_dict(older) == LearnSettings(epochs=2, warm_start=0.0)
     with pytest.raises(SettingsError, match="epochs must be >= 1"):
         LearnSettings.from_dict({"epochs": 0})
     with pytest.raises(SettingsError, match="named settings"):
