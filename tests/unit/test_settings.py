@@ -175,10 +175,11 @@ def rewrite_settings(path, settings_json: str | None) -> None:
 
 
 @pytest.mark.parametrize("settings_json, expected", [
-    (None, LearnSettings()),  # saved before settings were stored
-    ('{"beta": 0.25}', LearnSettings(beta=0.25)),  # an older version: missing keys take defaults
+    # missing warm_start: learned before warm starts existed, so without one (0)
+    (None, LearnSettings(warm_start=0.0)),  # saved before settings were stored
+    ('{"beta": 0.25}', LearnSettings(beta=0.25, warm_start=0.0)),  # an older version: missing keys take defaults
     ('{"beta": 0.25, "schedule_v2": {"a": 1}, "gate": {"init_logit": 1.0, "anneal": true}}',
-     LearnSettings(beta=0.25, gate=GateSettings(init_logit=1.0))),  # a newer one: unknown keys ignored
+     LearnSettings(beta=0.25, gate=GateSettings(init_logit=1.0), warm_start=0.0)),  # unknown keys ignored
 ])
 def test_mask_settings_are_typed_and_load_forward_compatibly(tmp_path, settings_json, expected):
     layout = mask_layout()
