@@ -28,8 +28,8 @@ MAX_TARGET = 0.95  # as PruneTarget: at most this fraction removed
 class LearnSettings:
     """Defaults follow the official SDXL run (β = 0.5 with mean |λ|, AdamW, 4 epochs, accumulation 4),
     with the recipe measured best on the embedded model (docs/benchmarks.md, "Learning that earns its
-    cost"): one learning rate, 0.1, for every unit kind (the official FLUX run gives heads and channels
-    0.5) and a per-step warm start over the first half of the epochs.
+    cost"): the per-step objective and one learning rate, 0.1, for every unit kind (the official FLUX
+    run gives heads and channels 0.5).  ``objective="end_to_end"`` is the official objective.
 
     epochs               passes over the calibration prompts (≥ 1).
     accumulate           prompts (trajectories) per optimiser step (≥ 1).
@@ -73,11 +73,11 @@ class LearnSettings:
     gate: GateSettings = field(default_factory=GateSettings)
     checkpointing: bool = True
     block_checkpointing: str = "auto"
-    objective: Objective = "end_to_end"
+    objective: Objective = "per_step"
     seed: int = 0
     # calibration samples per denoiser call (they share each step's gate sample); 1 = one by one
     prompt_batch: int = 1
-    warm_start: float = 0.5
+    warm_start: float = 0.0
     target: float = 0.5
     target_mode: str = "params"
     target_warmup: float = 0.5
@@ -157,9 +157,9 @@ class LearnSettings:
     def from_dict(cls, data: dict) -> LearnSettings:
         """The inverse of :meth:`to_dict`, forward-compatible (as peft's configs load): keys a newer
         version wrote are ignored with a log line, missing keys take the defaults (``gate`` too), except
-        ``warm_start``: settings written before it existed were learned without one (0).  SettingsError
-        for values out of range or of the wrong type."""
-        values = {"warm_start": 0.0, **known_fields(cls, data)}
+        ``objective``: settings written before the per-step default were learned end to end.
+        SettingsError for values out of range or of the wrong type."""
+        values = {"objective": "end_to_end", **known_fields(cls, data)}
         if "gate" in values:
             values["gate"] = GateSettings.from_dict(values["gate"])
         return cls(**values)

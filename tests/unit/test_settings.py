@@ -138,8 +138,8 @@ def test_field_defaults_do_not_build_the_settings(monkeypatch):
     monkeypatch.setattr(DemoSettings, "validate", lambda self: pytest.fail("built"))
     defaults = field_defaults(DemoSettings)
     assert defaults["learn"] == LearnSettings(epochs=8, accumulate=1, beta=0.01, regularizer="sigmoid",
-                                              lr={"head": 0.1, "neuron": 0.1, "channel": 0.1},
-                                              gate=GateSettings(init_logit=3.0, noise_offset=0.1), warm_start=0.5)
+                                              lr={"head": 0.1, "neuron": 0.1, "channel": 0.1}, objective="per_step",
+                                              gate=GateSettings(init_logit=3.0, noise_offset=0.1))
 
 
 # -- forward-compatible loading --------------------------------------------------------------------
@@ -150,8 +150,8 @@ def test_learn_settings_load_forward_compatibly(caplog):
     assert loaded == LearnSettings(beta=0.2, gate=GateSettings(temperature=0.5))
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert "future_option" in logged and "later" in logged
-    older = {"epochs": 2, "gate": {}}  # an older file: the rest take the defaults, but it had no warm start
-    assert LearnSettings.from_dict(older) == LearnSettings(epochs=2, warm_start=0.0)
+    older = {"epochs": 2, "gate": {}}  # an older file: the rest take the defaults, but it learned end to end
+    assert LearnSettings.from_dict(older) == LearnSettings(epochs=2, objective="end_to_end")
     with pytest.raises(SettingsError, match="epochs must be >= 1"):
         LearnSettings.from_dict({"epochs": 0})
     with pytest.raises(SettingsError, match="named settings"):
@@ -175,11 +175,11 @@ def rewrite_settings(path, settings_json: str | None) -> None:
 
 
 @pytest.mark.parametrize("settings_json, expected", [
-    # missing warm_start: learned before warm starts existed, so without one (0)
-    (None, LearnSettings(warm_start=0.0)),  # saved before settings were stored
-    ('{"beta": 0.25}', LearnSettings(beta=0.25, warm_start=0.0)),  # an older version: missing keys take defaults
+    # missing objective: learned before the per-step default, so end to end
+    (None, LearnSettings(objective="end_to_end")),  # saved before settings were stored
+    ('{"beta": 0.25}', LearnSettings(beta=0.25, objective="end_to_end")),  # older: missing keys take defaults
     ('{"beta": 0.25, "schedule_v2": {"a": 1}, "gate": {"init_logit": 1.0, "anneal": true}}',
-     LearnSettings(beta=0.25, gate=GateSettings(init_logit=1.0), warm_start=0.0)),  # unknown keys ignored
+     LearnSettings(beta=0.25, gate=GateSettings(init_logit=1.0), objective="end_to_end")),  # unknown keys ignored
 ])
 def test_mask_settings_are_typed_and_load_forward_compatibly(tmp_path, settings_json, expected):
     layout = mask_layout()
