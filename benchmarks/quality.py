@@ -244,6 +244,8 @@ def _metrics(r: dict) -> dict:
 def _cell(values: list[float], fmt: str) -> str:
     if not values:
         return "—"
+    if len(values) == 1:
+        return f"{values[0]:{fmt}} (1 seed)"
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{mean:{fmt}} ± {sd:{fmt}}"

@@ -98,7 +98,9 @@ def one_by_one(learner: MaskLearner, samples, sigmas, noise_seed: int, settings:
     return total, loss
 
 
-MODES = {"checkpointed": {}, "through graph": {"checkpointing": False}, "per step": {"objective": "per_step"}}
+END_TO_END = {"objective": "end_to_end"}
+MODES = {"checkpointed": END_TO_END, "through graph": {**END_TO_END, "checkpointing": False},
+         "per step": {"objective": "per_step"}}
 
 
 @pytest.mark.parametrize("mode", list(MODES))

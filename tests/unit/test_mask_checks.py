@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ecodiff_core.archs import find_layout
-from ecodiff_core.embedded.demo import calibration_samples, default_learn_settings, learn_mask
+from ecodiff_core.embedded.demo import calibration_samples, learn_mask, official_learn_settings
 from ecodiff_core.embedded.model import load_default_model, sigmas
 from ecodiff_core.embedded.text import calibration_prompts
 from ecodiff_core.mask_checks import ALMOST_EMPTY, closed_fraction, mask_warnings, plan_warnings
@@ -29,7 +29,7 @@ def short_run(lr_heads: float, lr_neurons: float, lr_channels: float) -> MaskSta
     model, layout = digits()
     prompts, _ = calibration_prompts(1)
     samples = calibration_samples(model, prompts, 1.5, 10, 0)
-    settings = replace(default_learn_settings(), epochs=1, accumulate=1,
+    settings = replace(official_learn_settings(), epochs=1, accumulate=1,
                        lr={"head": lr_heads, "neuron": lr_neurons, "channel": lr_channels})
     return learn_mask(model.transformer, layout, settings, samples, sigmas(4)).state
 

@@ -152,7 +152,7 @@ def _fresh(flux):
 @pytest.mark.parametrize("regularizer", ["sigmoid", "target"])
 def test_warm_start_learns_per_step_first_then_with_the_objective(flux, regularizer):
     model, layout, samples, sigmas = _fresh(flux)
-    base = dict(epochs=4, lr={"head": 0.3, "neuron": 0.3, "channel": 0.3}, beta=0.5)
+    base = dict(epochs=4, lr={"head": 0.3, "neuron": 0.3, "channel": 0.3}, beta=0.5, objective="end_to_end")
     make = (lambda **f: LearnSettings.for_target(0.3, **{**base, **f})) if regularizer == "target" else \
         (lambda **f: LearnSettings(regularizer=regularizer, **{**base, **f}))
     warm = MaskLearner(model, layout, make(warm_start=0.5)).learn(samples, sigmas)
@@ -167,7 +167,7 @@ def test_warm_start_learns_per_step_first_then_with_the_objective(flux, regulari
 
 def test_warm_start_resumes_into_the_end_to_end_epochs(flux, tmp_path):
     model, layout, samples, sigmas = _fresh(flux)
-    settings = LearnSettings(epochs=4, warm_start=0.5, beta=0.5)
+    settings = LearnSettings(epochs=4, warm_start=0.5, beta=0.5, objective="end_to_end")
     assert settings.warm_start_epochs == 2
     straight = MaskLearner(model, layout, settings).learn(samples, sigmas)
     half = MaskLearner(model, layout, settings).learn(samples, sigmas, callback=lambda info: info.step < 3)
