@@ -23,7 +23,7 @@ The digit judge reads IMAGE batches in ``demo_judge``.
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from torch import nn
 
 from ..ecodiff_core.embedded.data import PATCH
 from ..ecodiff_core.embedded.model import MODEL_FILE, TEXT_CONFIG, TRANSFORMER_CONFIG, WEIGHTS_DIR, WeightsMissingError
-from ..ecodiff_core.embedded.text import PAD_ID, Tokenizer, TinyTextEncoder
+from ..ecodiff_core.embedded.text import PAD_ID, TinyTextEncoder, Tokenizer
 from ..ecodiff_core.errors import EcoDiffError
 
 log = logging.getLogger("ecodiff")
@@ -89,7 +89,7 @@ def comfy_flux_state_dict(diffusers_sd: dict[str, torch.Tensor]) -> dict[str, to
 # --------------------------------------------------------------------------------------------
 # MODEL
 # --------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
+@cache
 def _config_classes() -> tuple[type, type]:
     import comfy.latent_formats
     import comfy.supported_models

@@ -139,7 +139,8 @@ def precision_record(model: Any) -> dict:
         weight = base.get_dtype() if hasattr(base, "get_dtype") else None
     return {
         "weight_dtype": _dtype_name(weight),
-        "manual_cast_dtype": _dtype_name(model.get_model_object("manual_cast_dtype") if hasattr(model, "get_model_object")
+        "manual_cast_dtype": _dtype_name(model.get_model_object("manual_cast_dtype")
+                                         if hasattr(model, "get_model_object")
                                          else getattr(base, "manual_cast_dtype", None)),
         "scaled_fp8": _dtype_name(getattr(cfg, "scaled_fp8", None)),
         "fp8_optimizations": bool(getattr(cfg, "optimizations", {}).get("fp8", False)),

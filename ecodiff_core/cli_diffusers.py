@@ -53,8 +53,10 @@ def add_learn_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="text file, one calibration prompt per line (default: the shipped 100 prompts)")
     p.add_argument("--max-prompts", type=int_in(1, c_int_max), default=None, help="use only the first N prompts")
     p.add_argument("--negative-prompt", default="", help="negative prompt for CFG (SD1.5, SDXL, SD3)")
-    p.add_argument("--width", type=int_in(None, max_res), default=None, help="image width in pixels (default: the model's)")
-    p.add_argument("--height", type=int_in(None, max_res), default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int_in(None, max_res), default=None,
+                   help="image width in pixels (default: the model's)")
+    p.add_argument("--height", type=int_in(None, max_res), default=None,
+                   help="image height in pixels (default: the model's)")
     p.add_argument("--steps", type=int_in(None, c_int_max), default=10, help="sampling steps of each trajectory")
     p.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance scale (default 7 for SD1.5/SDXL/SD3; FLUX uses --guidance)")
@@ -96,7 +98,8 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, default=None, help="fraction of parameters to remove (default 0.2)")
     target.add_argument("--flops", type=float, default=None, help="fraction of FLOPs to remove (at --width/--height)")
-    target.add_argument("--keep-ratios", default=None, help="fraction of units to keep per kind, e.g. 'head=0.8,neuron=0.7'")
+    target.add_argument("--keep-ratios", default=None,
+                        help="fraction of units to keep per kind, e.g. 'head=0.8,neuron=0.7'")
     p.add_argument("--width", type=int_in(None, max_res), default=None, help="image width for FLOP measurement")
     p.add_argument("--height", type=int_in(None, max_res), default=None, help="image height for FLOP measurement")
     p.add_argument("--output", type=Path, required=True, help="pruned denoiser file (.safetensors)")
@@ -201,7 +204,7 @@ def learn_command(args: argparse.Namespace) -> int:
                                "negative_prompt": args.negative_prompt})
         layout = find_layout(model)
         samples: list[Any] = [None] * len(prompts)
-        for index, encoding in zip(mine, loaded.encodings):
+        for index, encoding in zip(mine, loaded.encodings, strict=True):
             samples[index] = calibration_sample(info, model, encoding, sampling, index, loaded.eps)
         resume = None
         if args.resume and args.output.is_file():
@@ -377,8 +380,9 @@ COMMANDS = {"learn": (add_learn_parser, learn_command), "prune": (add_prune_pars
 
 
 # -- recover --------------------------------------------------------------------------------------
-def add_recover_arguments(p: argparse.ArgumentParser) -> None:
-    """The diffusers options of ``recover`` (``--model DIR`` selects the diffusers path)."""
+def add_recover_arguments(p: argparse.ArgumentParser) -> tuple[str, ...]:
+    """The diffusers options of ``recover`` (``--model DIR`` selects the diffusers path); returns the
+    destinations that only the diffusers path reads."""
     int_in, c_int_max, max_res, _ = _types()
     g = p.add_argument_group("diffusers pipelines (recover --model DIR --pruned FILE)")
     g.add_argument("--model", type=Path, default=None, help="local diffusers pipeline folder (the original)")
@@ -393,6 +397,7 @@ def add_recover_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-sequence-length", type=int_in(None, 4096), default=256, help="T5 prompt tokens")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="weight dtype")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the models run")
+    return tuple(a.dest for a in g._group_actions if a.dest != "model")
 
 
 def lora_file_tensors(lora, prefix: str) -> dict[str, torch.Tensor]:

@@ -250,7 +250,8 @@ def _aligned_chunks(groups: Sequence[UnitGroup], logits: dict[str, torch.Tensor]
         cuts = torch.tensor([g.count - k for k in kept])
         sums = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(lam[order], 0)])
         scores = torch.cummax((sums[cuts[1:]] - sums[cuts[:-1]]) / (cuts[1:] - cuts[:-1]), 0).values
-        rows += [(index, a, b, sc) for a, b, sc in zip(cuts[:-1].tolist(), cuts[1:].tolist(), scores.tolist())]
+        spans = zip(cuts[:-1].tolist(), cuts[1:].tolist(), scores.tolist(), strict=True)
+        rows += [(index, a, b, sc) for a, b, sc in spans]
     return orders, rows
 
 
@@ -275,7 +276,7 @@ def _remove_aligned(groups: Sequence[UnitGroup], logits: dict[str, torch.Tensor]
             gi, _, stop, _ = rows[chunk]
             removed_count[gi] = max(removed_count[gi], stop)
     keep = {}
-    for g, units, count in zip(groups, orders, removed_count):
+    for g, units, count in zip(groups, orders, removed_count, strict=True):
         mask = torch.ones(g.count, dtype=torch.bool)
         mask[units[:count]] = False
         keep[g.name] = mask

@@ -10,7 +10,8 @@ may add fields); a known key must have its type.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

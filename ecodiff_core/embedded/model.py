@@ -7,9 +7,9 @@ Rectified flow in sigma-space over the packed latent (B, 16, 4):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,7 +19,6 @@ from .._compat import ensure_torchvision_importable
 from ..denoisers import flow_denoiser, flow_sigmas
 from ..errors import EcoDiffError, SettingsError, WeightsMissingError
 from ..trajectory import Denoiser, sample
-
 from .data import LATENT_SHAPE, image_ids, unpack
 from .text import TextEncoderConfig, TinyTextEncoder
 

@@ -8,10 +8,11 @@ import json
 import random
 import struct
 
-import comfy_tiny as ct
 import pytest
 import safetensors.torch
 import torch
+
+import comfy_tiny as ct
 from comfy_checks import random_mask
 from file_damage import header_end, truncations_and_bit_flips
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import comfy_tiny as ct
 import pytest
 import torch
-from comfy_checks import random_mask, rel_err, same_weights, weights_snapshot, wrap_linears
 
+import comfy_tiny as ct
+from comfy_checks import random_mask, rel_err, same_weights, weights_snapshot, wrap_linears
 from scripts.comfy_env import sub
 
 LEARN_ARGS = dict(prompts="a red fox in snow\na lighthouse in a storm\na bowl of ramen", negative_prompt="",
@@ -72,7 +72,7 @@ def test_the_latest_state_is_handed_over_when_a_run_stops(progress, weights, kin
     gets the latest state with its stop reason (its own, else "interrupted after step N")."""
     layout = weights.model_layout(ct.tiny("sd15", seed=1).model)
     state = sub("ecodiff_core.maskfile").MaskState.fresh(layout, 1.0) if kind == "mask" else \
-        sub("ecodiff_core.recover").RecoverState("a", "f", {}, {})
+        sub("ecodiff_core.recover").RecoverState("a", "f", {}, sub("ecodiff_core.recover").RecoverSettings())
     state.progress["step"], state.stop_reason = 3, reason
     saved = []
     with pytest.raises(KeyboardInterrupt):

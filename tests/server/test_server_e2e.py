@@ -12,11 +12,11 @@ import math
 from pathlib import Path
 
 import pytest
-from comfy_server import learn_inputs, learn_prune_compare_graph
-from workflow_api import to_api
 
+from comfy_server import learn_inputs, learn_prune_compare_graph
 from scripts import workflow_check as wc
 from scripts import workflow_schema as ws
+from workflow_api import to_api
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ECODIFF_NODES = ("EcoDiffLearnMask", "EcoDiffApplyMask", "EcoDiffSaveMask", "EcoDiffLoadMask",

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_prune import hard_gate_hooks
-from tiny_pipelines import IMAGE, PIPELINE_KINDS, save
 
 from ecodiff_core.__main__ import main
 from ecodiff_core.archs import find_layout
@@ -23,6 +21,8 @@ from ecodiff_core.pipelines import load_pipeline, pipeline_info
 from ecodiff_core.prompts import read_prompts
 from ecodiff_core.pruned_diffusers import load_pruned_denoiser, read_pruned_file
 from ecodiff_core.pruned_record import PrunedFileError
+from test_prune import hard_gate_hooks
+from tiny_pipelines import IMAGE, PIPELINE_KINDS, save
 
 PROMPTS = ["a red cat", "a blue dog", "a green tree", "the sun"]
 T5_TOKENS = 8
@@ -79,7 +79,8 @@ def test_learn_prune_load_and_denoise(kind, pipelines, workdir, capsys):
     assert main(learn_args(model, mask, "--lr-head", "0.5", "--lr-neuron", "0.5", "--lr-channel", "0.5")) == 0
     state = load_mask(mask)
     assert state.progress["finished"] and state.progress["step"] == 2
-    assert main(["prune", "--model", str(model), "--mask", str(mask), "--sparsity", "0.2", "--output", str(pruned)]) == 0
+    assert main(["prune", "--model", str(model), "--mask", str(mask), "--sparsity", "0.2",
+                 "--output", str(pruned)]) == 0
     assert "wrote" in capsys.readouterr().out
 
     info = pipeline_info(model)
@@ -206,6 +207,23 @@ def test_bad_arguments_end_in_one_error_line(case, pipelines, workdir, capsys):
     assert err and "error:" in err[-1] and "Traceback" not in "\n".join(err)
 
 
+@pytest.mark.parametrize("extra, named", [
+    (["--model", "{model}", "--pruned", "{pruned}", "--sparsity", "0.3"], "--sparsity apply to the embedded model"),
+    (["--model", "{model}", "--pruned", "{pruned}", "--mask", "m.safetensors", "--eval-per-class", "5"],
+     "--eval-per-class, --mask apply to the embedded model"),
+    (["--pruned", "{pruned}"], "--pruned need --model DIR"),
+    (["--guidance", "3.5", "--dtype", "float32"], "--dtype, --guidance need --model DIR"),
+])
+def test_recover_refuses_options_of_the_other_mode(extra, named, pipelines, tmp_path, capsys):
+    """Options that one mode of ``recover`` would ignore are an error naming them (even at their default
+    value), before anything is loaded or learned."""
+    argv = ["recover", *(a.format(model=pipelines("sd15"), pruned=tmp_path / "p.safetensors") for a in extra)]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert named in capsys.readouterr().err
+
+
 def test_damaged_pruned_files_are_refused(pipelines, workdir, tmp_path):
     model, mask = pipelines("sd15"), workdir / "damaged_mask.safetensors"
     assert main(learn_args(model, mask)) == 0
@@ -221,7 +239,7 @@ def test_damaged_pruned_files_are_refused(pipelines, workdir, tmp_path):
     name = next(iter(record["kept"]))
     bad = dict(record, kept={**record["kept"], name: [record["counts"][name]]})
     module = torch.nn.Module()
-    for i, (k, v) in enumerate(tensors.items()):
+    for i, v in enumerate(tensors.values()):
         module.register_buffer(f"t{i}", v)
     save_pruned_denoiser(tmp_path / "bad.safetensors", module, bad)
     with pytest.raises(PrunedFileError, match="outside"):
@@ -265,7 +283,8 @@ def test_recover_on_a_pruned_diffusers_denoiser(pipelines, workdir, capsys):
     assert paths and set(lora) == {f"unet.{p}.lora_{x}.weight" for p in paths for x in "AB"}
     for p in paths:
         out_f, in_f = slim.get_submodule(p).weight.shape
-        assert lora[f"unet.{p}.lora_A.weight"].shape == (2, in_f) and lora[f"unet.{p}.lora_B.weight"].shape == (out_f, 2)
+        assert lora[f"unet.{p}.lora_A.weight"].shape == (2, in_f)
+        assert lora[f"unet.{p}.lora_B.weight"].shape == (out_f, 2)
     assert any(float(lora[f"unet.{p}.lora_B.weight"].abs().max()) > 0 for p in paths)
     if not _peft_available():
         return
