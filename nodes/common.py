@@ -18,6 +18,14 @@ ReportType = io.Custom("ECODIFF_REPORT")
 SEED_CONTROL = io.ControlAfterGenerate.fixed if hasattr(io, "ControlAfterGenerate") else True
 
 
+def node_schema(node_id: str, display_name: str, description: str, inputs: list, outputs: list,
+                **options: Any) -> io.Schema:
+    """The schema of an EcoDiff node: ``io.Schema`` in the EcoDiff category (``CATEGORY``);
+    ``options`` are the rest of ``io.Schema``'s fields (``is_output_node``, ``hidden``, ...)."""
+    return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+                     inputs=inputs, outputs=outputs, **options)
+
+
 def parse_prompts(text: str, limit: int = 0) -> list[str]:
     """The prompts of a text widget (the engine's rule: one per line, # comments), the first ``limit`` if > 0."""
     prompts = prompts_of(text)
@@ -52,4 +60,5 @@ def mask_summary(state: MaskState) -> str:
     done = "finished" if state.progress.get("finished") else f"stopped ({state.stop_reason or 'unfinished'})"
     loss = f"loss {s['first_loss']:.5g} → {s['last_loss']:.5g}" if s["steps"] else "no steps yet"
     return (f"EcoDiff mask for {state.arch} ({len(state.logits)} unit groups, fingerprint {state.fingerprint}): "
-            f"{s['steps']} optimiser steps, {loss}, {closed_fraction(state):.1%} of gates closed, {done}" + (f"\n{state.start_note}" if state.start_note else ""))
+            f"{s['steps']} optimiser steps, {loss}, {closed_fraction(state):.1%} of gates closed, {done}"
+            + (f"\n{state.start_note}" if state.start_note else ""))
