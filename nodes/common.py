@@ -6,6 +6,7 @@ from typing import Any
 
 from comfy_api.latest import io
 
+from ..ecodiff_comfy.folders import default_prompts
 from ..ecodiff_core.mask_checks import closed_fraction
 from ..ecodiff_core.maskfile import MaskState
 from ..ecodiff_core.prompts import parse_prompts as prompts_of
@@ -24,6 +25,22 @@ def node_schema(node_id: str, display_name: str, description: str, inputs: list,
     ``options`` are the rest of ``io.Schema``'s fields (``is_output_node``, ``hidden``, ...)."""
     return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
                      inputs=inputs, outputs=outputs, **options)
+
+
+def calibration_inputs(clip: str, prompts: str, negative_prompt: str, max_prompts: str) -> list:
+    """The calibration inputs Learn Sparsity Mask and LoRA Recover share, in their order: ``clip``
+    (optional), ``prompts`` (the shipped set), ``negative_prompt``, ``max_prompts``, ``width`` and
+    ``height`` (pixels); the arguments are each node's tooltips of the first four."""
+    return [
+        io.Clip.Input("clip", optional=True, tooltip=clip),
+        io.String.Input("prompts", multiline=True, default=default_prompts(), tooltip=prompts),
+        io.String.Input("negative_prompt", multiline=True, default="", tooltip=negative_prompt),
+        io.Int.Input("max_prompts", default=0, min=0, max=10000, tooltip=max_prompts),
+        io.Int.Input("width", default=1024, min=16, max=8192, step=8,
+                     tooltip="Image width of the calibration trajectories, in pixels."),
+        io.Int.Input("height", default=1024, min=16, max=8192, step=8,
+                     tooltip="Image height of the calibration trajectories, in pixels."),
+    ]
 
 
 def parse_prompts(text: str, limit: int = 0) -> list[str]:

@@ -7,14 +7,14 @@ import logging
 from comfy_api.latest import io
 
 from ..ecodiff_comfy import preflight
-from ..ecodiff_comfy.folders import MASK_FOLDER, RUNS_SUBFOLDER, default_prompts, run_state_path
+from ..ecodiff_comfy.folders import MASK_FOLDER, RUNS_SUBFOLDER, run_state_path
 from ..ecodiff_comfy.progress import Progress, notify
 from ..ecodiff_comfy.sampling import LEARN_SAMPLERS, SamplingSpec, encode_prompts, scheduler_names
 from ..ecodiff_comfy.weights import model_layout, refuse_pruned
 from ..ecodiff_core.errors import EcoDiffError, MaskFileError
 from ..ecodiff_core.learn import LearnSettings, StepInfo
 from ..ecodiff_core.maskfile import MaskState, load_mask, save_mask
-from .common import SEED_CONTROL, MaskType, mask_summary, node_schema, parse_prompts
+from .common import SEED_CONTROL, MaskType, calibration_inputs, mask_summary, node_schema, parse_prompts
 from .learn_settings import DEFAULTS, LearnSettingsType, with_widgets
 
 
@@ -31,22 +31,14 @@ class LearnSparsityMask(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to learn a mask for (SD1.x, SD2, SDXL, SD3.x, "
                                                 "FLUX.1). It is not modified."),
-                io.Clip.Input("clip", optional=True,
-                              tooltip="Text encoder used to encode the calibration prompts. Not needed when "
-                                      "positive/negative conditionings are connected."),
-                io.String.Input("prompts", multiline=True, default=default_prompts(),
-                                tooltip="Calibration prompts, one per line (lines starting with # are ignored). The "
-                                        "default set covers people, animals, places, objects and styles."),
-                io.String.Input("negative_prompt", multiline=True, default="",
-                                tooltip="Negative prompt for classifier-free guidance, shared by all calibration "
-                                        "prompts."),
-                io.Int.Input("max_prompts", default=0, min=0, max=10000,
-                             tooltip="Use only the first N prompts (0 = all). Fewer prompts learn faster but "
-                                     "generalise less."),
-                io.Int.Input("width", default=1024, min=16, max=8192, step=8,
-                             tooltip="Image width of the calibration trajectories, in pixels."),
-                io.Int.Input("height", default=1024, min=16, max=8192, step=8,
-                             tooltip="Image height of the calibration trajectories, in pixels."),
+                *calibration_inputs(
+                    clip="Text encoder used to encode the calibration prompts. Not needed when positive/negative "
+                         "conditionings are connected.",
+                    prompts="Calibration prompts, one per line (lines starting with # are ignored). The default set "
+                            "covers people, animals, places, objects and styles.",
+                    negative_prompt="Negative prompt for classifier-free guidance, shared by all calibration prompts.",
+                    max_prompts="Use only the first N prompts (0 = all). Fewer prompts learn faster but generalise "
+                                "less."),
                 io.Int.Input("steps", default=20, min=1, max=200,
                              tooltip="Sampling steps of each calibration trajectory (memory does not grow with steps "
                                      "when checkpointing is on)."),

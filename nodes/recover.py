@@ -4,11 +4,11 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..ecodiff_comfy import recover as host
-from ..ecodiff_comfy.folders import LORA_FOLDER, RECOVER_FOLDER, default_prompts, folder, safe_filename
+from ..ecodiff_comfy.folders import LORA_FOLDER, RECOVER_FOLDER, folder, safe_filename
 from ..ecodiff_comfy.progress import Progress, notify
 from ..ecodiff_comfy.sampling import SamplingSpec, scheduler_names
 from ..ecodiff_core.recover import STATE_SOURCES, TARGET_MODULES, RecoverSettings, RecoverStepInfo, save_recover_state
-from .common import node_schema
+from .common import calibration_inputs, node_schema
 from .learn import LearnSparsityMask
 
 _D = RecoverSettings()
@@ -29,19 +29,12 @@ class LoraRecover(io.ComfyNode):
                                                 "not modified."),
                 io.Model.Input("original_model", tooltip="The full model it was pruned from: the teacher whose "
                                                          "predictions the LoRA learns to match."),
-                io.Clip.Input("clip", optional=True,
-                              tooltip="Text encoder for the calibration prompts. Not needed when positive/negative "
-                                      "conditionings are connected."),
-                io.String.Input("prompts", multiline=True, default=default_prompts(),
-                                tooltip="Calibration prompts, one per line (lines starting with # are ignored)."),
-                io.String.Input("negative_prompt", multiline=True, default="",
-                                tooltip="Negative prompt for classifier-free guidance, shared by all prompts."),
-                io.Int.Input("max_prompts", default=0, min=0, max=10000,
-                             tooltip="Use only the first N prompts (0 = all)."),
-                io.Int.Input("width", default=1024, min=16, max=8192, step=8,
-                             tooltip="Image width of the calibration trajectories, in pixels."),
-                io.Int.Input("height", default=1024, min=16, max=8192, step=8,
-                             tooltip="Image height of the calibration trajectories, in pixels."),
+                *calibration_inputs(
+                    clip="Text encoder for the calibration prompts. Not needed when positive/negative conditionings "
+                         "are connected.",
+                    prompts="Calibration prompts, one per line (lines starting with # are ignored).",
+                    negative_prompt="Negative prompt for classifier-free guidance, shared by all prompts.",
+                    max_prompts="Use only the first N prompts (0 = all)."),
                 io.Int.Input("sample_steps", default=20, min=1, max=200,
                              tooltip="Euler steps of each calibration trajectory; its step inputs are the training "
                                      "states."),
