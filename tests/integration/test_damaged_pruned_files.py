@@ -86,7 +86,8 @@ def _variants(good: bytes, tmp_path):
     yield "count +1", _with_record(good, tmp_path,
                                    lambda r: {**r, "counts": {**r["counts"], group: r["counts"][group] + 1}})
     yield "extra keys", _with_record(good, tmp_path, lambda r: {**r, "note": [1], "future": {"x": 1}})
-    yield "no align (older file)", _with_record(good, tmp_path, lambda r: {k: v for k, v in r.items() if k != "align"})
+    yield "no align (older file)", _with_record(good, tmp_path,
+                                                lambda r: {k: v for k, v in r.items() if k != "align"})
     for value in BAD_ALIGNS:
         yield f"align {value!r}", _with_record(good, tmp_path, lambda r, value=value: {**r, "align": value})
     yield from _dtype_variants(good, tmp_path)
