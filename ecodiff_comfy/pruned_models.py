@@ -22,7 +22,7 @@ from torch import nn
 
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.maskfile import MaskState
-from ..ecodiff_core.plan import PrunePlan, PruneTarget, plan_pruning
+from ..ecodiff_core.plan import PrunePlan, PruneTarget, align_for_device, plan_pruning, resolve_align
 from ..ecodiff_core.prune import check_keep, physical_keep, prune_model
 from ..ecodiff_core.pruned_record import config_to_json
 from ..ecodiff_core.report import PruneReport
@@ -38,8 +38,7 @@ def device_align(model: Any) -> int:
     """The feature multiple pruned modules of ``model`` should keep on its load device (see
     ``PruneTarget.align``): 8 on CUDA, where GEMMs of multiples of 8 stay on tensor-core paths; 1
     (no alignment) elsewhere.  What ``align="auto"`` means."""
-    device = getattr(model, "load_device", None)
-    return 8 if device is not None and torch.device(device).type == "cuda" else 1
+    return align_for_device(getattr(model, "load_device", None))
 
 
 def plan_for_mask(model: Any, state: MaskState, target: PruneTarget,
@@ -47,13 +46,10 @@ def plan_for_mask(model: Any, state: MaskState, target: PruneTarget,
     """Keep masks for ``target`` (the engine keeps the units that must stay, ``min_keep``).
 
     ``align``: the feature multiple every pruned module keeps (``PruneTarget.align``, 1 = off);
-    "auto" asks the MODEL's device (``device_align``); None keeps ``target.align``.  Raises
-    EcoDiffError for another value."""
-    if align == "auto":
-        align = device_align(model)
-    elif isinstance(align, str):
-        raise EcoDiffError(f"align is the multiple of features every pruned module keeps: \"auto\" (8 on CUDA, "
-                           f"1 otherwise) or an integer (1 = off), got {align!r}")
+    "auto" asks the MODEL's device (``device_align``), "off" is 1; None keeps ``target.align``.
+    Raises SettingsError for another value (``plan.resolve_align``)."""
+    if align is not None:
+        align = device_align(model) if align == "auto" else resolve_align(align, None)
     if align is not None and align != target.align:
         target = dataclasses.replace(target, align=align)  # PruneTarget checks the value
     layout = model_layout(model)

@@ -21,11 +21,11 @@ MODES = ("prune", "soft")
 ALIGNS = ("auto", "off", "8", "16", "32", "64")
 
 
-def align_of(choice: str) -> int | str:
+def align_of(choice: str) -> str:
     """``plan_for_mask``'s ``align`` for a choice of the align widget (``ALIGNS``); EcoDiffError otherwise."""
     if choice not in ALIGNS:
         raise EcoDiffError(f"align must be one of {', '.join(ALIGNS)}, got {choice!r}")
-    return {"auto": "auto", "off": 1}.get(choice) or int(choice)
+    return choice  # plan_for_mask resolves it for the MODEL's device
 
 
 class ApplyPrunedMask(io.ComfyNode):

@@ -29,6 +29,7 @@ from ..recover import (
     rollout_states,
     teacher_targets,
 )
+from ..safetensors_file import write_atomic
 from ..seeds import derived_seed
 from .demo import RunSettings, calibration_samples, default_learn_settings, learn_mask, prune_to
 
@@ -133,10 +134,8 @@ def run_recover(settings: RecoverDemoSettings, progress: bool = True) -> dict[st
         raise EcoDiffError(f"recovery stopped early: {state.stop_reason}")
     with lora.installed(pruned), torch.no_grad():
         after = evaluate_model(model, judge, evaluation, transformer=pruned)
-    import safetensors.torch
-
-    safetensors.torch.save_file(lora.tensors(prefix=""), str(out / "recover_lora.safetensors"),
-                                metadata={"rank": str(rs.rank), "alpha": str(rs.alpha), "targets": rs.targets})
+    write_atomic(out / "recover_lora.safetensors", lora.tensors(prefix=""),
+                 {"rank": str(rs.rank), "alpha": str(rs.alpha), "targets": rs.targets})
     keys = ("accuracy", "confidence", "fd_judge")
     result = {
         "model": "embedded default (FluxTransformer2DModel, digits)",

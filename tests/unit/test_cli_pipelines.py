@@ -17,9 +17,10 @@ from ecodiff_core.cli_diffusers import file_report
 from ecodiff_core.errors import EcoDiffError
 from ecodiff_core.learn import MaskLearner
 from ecodiff_core.maskfile import load_mask
-from ecodiff_core.pipelines import load_pipeline, pipeline_info
+from ecodiff_core.pipelines import load_denoiser, load_pipeline, pipeline_info
+from ecodiff_core.plan import PruneTarget, plan_pruning, resolve_align
 from ecodiff_core.prompts import read_prompts
-from ecodiff_core.pruned_diffusers import load_pruned_denoiser, read_pruned_file
+from ecodiff_core.pruned_diffusers import load_pruned_denoiser, pruning_record, read_pruned_file
 from ecodiff_core.pruned_record import PrunedFileError
 from test_prune import hard_gate_hooks
 from tiny_pipelines import IMAGE, PIPELINE_KINDS, save
@@ -109,6 +110,33 @@ def test_learn_prune_load_and_denoise(kind, pipelines, workdir, capsys):
     assert report["units_after"] == sum(len(v) for v in record["kept"].values()) < report["units_before"]
 
 
+@pytest.mark.parametrize("align", ["off", "8"])
+def test_prune_ranks_like_every_host_and_aligns(align, pipelines, workdir):
+    """The command line plans as Apply Pruned Mask does: the mask's own learning rates put the kinds
+    on one scale (``plan.ranking_scores``), and ``--align`` keeps every group's kept features a
+    multiple of it ("auto" is off on a CPU)."""
+    model, mask = pipelines("sd15"), workdir / "ranked_mask.safetensors"
+    if not mask.exists():  # very unequal rates: raw logits would rank the kinds differently
+        assert main(learn_args(model, mask, "--lr-head", "2", "--lr-neuron", "0.02", "--lr-channel", "0.5")) == 0
+    pruned = workdir / f"ranked_{align}.safetensors"
+    assert main(["prune", "--model", str(model), "--mask", str(mask), "--sparsity", "0.3", "--align", align,
+                 "--output", str(pruned), "--overwrite"]) == 0
+    record, extra, _ = read_pruned_file(pruned)
+    state = load_mask(mask)
+    original = load_denoiser(pipeline_info(model), torch.float32)
+    layout = find_layout(original)
+    target = PruneTarget(params=0.3, align=resolve_align(align, "cpu"))
+
+    def kept(settings):
+        plan = plan_pruning(original, layout, state.logits, target, settings=settings)
+        return pruning_record(original, layout, plan.keep, state.logits)["kept"]
+
+    assert record["kept"] == kept(state.settings) != kept(None)
+    assert extra["target"]["align"] == target.align
+    for g in layout.groups:
+        assert len(record["kept"][g.name]) * g.width % target.align == 0 or len(record["kept"][g.name]) == g.count
+
+
 def test_mask_report_counts_the_learned_logits(pipelines, workdir):
     mask = workdir / "report_mask.safetensors"
     assert main(learn_args(pipelines("sd15"), mask, "--beta", "0", "--lr-head", "2", "--lr-neuron", "2")) == 0
@@ -180,6 +208,10 @@ def _bad_cases(root: Path, model: Path, mask: Path) -> dict[str, list[str]]:
                         "--output", str(root / "p.safetensors")],
         "bad keep ratios": ["prune", "--model", str(model), "--mask", str(mask), "--keep-ratios", "head=2",
                             "--output", str(root / "p.safetensors")],
+        "align not a multiple": ["prune", "--model", str(model), "--mask", str(mask), "--align", "fast",
+                                 "--output", str(root / "p.safetensors")],
+        "align too large": ["prune", "--model", str(model), "--mask", str(mask), "--align", "1024",
+                            "--output", str(root / "p.safetensors")],
         "mask of another model": ["prune", "--model", str(model), "--mask", str(root / "other_mask.safetensors"),
                                   "--output", str(root / "p.safetensors")],
         "report of a foreign file": ["report", str(root / "prompts.txt")],
@@ -188,7 +220,7 @@ def _bad_cases(root: Path, model: Path, mask: Path) -> dict[str, list[str]]:
 
 BAD = ["model folder missing", "not a pipeline", "steps 0", "epochs 0", "odd width", "nan beta", "output is a folder",
        "output exists", "prompts missing", "sparsity in percent", "two targets", "bad keep ratios",
-       "mask of another model", "report of a foreign file"]
+       "align not a multiple", "align too large", "mask of another model", "report of a foreign file"]
 
 
 @pytest.mark.parametrize("case", BAD)
