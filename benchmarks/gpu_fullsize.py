@@ -30,10 +30,11 @@ import gc
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -41,12 +42,12 @@ if __package__ in (None, ""):  # run as a file: the repository root is where `sc
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ecodiff_core.archs import find_layout  # noqa: E402
-from scripts.comfy_env import prepare_import  # noqa: E402
 from ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner  # noqa: E402
 from ecodiff_core.memory import LiveBytes, weight_bytes  # noqa: E402
 from ecodiff_core.plan import PruneTarget, plan_pruning  # noqa: E402
 from ecodiff_core.prune import prune_model  # noqa: E402
 from ecodiff_core.trajectory import sample  # noqa: E402
+from scripts.comfy_env import prepare_import  # noqa: E402
 
 GB = 1e9
 ALIGN = 8

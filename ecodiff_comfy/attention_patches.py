@@ -14,7 +14,8 @@ that added the patch and the block.  Patches that only transform the attention's
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -80,7 +81,7 @@ class PatchHeads:
             attn = getattr(block, name, None)
             if attn is None:
                 continue
-            heads = int(getattr(attn, "heads"))
+            heads = int(attn.heads)
             for key in pair:
                 if key in patches:
                     patches[key] = [_WithHeads(p, heads) for p in patches[key]]
@@ -107,7 +108,7 @@ def fit_attention_patches(module: nn.Module) -> int:
     for path, block in module.named_modules():
         if type(block).__name__ != "BasicTransformerBlock" or not hasattr(block, "n_heads"):
             continue
-        heads = [int(getattr(getattr(block, a), "heads")) for a in ATTENTIONS if getattr(block, a, None) is not None]
+        heads = [int(getattr(block, a).heads) for a in ATTENTIONS if getattr(block, a, None) is not None]
         if all(h == block.n_heads for h in heads) and 0 not in heads:
             continue
         if not any(isinstance(h, PatchHeads) for h in block._forward_pre_hooks.values()):

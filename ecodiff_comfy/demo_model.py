@@ -23,17 +23,17 @@ The digit judge reads IMAGE batches in ``demo_judge``.
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..ecodiff_core.embedded.data import PATCH
 from ..ecodiff_core.embedded.model import MODEL_FILE, TEXT_CONFIG, TRANSFORMER_CONFIG, WEIGHTS_DIR, WeightsMissingError
-from ..ecodiff_core.embedded.text import PAD_ID, Tokenizer, TinyTextEncoder
+from ..ecodiff_core.embedded.text import PAD_ID, TinyTextEncoder, Tokenizer
 from ..ecodiff_core.errors import EcoDiffError
+from ..ecodiff_core.safetensors_file import read
 
 log = logging.getLogger("ecodiff")
 
@@ -64,7 +64,7 @@ def _shipped_state_dict() -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsMissingError(f"the demo model's weights are missing ({path}); reinstall the pack or "
                                   "regenerate them with `python scripts/train_default_model.py`")
-    return {k: v.float() for k, v in load_file(str(path)).items()}
+    return {k: v.float() for k, v in read(path, what="demo model file")[0].items()}
 
 
 def _split(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -89,7 +89,7 @@ def comfy_flux_state_dict(diffusers_sd: dict[str, torch.Tensor]) -> dict[str, to
 # --------------------------------------------------------------------------------------------
 # MODEL
 # --------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
+@cache
 def _config_classes() -> tuple[type, type]:
     import comfy.latent_formats
     import comfy.supported_models

@@ -76,7 +76,7 @@ def attach_cuts(base: Any, full: nn.Module) -> dict[str, WeightCut]:
     return cuts
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _subclass(cls: type) -> type:
     return type(f"Pruned{cls.__name__}", (_PrunedPatches, cls), {"__module__": __name__})
 
@@ -290,7 +290,7 @@ def _fit_lokr(value: Any, weights: tuple, cut: WeightCut, key: str, classify) ->
     return _delta_adapter_class()(set(), (sliced, cut.slice_dora_scale(dora)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _delta_adapter_class() -> type:
     """A weight adapter holding a precomputed (sliced) delta with a DoRA magnitude."""
     import comfy.model_management

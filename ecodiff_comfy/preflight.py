@@ -11,15 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.learn import LearnSettings, use_block_checkpointing
-from ..ecodiff_core.memory import (FP8_DTYPES, GB, StepMemory, estimate_step, fit_advice, meta_copy,
-                                   measure_learning_step, weight_bytes)
+from ..ecodiff_core.memory import (
+    FP8_DTYPES,
+    GB,
+    StepMemory,
+    estimate_step,
+    fit_advice,
+    measure_learning_step,
+    meta_copy,
+    weight_bytes,
+)
 from . import learning
 from .sampling import grad_context
 from .weights import diffusion_module, model_layout

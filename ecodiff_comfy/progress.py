@@ -8,7 +8,8 @@ sends a websocket event (no server runs in scripts and tests).  ComfyUI is impor
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 class Progress:

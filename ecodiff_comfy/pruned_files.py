@@ -16,17 +16,23 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..ecodiff_core.archs import find_layout
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.prune import prune_model
-from ..ecodiff_core.pruned_record import (PrunedFileError, check_pruned_record, check_record_layout,
-                                          check_state_dict, config_from_json,
-                                          other_dtypes)
+from ..ecodiff_core.pruned_record import (
+    PrunedFileError,
+    check_pruned_record,
+    check_record_layout,
+    check_state_dict,
+    config_from_json,
+    other_dtypes,
+)
 from ..ecodiff_core.safetensors_file import check_format, read, write_atomic
 from .attention_patches import fit_attention_patches
 from .lora_on_pruned import pruned_patcher

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.maskfile import MaskState
-from ..ecodiff_core.plan import PrunePlan, PruneTarget, plan_pruning
+from ..ecodiff_core.plan import PrunePlan, PruneTarget, align_for_device, plan_pruning, resolve_align
 from ..ecodiff_core.prune import check_keep, physical_keep, prune_model
 from ..ecodiff_core.pruned_record import config_to_json
 from ..ecodiff_core.report import PruneReport
@@ -38,8 +38,7 @@ def device_align(model: Any) -> int:
     """The feature multiple pruned modules of ``model`` should keep on its load device (see
     ``PruneTarget.align``): 8 on CUDA, where GEMMs of multiples of 8 stay on tensor-core paths; 1
     (no alignment) elsewhere.  What ``align="auto"`` means."""
-    device = getattr(model, "load_device", None)
-    return 8 if device is not None and torch.device(device).type == "cuda" else 1
+    return align_for_device(getattr(model, "load_device", None))
 
 
 def plan_for_mask(model: Any, state: MaskState, target: PruneTarget,
@@ -47,13 +46,10 @@ def plan_for_mask(model: Any, state: MaskState, target: PruneTarget,
     """Keep masks for ``target`` (the engine keeps the units that must stay, ``min_keep``).
 
     ``align``: the feature multiple every pruned module keeps (``PruneTarget.align``, 1 = off);
-    "auto" asks the MODEL's device (``device_align``); None keeps ``target.align``.  Raises
-    EcoDiffError for another value."""
-    if align == "auto":
-        align = device_align(model)
-    elif isinstance(align, str):
-        raise EcoDiffError(f"align is the multiple of features every pruned module keeps: \"auto\" (8 on CUDA, "
-                           f"1 otherwise) or an integer (1 = off), got {align!r}")
+    "auto" asks the MODEL's device (``device_align``), "off" is 1; None keeps ``target.align``.
+    Raises SettingsError for another value (``plan.resolve_align``)."""
+    if align is not None:
+        align = device_align(model) if align == "auto" else resolve_align(align, None)
     if align is not None and align != target.align:
         target = dataclasses.replace(target, align=align)  # PruneTarget checks the value
     layout = model_layout(model)
@@ -93,23 +89,26 @@ def _wrap(model: Any, base: Any) -> Any:
 
 
 def build_pruned_model(model: Any, layout: Layout, keep: dict[str, torch.Tensor],
-                       logits: dict[str, torch.Tensor]) -> tuple[Any, PruneReport]:
+                       logits: dict[str, torch.Tensor], align: int = 1) -> tuple[Any, PruneReport]:
     """A NEW, physically smaller MODEL; ``model`` and its module stay as they were.  Units that must
-    stay although ``keep`` removes them (``min_keep``) stay silenced: the highest-``logits`` ones."""
+    stay although ``keep`` removes them (``min_keep``) stay silenced: the highest-``logits`` ones.
+    ``align``: the feature multiple ``keep`` was planned with (``PrunePlan.align``), kept in the record."""
     keep = check_keep(layout, keep)
     adjusted, silenced = physical_keep(layout, keep, logits)
     with torch.inference_mode(False), own_weights(model) as source:
         pruned = prune_model(source, layout, keep, logits, weights=wrapped_weights(model, source))
         fit_attention_patches(pruned)
         report = PruneReport.build(source, pruned, layout, keep)
-    record = pruning_record(model, layout, adjusted, silenced)
+    record = pruning_record(model, layout, adjusted, silenced, align)
     if silenced:
         log.info("EcoDiff: %d emptied groups kept as silenced units (see the report)", len(silenced))
     return _wrap(model, _new_base_model(model, pruned, record)), report
 
 
-def pruning_record(model: Any, layout: Layout, keep: dict[str, torch.Tensor], silenced: list[str]) -> dict:
-    """Everything needed to rebuild the pruned module's shapes from the base architecture."""
+def pruning_record(model: Any, layout: Layout, keep: dict[str, torch.Tensor], silenced: list[str],
+                   align: int = 1) -> dict:
+    """Everything needed to rebuild the pruned module's shapes from the base architecture, and the
+    feature multiple ``align`` the kept units were planned with (1 = none)."""
     base = model.model
     refuse_pruned(model, "be pruned again")
     cfg = base.model_config
@@ -124,6 +123,7 @@ def pruning_record(model: Any, layout: Layout, keep: dict[str, torch.Tensor], si
         "kept": {name: torch.nonzero(k).reshape(-1).tolist() for name, k in keep.items()},
         "counts": {g.name: g.count for g in layout.groups},
         "silenced": list(silenced),
+        "align": align,
         **precision_record(model),
     }
 
@@ -134,13 +134,14 @@ def precision_record(model: Any) -> dict:
     when weights compute in their own dtype), ``scaled_fp8`` (weight dtype of scaled-fp8 layers,
     else None) and ``fp8_optimizations``; dtypes as torch names ("float8_e4m3fn")."""
     base, cfg = model.model, model.model.model_config
+    cast = model.get_model_object("manual_cast_dtype") if hasattr(model, "get_model_object") \
+        else getattr(base, "manual_cast_dtype", None)
     weight = cfg.unet_config.get("dtype")
     if not isinstance(weight, torch.dtype):
         weight = base.get_dtype() if hasattr(base, "get_dtype") else None
     return {
         "weight_dtype": _dtype_name(weight),
-        "manual_cast_dtype": _dtype_name(model.get_model_object("manual_cast_dtype") if hasattr(model, "get_model_object")
-                                         else getattr(base, "manual_cast_dtype", None)),
+        "manual_cast_dtype": _dtype_name(cast),
         "scaled_fp8": _dtype_name(getattr(cfg, "scaled_fp8", None)),
         "fp8_optimizations": bool(getattr(cfg, "optimizations", {}).get("fp8", False)),
     }

@@ -16,17 +16,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from ..ecodiff_core.errors import EcoDiffError
 from ..ecodiff_core.learn import frozen_weights
-from ..ecodiff_core.recover import (DistillProblem, LoraRecoverer, LoraWeights, RecoverSettings, RecoverState,
-                                    RecoverStepInfo, distillation_loss, lora_metadata, lora_target_paths,
-                                    rollout_states, teacher_targets)
+from ..ecodiff_core.recover import (
+    DistillProblem,
+    LoraRecoverer,
+    LoraWeights,
+    RecoverSettings,
+    RecoverState,
+    RecoverStepInfo,
+    distillation_loss,
+    lora_metadata,
+    lora_target_paths,
+    rollout_states,
+    teacher_targets,
+)
 from ..ecodiff_core.safetensors_file import write_atomic
 from . import sampling
 from .progress import state_kept_on_stop
@@ -69,14 +80,14 @@ def pruned_fingerprint(record: dict) -> str:
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
-def _weights_digest(model: Any, h: "hashlib._Hash") -> None:
+def _weights_digest(model: Any, h: hashlib._Hash) -> None:
     """A cheap digest of a MODEL's weights: shape and sum of a spread of its parameters."""
     params = list(diffusion_module(model).state_dict().items())
     for name, t in params[:: max(1, len(params) // 16)] + params[-1:]:
         h.update(f"{name}{tuple(t.shape)}{float(t.detach().float().sum()):.6e}".encode())
 
 
-def _conds_digest(obj: Any, h: "hashlib._Hash") -> None:
+def _conds_digest(obj: Any, h: hashlib._Hash) -> None:
     if isinstance(obj, torch.Tensor):
         h.update(obj.detach().float().cpu().contiguous().numpy().tobytes())
     elif isinstance(obj, dict):
@@ -144,7 +155,7 @@ def recover_lora(original: Any, pruned: Any, conds: Sequence[tuple[list, list]],
                                       device=mm.get_torch_device())
         if resume is not None:
             resume = RecoverState(resume.arch, resume.fingerprint, {k: v.clone() for k, v in resume.lora.items()},
-                                  dict(resume.settings), dict(resume.progress), list(resume.history),
+                                  resume.settings, dict(resume.progress), list(resume.history),
                                   {k: v.clone() for k, v in resume.optimizer.items()}, resume.stop_reason)
         recoverer = LoraRecoverer(lora, settings, layout.arch, fingerprint, resume, sampling.grad_context)
         student = lora_patched(pruned, lora)
@@ -156,7 +167,7 @@ def recover_lora(original: Any, pruned: Any, conds: Sequence[tuple[list, list]],
         def body(session: sampling.Session):
             sig = session.sigmas[:-1]
             out = []
-            for s, xs in zip(session.samples, states):
+            for s, xs in zip(session.samples, states, strict=True):
                 xs = xs if xs is not None else rollout_states(s.denoise, s.noise, session.sigmas)
                 xs = [x.to(session.device) for x in xs]
                 out.append(([x.cpu() for x in xs], [t.cpu() for t in teacher_targets(s.denoise, xs, sig)]))
@@ -173,7 +184,7 @@ def recover_lora(original: Any, pruned: Any, conds: Sequence[tuple[list, list]],
         sig = session.sigmas[:-1]
         problems = [DistillProblem(s.denoise, [x.to(session.device) for x in xs], sig,
                                    [t.to(session.device) for t in ts])
-                    for s, (xs, ts) in zip(session.samples, data)]
+                    for s, (xs, ts) in zip(session.samples, data, strict=True)]
         with frozen_weights(session.module):
             before = distillation_loss(problems) if measure else None
             with state_kept_on_stop(lambda: recoverer.state, on_stop):

@@ -17,15 +17,17 @@ ComfyUI is imported lazily so the pack imports without it.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..ecodiff_core.errors import EcoDiffError
+from ..ecodiff_core.errors import SettingsError
 from ..ecodiff_core.learn import CalibrationSample
 from ..ecodiff_core.seeds import check_seed, derived_seed
+from ..ecodiff_core.validation import check_choice, check_int, check_number
 from .weights import diffusion_module, plain_tensors, require_own_weights
 
 LEARN_SAMPLERS: tuple[str, ...] = ("euler",)
@@ -50,17 +52,19 @@ class SamplingSpec:
     scheduler: str = "normal"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        """SettingsError naming the first bad field (run again after changing a field in place)."""
         if self.sampler_name not in LEARN_SAMPLERS:
-            raise EcoDiffError(f"learning follows a deterministic trajectory; sampler '{self.sampler_name}' is not "
-                               f"supported, use one of {', '.join(LEARN_SAMPLERS)}")
-        if self.scheduler not in scheduler_names():
-            raise EcoDiffError(f"unknown scheduler '{self.scheduler}'; choose one of "
-                               f"{', '.join(scheduler_names())}")
-        if self.steps < 1:
-            raise EcoDiffError(f"steps must be >= 1, got {self.steps}")
-        if self.width < 8 or self.height < 8:
-            raise EcoDiffError(f"width and height must be >= 8 pixels, got {self.width}×{self.height}")
+            raise SettingsError(f"learning follows a deterministic trajectory; sampler '{self.sampler_name}' is "
+                                f"not supported, use one of {', '.join(LEARN_SAMPLERS)}")
+        check_choice("scheduler", self.scheduler, scheduler_names())
+        check_int("steps", self.steps)
+        check_int("width", self.width, low=8)
+        check_int("height", self.height, low=8)
+        check_number("cfg", self.cfg)
         check_seed(self.seed)
 
 
@@ -80,8 +84,8 @@ def empty_latent(model: Any, spec: SamplingSpec) -> torch.Tensor:
 def encode_prompts(clip: Any, prompts: Sequence[str], negative: str) -> list[tuple[list, list]]:
     """(positive, negative) CONDITIONING for every prompt, through the CLIP's own encoder."""
     if clip is None:
-        raise EcoDiffError("a CLIP model is needed to encode the calibration prompts "
-                           "(or connect positive/negative conditioning instead)")
+        raise SettingsError("a CLIP model is needed to encode the calibration prompts "
+                            "(or connect positive/negative conditioning instead)")
     neg = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
     return [(clip.encode_from_tokens_scheduled(clip.tokenize(p)), neg) for p in prompts]
 
@@ -146,7 +150,7 @@ def run_with_denoisers(model: Any, conds: Sequence[tuple[list, list]], spec: Sam
 
     spec.validate()
     if not conds:
-        raise EcoDiffError("no calibration prompts: give at least one non-empty prompt")
+        raise SettingsError("no calibration prompts: give at least one non-empty prompt")
     HostedRun = _host_sampler_class()
     with torch.inference_mode(False):
         patcher = model.clone()  # the guider's own patcher; the input MODEL is left as it was
@@ -194,7 +198,8 @@ def _rows(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
     return t if t is None or t.shape[0] == rows else t.expand(rows, *t.shape[1:])
 
 
-def _denoiser(guider: Any, processed: dict, extra_args: dict, seed: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _denoiser(guider: Any, processed: dict, extra_args: dict,
+              seed: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         guider.conds = processed
         s = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1)

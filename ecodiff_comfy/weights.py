@@ -15,7 +15,8 @@ ComfyUI is imported lazily so the pack imports without it.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,8 @@ def _own_weights_problem(model: Any, partial_ok: bool) -> str | None:
             and base.current_weight_patches_uuid != model.patches_uuid:
         return "another MODEL clone's weight patches (LoRA…) are loaded in the shared module"
     if getattr(base, "model_lowvram", False):
-        return None if partial_ok else "ComfyUI loaded the model only partially (low VRAM), weight patches are not merged"
+        return None if partial_ok else ("ComfyUI loaded the model only partially (low VRAM), "
+                                        "weight patches are not merged")
     patches, backup = getattr(model, "patches", None), getattr(model, "backup", None)
     if isinstance(patches, dict) and isinstance(backup, dict):
         foreign = sorted(set(backup) - set(patches))

@@ -12,14 +12,13 @@ import argparse
 import contextlib
 import logging
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
 
-from .errors import EcoDiffError
+from .errors import EcoDiffError, SettingsError
 from .seeds import SEED_MAX
 from .validation import field_defaults
-
 
 C_INT_MAX = 2**31 - 1  # counts go to torch and C code as C ints
 MAX_RESOLUTION = 16384  # ComfyUI's largest image side
@@ -57,6 +56,19 @@ def command_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
     except KeyboardInterrupt:
         print(f"{parser.prog}: error: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations ``argv`` sets explicitly (argparse fills the others from their defaults, so a
+    parsed namespace cannot tell): ``argv`` is parsed again with every default suppressed."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in saved:
+            action.default = default
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -150,13 +162,29 @@ def _recover_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     from .cli_diffusers import add_recover_arguments
 
-    add_recover_arguments(p)  # --model DIR: the same recovery on a pruned diffusers denoiser
+    diffusers_only = add_recover_arguments(p)  # --model DIR: the same recovery on a pruned diffusers denoiser
+    p.set_defaults(embedded_only=("sparsity", "mask", "eval_per_class"), diffusers_only=diffusers_only)
     return p
 
 
+def _check_recover_mode(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:
+    """``recover`` prunes and judges the embedded model, or (``--model DIR``) recovers a pruned diffusers
+    file: an option of the other mode would be ignored, so it is an error that says which mode takes it."""
+    given = given_options(parser, argv)
+    if args.model is not None:
+        wrong, hint = set(args.embedded_only) & given, ("apply to the embedded model only; with --model, prune "
+                                                        "first (python -m ecodiff_core prune --model DIR --mask "
+                                                        "M --sparsity S) and pass the result as --pruned")
+    else:
+        wrong, hint = set(args.diffusers_only) & given, "need --model DIR (a local diffusers pipeline)"
+    if wrong:
+        names = ", ".join(sorted("--" + d.replace("_", "-") for d in wrong))
+        raise SettingsError(f"recover: {names} {hint}")
+
+
 def _run_recover(args: argparse.Namespace) -> int:
-    from .recover import RecoverSettings
     from .embedded.recover_demo import RecoverDemoSettings, run_recover, summary_text
+    from .recover import RecoverSettings
 
     rs = RecoverSettings(rank=args.rank, alpha=args.alpha, targets=args.targets, steps=args.steps, lr=args.lr,
                          batch=args.batch, seed=args.seed, states=args.states)
@@ -178,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     from .cli_diffusers import COMMANDS
 
     diffusers_commands = {name: (add(sub), run) for name, (add, run) in COMMANDS.items()}
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.command in diffusers_commands:
         command_parser, run = diffusers_commands[args.command]
@@ -192,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recover":
         torch.set_num_threads(args.threads)
         with command_errors(recover):
+            _check_recover_mode(recover, args, argv[argv.index("recover") + 1:])
             if args.model is not None:
                 from .cli_diffusers import recover_command
 

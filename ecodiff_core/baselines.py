@@ -4,7 +4,7 @@ Each returns one score per unit (higher = keep), a drop-in for learned logits in
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -51,15 +51,15 @@ def taylor_scores(model: nn.Module, layout: Layout, denoisers: Sequence[Denoiser
     scores = {name: torch.zeros_like(t) for name, t in gates.items()}
     controller = GateController(model, layout)
     with controller.installed(), frozen_weights(model):
-        for denoise, noise in zip(denoisers, noises):
+        for denoise, noise in zip(denoisers, noises, strict=True):
             controller.set(None)
             inputs, x0s = teacher_steps(denoise, noise, sigmas)
             final = sample(denoise, inputs[-1], sigmas[-2:])
             controller.set(gates)
-            for x, sigma in zip(inputs, sigmas):
+            for x, sigma in zip(inputs, sigmas[:-1], strict=True):
                 with torch.enable_grad():
                     loss = torch.nn.functional.mse_loss(denoise(x, sigma), final)
                     grads = torch.autograd.grad(loss, list(gates.values()))
-                for name, grad in zip(gates, grads):
+                for name, grad in zip(gates, grads, strict=True):
                     scores[name] += grad.pow(2)
     return scores

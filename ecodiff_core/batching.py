@@ -10,7 +10,8 @@ returned and the caller runs them one by one.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ def stack_tree(trees: Sequence[Any], rows: Sequence[int]) -> Any:
     if isinstance(first, torch.Tensor):
         if not all(isinstance(t, torch.Tensor) for t in trees):
             raise NotStackable("a conditioning entry is a tensor in one sample and not in another")
-        for t, n in zip(trees, rows):
+        for t, n in zip(trees, rows, strict=True):
             if t.ndim == 0 or t.shape[0] != n:
                 raise NotStackable(f"a conditioning tensor of shape {tuple(t.shape)} does not have the prompt "
                                    f"dimension ({n}) first")
@@ -41,7 +42,7 @@ def stack_tree(trees: Sequence[Any], rows: Sequence[int]) -> Any:
     if isinstance(first, (list, tuple)):
         if any(type(t) is not type(first) or len(t) != len(first) for t in trees):
             raise NotStackable("the conditioning entries differ between samples")
-        return type(first)(stack_tree(list(column), rows) for column in zip(*trees))
+        return type(first)(stack_tree(list(column), rows) for column in zip(*trees, strict=True))
     if any(t is not first and t != first for t in trees):
         raise NotStackable(f"conditioning values differ between samples ({first!r} and others)")
     return first

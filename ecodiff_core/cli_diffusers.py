@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .errors import EcoDiffError, SettingsError
+from .safetensors_file import read_metadata, write_atomic
 from .seeds import SEED_MAX
 
 log = logging.getLogger("ecodiff")
@@ -54,8 +55,10 @@ def add_learn_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="text file, one calibration prompt per line (default: the shipped 100 prompts)")
     p.add_argument("--max-prompts", type=int_in(1, c_int_max), default=None, help="use only the first N prompts")
     p.add_argument("--negative-prompt", default="", help="negative prompt for CFG (SD1.5, SDXL, SD3)")
-    p.add_argument("--width", type=int_in(None, max_res), default=None, help="image width in pixels (default: the model's)")
-    p.add_argument("--height", type=int_in(None, max_res), default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int_in(None, max_res), default=None,
+                   help="image width in pixels (default: the model's)")
+    p.add_argument("--height", type=int_in(None, max_res), default=None,
+                   help="image height in pixels (default: the model's)")
     p.add_argument("--steps", type=int_in(None, c_int_max), default=10, help="sampling steps of each trajectory")
     p.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance scale (default 7 for SD1.5/SDXL/SD3; FLUX uses --guidance)")
@@ -105,7 +108,12 @@ def add_prune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, default=None, help="fraction of parameters to remove (default 0.2)")
     target.add_argument("--flops", type=float, default=None, help="fraction of FLOPs to remove (at --width/--height)")
-    target.add_argument("--keep-ratios", default=None, help="fraction of units to keep per kind, e.g. 'head=0.8,neuron=0.7'")
+    target.add_argument("--keep-ratios", default=None,
+                        help="fraction of units to keep per kind, e.g. 'head=0.8,neuron=0.7'")
+    p.add_argument("--align", default="auto",
+                   help="keep every pruned module's features a multiple of this: auto (8 when --device is cuda, "
+                        "for tensor-core GEMM shapes; off elsewhere), off, or an integer such as 8; the target "
+                        "is then met to within one aligned group")
     p.add_argument("--width", type=int_in(None, max_res), default=None, help="image width for FLOP measurement")
     p.add_argument("--height", type=int_in(None, max_res), default=None, help="image height for FLOP measurement")
     p.add_argument("--output", type=Path, required=True, help="pruned denoiser file (.safetensors)")
@@ -215,7 +223,7 @@ def learn_command(args: argparse.Namespace) -> int:
                                "negative_prompt": args.negative_prompt})
         layout = find_layout(model)
         samples: list[Any] = [None] * len(prompts)
-        for index, encoding in zip(mine, loaded.encodings):
+        for index, encoding in zip(mine, loaded.encodings, strict=True):
             samples[index] = calibration_sample(info, model, encoding, sampling, index, loaded.eps)
         resume = None
         if args.resume and args.output.is_file():
@@ -260,14 +268,16 @@ def learn_command(args: argparse.Namespace) -> int:
 
 
 # -- prune ----------------------------------------------------------------------------------------
-def prune_target(args: argparse.Namespace):
-    from .plan import PruneTarget, parse_keep_ratios
+def prune_target(args: argparse.Namespace, device: torch.device | None = None):
+    """The ``PruneTarget`` of the prune command's options (``--align`` resolved for ``device``)."""
+    from .plan import PruneTarget, parse_keep_ratios, resolve_align
 
+    align = resolve_align(getattr(args, "align", 1), device)
     if args.keep_ratios is not None:
-        return PruneTarget(keep_ratios=parse_keep_ratios(args.keep_ratios))
+        return PruneTarget(keep_ratios=parse_keep_ratios(args.keep_ratios), align=align)
     if args.flops is not None:
-        return PruneTarget(flops=args.flops)
-    return PruneTarget(params=args.sparsity if args.sparsity is not None else 0.2)
+        return PruneTarget(flops=args.flops, align=align)
+    return PruneTarget(params=args.sparsity if args.sparsity is not None else 0.2, align=align)
 
 
 def prune_command(args: argparse.Namespace) -> int:
@@ -282,10 +292,10 @@ def prune_command(args: argparse.Namespace) -> int:
     from .pruned_diffusers import pruning_record, save_pruned_denoiser
     from .report import PruneReport
 
-    target = prune_target(args)
+    device = device_for_rank(args.device)
+    target = prune_target(args, device)
     _check_output(args.output, args.overwrite, "pruned.safetensors")
     info = pipeline_info(args.model)
-    device = device_for_rank(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_denoiser(info, _dtype(args.dtype, device)).to(device)
@@ -297,12 +307,12 @@ def prune_command(args: argparse.Namespace) -> int:
         inputs = example_inputs(info, model, args.width or size, args.height or size)
         with torch.no_grad():
             flop_costs = measure_flops(model, layout, lambda: model(**inputs, return_dict=False))
-    plan = plan_pruning(model, layout, state.logits, target, flop_costs)
+    plan = plan_pruning(model, layout, state.logits, target, flop_costs, settings=state.settings)
     pruned = prune_model(model, layout, plan.keep, scores=state.logits)
     record = pruning_record(model, layout, plan.keep, state.logits)
     report = PruneReport.build(model, pruned, layout, plan.keep)
     extra = {"target": {"mode": target.mode, "params": target.params, "flops": target.flops,
-                        "keep_ratios": target.keep_ratios},
+                        "keep_ratios": target.keep_ratios, "align": target.align},
              "removed_fraction": plan.removed_fraction, "params_before": report.params_before,
              "params_after": report.params_after, "mask": args.mask.name, "pipeline": info.class_name,
              "notes": plan.notes}
@@ -318,8 +328,6 @@ def prune_command(args: argparse.Namespace) -> int:
 # -- report ---------------------------------------------------------------------------------------
 def file_report(path: Path) -> dict[str, Any]:
     """What a mask or pruned-denoiser file holds, as a JSON-able dict (``"type"``: "mask" or "pruned")."""
-    from safetensors import SafetensorError, safe_open
-
     from .maskfile import FORMAT as MASK_FORMAT
     from .maskfile import load_mask
     from .pruned_diffusers import FORMAT as PRUNED_FORMAT
@@ -327,11 +335,7 @@ def file_report(path: Path) -> dict[str, Any]:
 
     if not path.is_file():
         raise EcoDiffError(f"file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            fmt = (f.metadata() or {}).get("format")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise EcoDiffError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+    fmt = read_metadata(path).get("format")
     if fmt == MASK_FORMAT:
         state = load_mask(path)
         kinds: dict[str, dict[str, float]] = {}
@@ -391,8 +395,9 @@ COMMANDS = {"learn": (add_learn_parser, learn_command), "prune": (add_prune_pars
 
 
 # -- recover --------------------------------------------------------------------------------------
-def add_recover_arguments(p: argparse.ArgumentParser) -> None:
-    """The diffusers options of ``recover`` (``--model DIR`` selects the diffusers path)."""
+def add_recover_arguments(p: argparse.ArgumentParser) -> tuple[str, ...]:
+    """The diffusers options of ``recover`` (``--model DIR`` selects the diffusers path); returns the
+    destinations that only the diffusers path reads."""
     int_in, c_int_max, max_res, _ = _types()
     g = p.add_argument_group("diffusers pipelines (recover --model DIR --pruned FILE)")
     g.add_argument("--model", type=Path, default=None, help="local diffusers pipeline folder (the original)")
@@ -407,6 +412,7 @@ def add_recover_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-sequence-length", type=int_in(None, 4096), default=256, help="T5 prompt tokens")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="weight dtype")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the models run")
+    return tuple(a.dest for a in g._group_actions if a.dest != "model")
 
 
 def lora_file_tensors(lora, prefix: str) -> dict[str, torch.Tensor]:
@@ -424,7 +430,6 @@ def lora_file_tensors(lora, prefix: str) -> dict[str, torch.Tensor]:
 def recover_command(args: argparse.Namespace) -> int:
     """``python -m ecodiff_core recover --model DIR --pruned FILE``: LoRA Recover of a pruned diffusers
     denoiser, saved in the LoRA format of diffusers' ``pipe.load_lora_weights``."""
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from .archs import find_layout
@@ -498,7 +503,7 @@ def recover_command(args: argparse.Namespace) -> int:
     out = args.output / "recover_lora.safetensors"
     meta = lora_metadata(settings, layout.arch, layout.fingerprint(), record["kept"],
                          {"layout": "peft", "prefix": info.denoiser, "alpha_folded_into_lora_B": "true"})
-    save_file(lora_file_tensors(lora, info.denoiser), str(out), metadata=meta)
+    write_atomic(out, lora_file_tensors(lora, info.denoiser), meta)
     print(f"LoRA Recover on {info.class_name}: distillation loss {before:.5g} -> {after:.5g} "
           f"({len(paths)} layers, rank {settings.rank})")
     print(f"wrote {out}; load it with pipe.load_lora_weights(\"{out}\") after setting pipe.{info.denoiser} "

@@ -4,14 +4,16 @@ embedded model's rectified flow), and their σ schedules.
 Each returns ``denoise(x, sigma) -> x0`` with classifier-free guidance inside, which is what the
 trajectory code and the learner need; ``x`` may hold several prompts (B, …) with conditioning of
 batch B.  The ``*_batch`` builders make batchable calibration samples
-(``CalibrationSample.batchable``): conditioning ``{"cond": kwargs, "uncond": kwargs or None}``.  The ComfyUI host builds the same thing from ComfyUI's own
-model sampling; these serve the command line, the embedded model, the benchmarks and the tests.
+(``CalibrationSample.batchable``): conditioning ``{"cond": kwargs, "uncond": kwargs or None}``.  The
+ComfyUI host builds the same thing from ComfyUI's own model sampling; these serve the command line,
+the embedded model, the benchmarks and the tests.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +45,7 @@ class EpsSchedule:
     sigmas: torch.Tensor
 
     @classmethod
-    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000) -> "EpsSchedule":
+    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000) -> EpsSchedule:
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         return cls(((1 - alphas_cumprod) / alphas_cumprod).sqrt())

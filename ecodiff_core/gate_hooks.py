@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -79,7 +79,7 @@ class GateController:
         return hook
 
     @contextmanager
-    def installed(self) -> Iterator["GateController"]:
+    def installed(self) -> Iterator[GateController]:
         """Hooks live only inside this block: modules may be shared with other model copies."""
         handles = []
         try:
@@ -105,7 +105,8 @@ def hard_gates(model: nn.Module, layout: Layout, keep: dict[str, torch.Tensor]) 
         yield
 
 
-def gate_scales(module: nn.Module, layout: Layout, values: dict[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+def gate_scales(module: nn.Module, layout: Layout,
+                values: dict[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
     """Per (Linear path, side "in"/"out"): the float32 CPU feature scale vector (length in_features
     or out_features) built from the ``values`` (one per unit, e.g. a keep mask) of every group
     gating it; features no group gates stay 1.  What ``GateController`` multiplies, as weights."""

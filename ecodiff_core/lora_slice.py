@@ -65,12 +65,12 @@ class WeightCut:
         """No kept feature on one side: a delta has no effect at all."""
         return self.rows.numel() == 0 or self.cols.numel() == 0
 
-    def bias_cut(self) -> "WeightCut":
+    def bias_cut(self) -> WeightCut:
         """The cut of the bias (one column standing for the vector)."""
         one = _positions(1)
         return WeightCut((self.full[0], 1), self.rows, one, self.silent_rows, one[:0], self.removed)
 
-    def narrow(self, dim: int, start: int, length: int) -> tuple["WeightCut", int, int]:
+    def narrow(self, dim: int, start: int, length: int) -> tuple[WeightCut, int, int]:
         """The cut of the full-size block ``[start, start+length)`` along ``dim`` (a fused q/k/v or
         ``linear1`` part, as ComfyUI's offset patches address it), and where that block starts and how
         long it is in the pruned weight.  Raises LoraSliceError for a block outside the weight."""

@@ -44,7 +44,7 @@ class MaskState:
     start_note: str = ""
 
     @classmethod
-    def fresh(cls, layout: Layout, init_logit: float) -> "MaskState":
+    def fresh(cls, layout: Layout, init_logit: float) -> MaskState:
         return cls(
             arch=layout.arch,
             fingerprint=layout.fingerprint(),

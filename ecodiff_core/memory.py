@@ -20,8 +20,9 @@ import contextlib
 import copy
 import itertools
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +97,7 @@ class MetaKernels(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-            given = {**dict(zip(names, args)), **kwargs}
+            given = {**dict(zip(names, args, strict=False)), **kwargs}
             q, k, v = given["query"], given["key"], given["value"]
             plain = given.get("attn_mask") is None and not given.get("enable_gqa", False)
             if q.device.type == "meta" and plain and q.shape[:-2] == k.shape[:-2]:

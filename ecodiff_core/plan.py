@@ -97,6 +97,29 @@ class PruneTarget:
         return "params" if self.params is not None else "flops" if self.flops is not None else "keep_ratios"
 
 
+def align_for_device(device: torch.device | str | None) -> int:
+    """The feature multiple pruned modules should keep when they run on ``device`` (what an
+    ``align`` of "auto" means): 8 on CUDA, where GEMMs whose sizes are multiples of 8 stay on
+    tensor-core paths; 1 (no alignment) elsewhere and when the device is unknown."""
+    return 8 if device is not None and torch.device(device).type == "cuda" else 1
+
+
+def resolve_align(align: int | str, device: torch.device | str | None) -> int:
+    """``PruneTarget.align`` for a user's choice: "auto" (``align_for_device``), "off" (1), or a
+    feature multiple as an integer or its digits.  SettingsError for anything else (the range is
+    checked by ``PruneTarget``)."""
+    if align == "auto":
+        return align_for_device(device)
+    if align == "off":
+        return 1
+    if isinstance(align, str) and align.isdigit():
+        return int(align)
+    if isinstance(align, int) and not isinstance(align, bool):
+        return align
+    raise SettingsError(f"align is the multiple of features every pruned module keeps: \"auto\" (8 on CUDA, "
+                        f"off elsewhere), \"off\" or an integer such as 8, got {align!r}")
+
+
 def parse_keep_ratios(text: str) -> dict[str, float]:
     """'head=0.8, neuron=0.7' (or ';'-separated) → {'head': 0.8, 'neuron': 0.7}; the kinds and
     ratios are checked by :class:`PruneTarget`.  Raises EcoDiffError on malformed text or a kind
@@ -250,7 +273,8 @@ def _aligned_chunks(groups: Sequence[UnitGroup], logits: dict[str, torch.Tensor]
         cuts = torch.tensor([g.count - k for k in kept])
         sums = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(lam[order], 0)])
         scores = torch.cummax((sums[cuts[1:]] - sums[cuts[:-1]]) / (cuts[1:] - cuts[:-1]), 0).values
-        rows += [(index, a, b, sc) for a, b, sc in zip(cuts[:-1].tolist(), cuts[1:].tolist(), scores.tolist())]
+        spans = zip(cuts[:-1].tolist(), cuts[1:].tolist(), scores.tolist(), strict=True)
+        rows += [(index, a, b, sc) for a, b, sc in spans]
     return orders, rows
 
 
@@ -275,7 +299,7 @@ def _remove_aligned(groups: Sequence[UnitGroup], logits: dict[str, torch.Tensor]
             gi, _, stop, _ = rows[chunk]
             removed_count[gi] = max(removed_count[gi], stop)
     keep = {}
-    for g, units, count in zip(groups, orders, removed_count):
+    for g, units, count in zip(groups, orders, removed_count, strict=True):
         mask = torch.ones(g.count, dtype=torch.bool)
         mask[units[:count]] = False
         keep[g.name] = mask

@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .archs import find_layout
@@ -39,6 +37,7 @@ from .pruned_record import (
     check_record_layout,
     check_state_dict,
 )
+from .safetensors_file import check_format, read, write_atomic
 from .units import Layout
 
 FORMAT = "ecodiff-pruned-diffusers"
@@ -82,10 +81,7 @@ def save_pruned_denoiser(path: str | os.PathLike, pruned: nn.Module, record: dic
     tensors = {k: v.detach().cpu().contiguous() for k, v in pruned.state_dict().items()}
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "record": json.dumps(record),
                 "info": json.dumps(extra or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    write_atomic(path, tensors, metadata)
     return path
 
 
@@ -95,18 +91,9 @@ def read_pruned_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     source = path.name
     if not path.is_file():
         raise PrunedFileError(f"pruned model file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise PrunedFileError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise PrunedFileError(f"{source} is not a pruned diffusers denoiser of EcoDiff (metadata 'format' is "
-                              f"{meta.get('format')!r}); prune with: python -m ecodiff_core prune")
-    if meta.get("format_version") != str(FORMAT_VERSION):
-        raise PrunedFileError(f"{source} has format version {meta.get('format_version')!r}; this version reads "
-                              f"{FORMAT_VERSION}")
+    tensors, meta = read(path, PrunedFileError, "safetensors file")
+    check_format(meta, source, FORMAT, FORMAT_VERSION, "a pruned diffusers denoiser of EcoDiff", PrunedFileError,
+                 hint="; prune with: python -m ecodiff_core prune")
     try:
         record, info = json.loads(meta.get("record", "")), json.loads(meta.get("info", "{}"))
     except (json.JSONDecodeError, RecursionError) as exc:

@@ -10,12 +10,14 @@ may add fields); a known key must have its type.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import EcoDiffError
+from .plan import MAX_ALIGN
 from .units import Layout
 
 
@@ -125,6 +127,8 @@ OPTIONAL_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tensor_dtypes": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_float_dtype_name(d)
                                                           for k, d in v.items()),
                       "an object of tensor names to floating-point dtype names"),
+    "align": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_ALIGN,
+              f"the feature multiple the kept units were planned with, an integer in [1, {MAX_ALIGN}]"),
 }
 
 

@@ -23,9 +23,10 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -87,7 +88,7 @@ class RecoverSettings:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RecoverSettings":
+    def from_dict(cls, data: dict) -> RecoverSettings:
         """Forward-compatible, like ``LearnSettings.from_dict``: unknown keys ignored (logged), missing
         ones take the defaults."""
         return cls(**known_fields(cls, data))
@@ -147,7 +148,7 @@ class LoraWeights(nn.Module):
 
     @classmethod
     def for_module(cls, module: nn.Module, paths: Sequence[str], rank: int, alpha: float, seed: int = 0,
-                   device: torch.device | str = "cpu") -> "LoraWeights":
+                   device: torch.device | str = "cpu") -> LoraWeights:
         shapes = {}
         for p in paths:
             out_f, in_f = module.get_submodule(p).weight.shape  # a ScatterLinear's weight holds its kept rows only
@@ -193,7 +194,7 @@ class LoraWeights(nn.Module):
         """The LoRA in the common file layout: ``<prefix><path>.lora_up.weight`` / ``.lora_down.weight``
         / ``.alpha`` (what ComfyUI's LoraLoaderModelOnly reads), CPU float32 copies."""
         out = {}
-        for path, down, up in zip(self.paths, self.down, self.up):
+        for path, down, up in zip(self.paths, self.down, self.up, strict=True):
             out[f"{prefix}{path}.lora_up.weight"] = up.detach().float().cpu().clone().contiguous()
             out[f"{prefix}{path}.lora_down.weight"] = down.detach().float().cpu().clone().contiguous()
             out[f"{prefix}{path}.alpha"] = torch.tensor(self.alpha)
@@ -202,7 +203,7 @@ class LoraWeights(nn.Module):
     def load_tensors(self, tensors: dict[str, torch.Tensor], prefix: str = "diffusion_model.") -> None:
         """Copy values saved by :meth:`tensors` (same paths and shapes) into the parameters."""
         with torch.no_grad():
-            for path, down, up in zip(self.paths, self.down, self.up):
+            for path, down, up in zip(self.paths, self.down, self.up, strict=True):
                 for name, param in (("lora_down", down), ("lora_up", up)):
                     key = f"{prefix}{path}.{name}.weight"
                     if key not in tensors or tuple(tensors[key].shape) != tuple(param.shape):
@@ -262,7 +263,7 @@ class RecoverState:
     arch: str
     fingerprint: str
     lora: dict[str, torch.Tensor]
-    settings: dict
+    settings: RecoverSettings
     progress: dict = field(default_factory=lambda: {"step": 0, "finished": False})
     history: list[dict] = field(default_factory=list)
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -274,7 +275,7 @@ def save_recover_state(path: Path, state: RecoverState) -> Path:
     tensors = {f"lora/{k}": v.contiguous() for k, v in state.lora.items()}
     tensors.update({f"optimizer/{k}": v.detach().cpu().contiguous() for k, v in state.optimizer.items()})
     meta = {"format": STATE_FORMAT, "format_version": str(FORMAT_VERSION), "arch": state.arch,
-            "fingerprint": state.fingerprint, "settings": json.dumps(state.settings),
+            "fingerprint": state.fingerprint, "settings": json.dumps(state.settings.to_dict()),
             "progress": json.dumps(state.progress), "history": json.dumps(state.history),
             "stop_reason": state.stop_reason}
     return write_atomic(path, tensors, meta)
@@ -288,11 +289,11 @@ def load_recover_state(path: Path) -> RecoverState:
         return RecoverState(
             arch=meta["arch"], fingerprint=meta["fingerprint"],
             lora={k[5:]: v for k, v in tensors.items() if k.startswith("lora/")},
-            settings=json.loads(meta["settings"]), progress=json.loads(meta["progress"]),
+            settings=RecoverSettings.from_dict(json.loads(meta["settings"])), progress=json.loads(meta["progress"]),
             history=json.loads(meta["history"]),
             optimizer={k[10:]: v for k, v in tensors.items() if k.startswith("optimizer/")},
             stop_reason=meta.get("stop_reason", ""))
-    except (KeyError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, json.JSONDecodeError, SettingsError) as exc:
         raise EcoDiffError(f"{Path(path).name} has damaged metadata: {exc}") from exc
 
 
@@ -333,7 +334,7 @@ class LoraRecoverer:
         if state.fingerprint != self.fingerprint:
             raise EcoDiffError("the saved LoRA Recover state belongs to another pruned model (fingerprint "
                                f"{state.fingerprint} vs {self.fingerprint}); start a new run (another name)")
-        saved = RecoverSettings.from_dict(state.settings)
+        saved = state.settings
         for name in ("rank", "alpha", "targets", "states", "seed", "batch"):
             if getattr(saved, name) != getattr(self.settings, name):
                 raise EcoDiffError(f"the saved LoRA Recover state was trained with {name}={getattr(saved, name)!r}, "
@@ -353,7 +354,7 @@ class LoraRecoverer:
         for i, p in enumerate(self.params):
             for key, value in self.optimizer.state.get(p, {}).items():
                 opt[f"{i}/{key}"] = torch.as_tensor(value).detach().cpu().clone()
-        return RecoverState(self.arch, self.fingerprint, self.lora.tensors(), self.settings.to_dict(),
+        return RecoverState(self.arch, self.fingerprint, self.lora.tensors(), dataclasses.replace(self.settings),
                             dict(self.progress), list(self.history), opt, self.stop_reason)
 
     def _draw(self, problems: Sequence[DistillProblem], step: int) -> list[tuple[int, int]]:
@@ -390,7 +391,7 @@ class LoraRecoverer:
                     pred = prob.denoise(prob.states[i], prob.sigmas[i])
                     item = torch.nn.functional.mse_loss(pred.float(), prob.targets[i].float()) / self.settings.batch
                     g = torch.autograd.grad(item, self.params, allow_unused=True)
-                for acc, gi in zip(grads, g):
+                for acc, gi in zip(grads, g, strict=True):
                     if gi is not None:
                         acc.add_(gi)
                 loss += item.item()
@@ -398,7 +399,7 @@ class LoraRecoverer:
                 self.stop_reason = (f"non-finite loss ({loss}) at step {step + 1}; stopped with the last good LoRA "
                                     "kept. Lower the learning rate.")
                 return self.state
-            for p, g in zip(self.params, grads):
+            for p, g in zip(self.params, grads, strict=True):
                 p.grad = g
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

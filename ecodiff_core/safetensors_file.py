@@ -43,6 +43,17 @@ def read(path: str | os.PathLike, error: type[EcoDiffError] = EcoDiffError,
     return tensors, metadata
 
 
+def read_metadata(path: str | os.PathLike, error: type[EcoDiffError] = EcoDiffError,
+                  what: str = "safetensors file") -> dict[str, str]:
+    """The string metadata of the file at ``path`` without reading its tensors; ``error`` as in
+    :func:`read`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise error(f"{path} is not a readable {what} (truncated or corrupted?): {exc}") from exc
+
+
 def check_format(metadata: dict[str, str], source: str, fmt: str, version: int, kind: str,
                  error: type[EcoDiffError] = EcoDiffError, hint: str = "") -> None:
     """``error`` unless ``metadata`` says ``format`` ``fmt`` at ``format_version`` ``version``.

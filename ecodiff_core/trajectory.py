@@ -14,8 +14,9 @@ value is read back to the host inside the step loops (losses stay on the device)
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Sequence
 
 import torch
 
@@ -81,7 +82,7 @@ def _row_weights(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _accumulate(total: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
-    for acc, g in zip(total, grads):
+    for acc, g in zip(total, grads, strict=True):
         if g is not None:
             acc.add_(g)
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from comfy_api.latest import io
 
+from ..ecodiff_comfy.folders import default_prompts
 from ..ecodiff_core.mask_checks import closed_fraction
 from ..ecodiff_core.maskfile import MaskState
 from ..ecodiff_core.prompts import parse_prompts as prompts_of
@@ -16,6 +17,30 @@ ReportType = io.Custom("ECODIFF_REPORT")
 #: ``control_after_generate`` of seeds: "fixed" where comfy_api can say so (io.ControlAfterGenerate, newer
 #: ComfyUI); otherwise the control widget is added and web/ecodiff.js sets it to "fixed" on new nodes.
 SEED_CONTROL = io.ControlAfterGenerate.fixed if hasattr(io, "ControlAfterGenerate") else True
+
+
+def node_schema(node_id: str, display_name: str, description: str, inputs: list, outputs: list,
+                **options: Any) -> io.Schema:
+    """The schema of an EcoDiff node: ``io.Schema`` in the EcoDiff category (``CATEGORY``);
+    ``options`` are the rest of ``io.Schema``'s fields (``is_output_node``, ``hidden``, ...)."""
+    return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+                     inputs=inputs, outputs=outputs, **options)
+
+
+def calibration_inputs(clip: str, prompts: str, negative_prompt: str, max_prompts: str) -> list:
+    """The calibration inputs Learn Sparsity Mask and LoRA Recover share, in their order: ``clip``
+    (optional), ``prompts`` (the shipped set), ``negative_prompt``, ``max_prompts``, ``width`` and
+    ``height`` (pixels); the arguments are each node's tooltips of the first four."""
+    return [
+        io.Clip.Input("clip", optional=True, tooltip=clip),
+        io.String.Input("prompts", multiline=True, default=default_prompts(), tooltip=prompts),
+        io.String.Input("negative_prompt", multiline=True, default="", tooltip=negative_prompt),
+        io.Int.Input("max_prompts", default=0, min=0, max=10000, tooltip=max_prompts),
+        io.Int.Input("width", default=1024, min=16, max=8192, step=8,
+                     tooltip="Image width of the calibration trajectories, in pixels."),
+        io.Int.Input("height", default=1024, min=16, max=8192, step=8,
+                     tooltip="Image height of the calibration trajectories, in pixels."),
+    ]
 
 
 def parse_prompts(text: str, limit: int = 0) -> list[str]:
@@ -52,4 +77,5 @@ def mask_summary(state: MaskState) -> str:
     done = "finished" if state.progress.get("finished") else f"stopped ({state.stop_reason or 'unfinished'})"
     loss = f"loss {s['first_loss']:.5g} → {s['last_loss']:.5g}" if s["steps"] else "no steps yet"
     return (f"EcoDiff mask for {state.arch} ({len(state.logits)} unit groups, fingerprint {state.fingerprint}): "
-            f"{s['steps']} optimiser steps, {loss}, {closed_fraction(state):.1%} of gates closed, {done}" + (f"\n{state.start_note}" if state.start_note else ""))
+            f"{s['steps']} optimiser steps, {loss}, {closed_fraction(state):.1%} of gates closed, {done}"
+            + (f"\n{state.start_note}" if state.start_note else ""))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..ecodiff_comfy.images import side_by_side
-from .common import CATEGORY
+from .common import node_schema
 
 
 def _saved(images, cls) -> list:
@@ -14,10 +14,8 @@ def _saved(images, cls) -> list:
 class CompareImages(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="EcoDiffCompare",
-            display_name="Compare Images (EcoDiff)",
-            category=CATEGORY,
+        return node_schema(
+            node_id="EcoDiffCompare", display_name="Compare Images (EcoDiff)",
             description="Stitches A and B side by side with labels and shows the result in the node; also passes "
                         "a_images/b_images on (and in the UI message) for compare widgets.",
             inputs=[

@@ -7,54 +7,87 @@ import logging
 from comfy_api.latest import io
 
 from ..ecodiff_comfy import preflight
-from ..ecodiff_comfy.folders import MASK_FOLDER, RUNS_SUBFOLDER, default_prompts, run_state_path
+from ..ecodiff_comfy.folders import MASK_FOLDER, RUNS_SUBFOLDER, run_state_path
 from ..ecodiff_comfy.progress import Progress, notify
 from ..ecodiff_comfy.sampling import LEARN_SAMPLERS, SamplingSpec, encode_prompts, scheduler_names
 from ..ecodiff_comfy.weights import model_layout, refuse_pruned
 from ..ecodiff_core.errors import EcoDiffError, MaskFileError
 from ..ecodiff_core.learn import LearnSettings, StepInfo
 from ..ecodiff_core.maskfile import MaskState, load_mask, save_mask
-from .common import CATEGORY, SEED_CONTROL, MaskType, mask_summary, parse_prompts
+from .common import SEED_CONTROL, MaskType, calibration_inputs, mask_summary, node_schema, parse_prompts
 from .learn_settings import DEFAULTS, LearnSettingsType, with_widgets
 
 
 class LearnSparsityMask(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="EcoDiffLearnMask",
-            display_name="Learn Sparsity Mask (EcoDiff)",
-            category=CATEGORY,
+        return node_schema(
+            node_id="EcoDiffLearnMask", display_name="Learn Sparsity Mask (EcoDiff)",
             description="Learns one gate per attention head, FFN neuron (and FLUX modulation channel) so that the "
                         "gated model's final latent matches the original's over whole sampling trajectories, with "
-                        "a sparsity penalty. Interrupting keeps the latest state in models/ecodiff_masks/.runs; running "
-                        "again with the same run_name resumes from it when the model, prompts and settings "
+                        "a sparsity penalty. Interrupting keeps the latest state in models/ecodiff_masks/.runs; "
+                        "running again with the same run_name resumes from it when the model, prompts and settings "
                         "are unchanged. Save the learned mask with Save Sparsity Mask.",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to learn a mask for (SD1.x, SD2, SDXL, SD3.x, FLUX.1). It is not modified."),
-                io.Clip.Input("clip", optional=True, tooltip="Text encoder used to encode the calibration prompts. Not needed when positive/negative conditionings are connected."),
-                io.String.Input("prompts", multiline=True, default=default_prompts(), tooltip="Calibration prompts, one per line (lines starting with # are ignored). The default set covers people, animals, places, objects and styles."),
-                io.String.Input("negative_prompt", multiline=True, default="", tooltip="Negative prompt for classifier-free guidance, shared by all calibration prompts."),
-                io.Int.Input("max_prompts", default=0, min=0, max=10000, tooltip="Use only the first N prompts (0 = all). Fewer prompts learn faster but generalise less."),
-                io.Int.Input("width", default=1024, min=16, max=8192, step=8, tooltip="Image width of the calibration trajectories, in pixels."),
-                io.Int.Input("height", default=1024, min=16, max=8192, step=8, tooltip="Image height of the calibration trajectories, in pixels."),
-                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps of each calibration trajectory (memory does not grow with steps when checkpointing is on)."),
-                io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.1, tooltip="Classifier-free guidance scale used along the trajectories (use 1.0 for FLUX)."),
-                io.Combo.Input("sampler_name", options=list(LEARN_SAMPLERS), default="euler", tooltip="Sampler of the calibration trajectories; learning needs a deterministic one (Euler)."),
-                io.Combo.Input("scheduler", options=scheduler_names(), default="normal", tooltip="Scheduler giving the σ schedule, from the model's own sampling settings."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=SEED_CONTROL, tooltip="Seed of the starting noise (prompt i uses seed + i, modulo 2^64) and of the gate noise. Keep it fixed: a new seed means learning again."),
-                io.Int.Input("epochs", default=DEFAULTS.epochs, min=1, max=1000, tooltip="Passes over all prompts (the official runs use 4; fewer leave most gates undecided)."),
-                io.Float.Input("beta", default=DEFAULTS.beta, min=0.0, max=100.0, step=0.01, tooltip="Weight of the sparsity penalty: higher removes more units."),
-                io.String.Input("run_name", default="ecodiff_run", tooltip=f"Name of the run state kept up to date in models/ecodiff_masks/{RUNS_SUBFOLDER} (hidden from the masks list; after an interrupt, a rerun with the same name resumes). Save the mask with Save Sparsity Mask."),
-                io.Boolean.Input("resume", default=True, tooltip="Resume an unfinished run saved under run_name if it was learned on the same model weights, prompts and settings; otherwise learning starts fresh and the summary says why."),
-                MaskType.Input("resume_mask", optional=True, tooltip="Continue learning from this mask instead (it must come from the same model; if its weights, prompts or settings differ, learning starts fresh and the summary says why)."),
-                io.Conditioning.Input("positive", optional=True, tooltip="Instead of CLIP + prompts: one positive conditioning (a single calibration prompt)."),
-                io.Conditioning.Input("negative", optional=True, tooltip="Negative conditioning to go with 'positive'."),
-                LearnSettingsType.Input("settings", optional=True, tooltip="Expert settings (accumulation, learning rates per kind, regulariser, gate temperature, λ₀, checkpointing) from an EcoDiff Learn Settings node; without it the engine's defaults are used."),
+                io.Model.Input("model", tooltip="The diffusion model to learn a mask for (SD1.x, SD2, SDXL, SD3.x, "
+                                                "FLUX.1). It is not modified."),
+                *calibration_inputs(
+                    clip="Text encoder used to encode the calibration prompts. Not needed when positive/negative "
+                         "conditionings are connected.",
+                    prompts="Calibration prompts, one per line (lines starting with # are ignored). The default set "
+                            "covers people, animals, places, objects and styles.",
+                    negative_prompt="Negative prompt for classifier-free guidance, shared by all calibration prompts.",
+                    max_prompts="Use only the first N prompts (0 = all). Fewer prompts learn faster but generalise "
+                                "less."),
+                io.Int.Input("steps", default=20, min=1, max=200,
+                             tooltip="Sampling steps of each calibration trajectory (memory does not grow with steps "
+                                     "when checkpointing is on)."),
+                io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance scale used along the trajectories (use 1.0 for "
+                                       "FLUX)."),
+                io.Combo.Input("sampler_name", options=list(LEARN_SAMPLERS), default="euler",
+                               tooltip="Sampler of the calibration trajectories; learning needs a deterministic one "
+                                       "(Euler)."),
+                io.Combo.Input("scheduler", options=scheduler_names(), default="normal",
+                               tooltip="Scheduler giving the σ schedule, from the model's own sampling settings."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=SEED_CONTROL,
+                             tooltip="Seed of the starting noise (prompt i uses seed + i, modulo 2^64) and of the gate "
+                                     "noise. Keep it fixed: a new seed means learning again."),
+                io.Int.Input("epochs", default=DEFAULTS.epochs, min=1, max=1000,
+                             tooltip="Passes over all prompts (the official runs use 4; fewer leave most gates "
+                                     "undecided)."),
+                io.Float.Input("beta", default=DEFAULTS.beta, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of the sparsity penalty: higher removes more units."),
+                io.String.Input("run_name", default="ecodiff_run",
+                                tooltip="Name of the run state kept up to date in "
+                                        f"models/ecodiff_masks/{RUNS_SUBFOLDER} (hidden from the masks list; after an "
+                                        "interrupt, a rerun with the same name resumes). Save the mask with Save "
+                                        "Sparsity Mask."),
+                io.Boolean.Input("resume", default=True,
+                                 tooltip="Resume an unfinished run saved under run_name if it was learned on the same "
+                                         "model weights, prompts and settings; otherwise learning starts fresh and the "
+                                         "summary says why."),
+                MaskType.Input("resume_mask", optional=True,
+                               tooltip="Continue learning from this mask instead (it must come from the same model; if "
+                                       "its weights, prompts or settings differ, learning starts fresh and the summary "
+                                       "says why)."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="Instead of CLIP + prompts: one positive conditioning (a single "
+                                              "calibration prompt)."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Negative conditioning to go with 'positive'."),
+                LearnSettingsType.Input("settings", optional=True,
+                                        tooltip="Expert settings (accumulation, learning rates per kind, regulariser, "
+                                                "gate temperature, λ₀, checkpointing) from an EcoDiff Learn Settings "
+                                                "node; without it the engine's defaults are used."),
             ],
             outputs=[
-                MaskType.Output(display_name="mask", tooltip="The learned logits (one per prunable unit); feed Apply Pruned Mask or Save Sparsity Mask."),
-                io.String.Output(display_name="summary", tooltip="Steps, first and last loss, whether learning finished, and why a saved run was not resumed."),
+                MaskType.Output(display_name="mask",
+                                tooltip="The learned logits (one per prunable unit); feed Apply Pruned Mask or Save "
+                                        "Sparsity Mask."),
+                io.String.Output(display_name="summary",
+                                 tooltip="Steps, first and last loss, whether learning finished, and why a saved run "
+                                         "was not resumed."),
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,  # learning writes its run state: a graph of loader → Learn runs on its own

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..ecodiff_comfy.images import kept_chart
-from .common import CATEGORY, ReportData, ReportType
+from .common import ReportData, ReportType, node_schema
 
 
 def chart_rows(data: ReportData) -> list[tuple[str, dict[str, tuple[int, int]]]]:
@@ -31,10 +31,8 @@ def warnings(report) -> list[str]:
 class PruningReport(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="EcoDiffPruningReport",
-            display_name="Pruning Report (EcoDiff)",
-            category=CATEGORY,
+        return node_schema(
+            node_id="EcoDiffPruningReport", display_name="Pruning Report (EcoDiff)",
             description="Parameters before/after, per unit kind and per block, and a chart of kept units per block.",
             inputs=[ReportType.Input("report", tooltip="The report output of Apply Pruned Mask.")],
             outputs=[

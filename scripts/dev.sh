@@ -2,6 +2,7 @@
 # One entry point for a fresh machine: creates .venv on first use, then runs what was asked.
 #   bash scripts/dev.sh demo [options]   prune the embedded default model end to end (see README)
 #   bash scripts/dev.sh test [pytest args]
+#        ruff's lint (rules in pyproject.toml) on the whole repository first, then pytest:
 #        every tier; with a ComfyUI checkout (COMFYUI_PATH, or ../shared/ComfyUI beside the repository)
 #        its Python requirements are installed into .venv too and the integration, server and browser
 #        tiers run against it, otherwise they skip with a message saying so.
@@ -43,6 +44,11 @@ command=${1:-test}
 shift || true
 case "$command" in
   demo) exec .venv/bin/python -m ecodiff_core demo "$@" ;;
-  test) exec .venv/bin/python -m pytest -q "$@" ;;
+  test)
+    if ! .venv/bin/ruff check --no-cache --quiet .; then
+      echo "lint failed: fix the findings above (.venv/bin/ruff check --fix sorts imports)" >&2
+      exit 1
+    fi
+    exec .venv/bin/python -m pytest -q "$@" ;;
   *) echo "usage: bash scripts/dev.sh demo|test [args]" >&2; exit 2 ;;
 esac

@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # run as a file: the repository root is where `sc
 
 from scripts.workflow_check import check_against_schemas, check_structure  # noqa: E402
 from scripts.workflow_graph import WorkflowBuilder  # noqa: E402
-from scripts.workflow_schema import EXAMPLES, ROOT, object_info_in_process, schema_inputs  # noqa: E402
 from scripts.workflow_layout import overlaps  # noqa: E402
+from scripts.workflow_schema import EXAMPLES, ROOT, object_info_in_process, schema_inputs  # noqa: E402
 
 SDXL_NOTE = """# EcoDiff on SDXL: learn a mask, prune, compare
 
@@ -108,7 +108,7 @@ SIZES = {
     "TripleCLIPLoader": (315, 106), "VAELoader": (315, 58), "CLIPTextEncode": (400, 180),
     "EmptyLatentImage": (315, 106), "EmptySD3LatentImage": (315, 106), "FluxGuidance": (315, 58),
     "KSampler": (315, 262), "VAEDecode": (210, 46), "EcoDiffLearnMask": (440, 800), "EcoDiffLearnSettings": (440, 340),
-    "EcoDiffApplyMask": (340, 170),
+    "EcoDiffApplyMask": (340, 174),
     "EcoDiffSaveMask": (340, 150), "EcoDiffLoadMask": (340, 170), "EcoDiffPruningReport": (600, 640),
     "EcoDiffCompare": (720, 520), "EcoDiffDemoModel": (315, 98), "EcoDiffJudgeDigits": (400, 220),
     "EcoDiffLoraRecover": (440, 860),
@@ -255,8 +255,9 @@ DEMO_NOTE = """# Try EcoDiff without downloading a model: the shipped digits mod
 ComfyUI's FLUX model (2 double + 4 single blocks), its trained text encoder as a CLIP and a display VAE
 (8×8 latent → 64×64 grey image). Nothing is downloaded.
 
-Learn Sparsity Mask learns gates on {n_learn} digit prompts ({epochs} epochs, one prompt per step; the official FLUX settings with a faster neuron learning rate, 0.5); Apply Pruned
-Mask removes **30 % of the parameters**; both models then draw the same {batch} digits (one prompt per line:
+Learn Sparsity Mask learns gates on {n_learn} digit prompts ({epochs} epochs, one prompt per step; the official
+FLUX settings with a faster neuron learning rate, 0.5); Apply Pruned Mask removes **30 % of the parameters**;
+both models then draw the same {batch} digits (one prompt per line:
 image *i* gets line *i* mod 10) from the same seed, and **EcoDiff Judge Digits** scores each batch with the
 shipped digit judge: accuracy of the requested digit and FD-judge (Fréchet distance in the judge's feature
 space vs real digits, not FID; lower is better).
@@ -306,7 +307,7 @@ def demo_workflow(info: dict) -> dict:
     sampling_tail(b, model, (ap, "model"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (lat, "LATENT"), vae,
                   sampler)
     decoders = [n for n in b.nodes if n.type == "VAEDecode"]
-    for i, (dec, label) in enumerate(zip(decoders, ("original", "pruned"))):
+    for i, (dec, label) in enumerate(zip(decoders, ("original", "pruned"), strict=True)):
         jd = add(b, "EcoDiffJudgeDigits", (2520 + 440 * i, 560), {"digits": "0,1,2,3,4,5,6,7,8,9", "label": label},
                  title=f"Judge ({label})")
         b.connect(dec, "IMAGE", jd, "images")

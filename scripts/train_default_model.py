@@ -67,7 +67,7 @@ def lr_factor(step: int, s: TrainSettings) -> float:
 def sample_captions(labels: torch.Tensor, s: TrainSettings, gen: torch.Generator) -> list[str]:
     picks = torch.randint(0, len(TRAIN_TEMPLATES), (len(labels),), generator=gen)
     drop = torch.rand(len(labels), generator=gen) < s.caption_dropout
-    return ["" if d else caption(TRAIN_TEMPLATES[int(p)], int(c)) for c, p, d in zip(labels, picks, drop)]
+    return ["" if d else caption(TRAIN_TEMPLATES[int(p)], int(c)) for c, p, d in zip(labels, picks, drop, strict=True)]
 
 
 def encode_batch(
@@ -95,7 +95,7 @@ def flow_matching_loss(
 @torch.no_grad()
 def ema_update(ema: DefaultModel, model: DefaultModel, step: int, decay: float) -> None:
     d = min(decay, (1 + step) / (10 + step))
-    for pe, p in zip(ema.parameters(), model.parameters()):
+    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
         pe.lerp_(p, 1 - d)
 
 

@@ -153,7 +153,7 @@ def check_against_schemas(wf: dict, object_info: dict) -> list[str]:
             problems.append(f"node {n['id']}: type '{kind}' is not a known node type")
             continue
         specs = {s.name: s for s in schema_inputs(info)}
-        for slot, inp in enumerate(n.get("inputs") or []):
+        for inp in n.get("inputs") or []:
             spec = specs.get(inp.get("name"))
             if spec is None:
                 problems.append(f"node {n['id']} ({kind}): input '{inp.get('name')}' is not in the schema "
@@ -177,7 +177,7 @@ def check_against_schemas(wf: dict, object_info: dict) -> list[str]:
         node_outs = n.get("outputs") or []
         if len(node_outs) != len(outs):
             problems.append(f"node {n['id']} ({kind}): {len(node_outs)} outputs, schema has {len(outs)}")
-        for slot, (out, (name, otype)) in enumerate(zip(node_outs, outs)):
+        for slot, (out, (name, otype)) in enumerate(zip(node_outs, outs, strict=False)):
             if out.get("name") != name or out.get("type") != otype:
                 problems.append(f"node {n['id']} ({kind}) output {slot}: {out.get('name')}:{out.get('type')}, "
                                 f"schema says {name}:{otype}")
@@ -192,7 +192,7 @@ def check_against_schemas(wf: dict, object_info: dict) -> list[str]:
                             f"widget values, schema needs {len(slots)} "
                             f"({[s.name + ('/control' if k == 'control' else '') for k, s in slots]})")
             continue
-        for (slot_kind, spec), value in zip(slots, values):
+        for (slot_kind, spec), value in zip(slots, values, strict=True):
             if slot_kind == "control":
                 if value not in CONTROL_VALUES:
                     problems.append(f"node {n['id']} ({kind}): control_after_generate of '{spec.name}' is "

@@ -104,7 +104,7 @@ def widget_slots(info: dict) -> list[tuple[str, InputSpec]]:
 def schema_outputs(info: dict) -> list[tuple[str, str]]:
     types = [t if not isinstance(t, list) else "COMBO" for t in info.get("output", [])]
     names = list(info.get("output_name") or types)
-    return list(zip(names, types))
+    return list(zip(names, types, strict=True))
 
 
 def types_compatible(out_type: str, in_type: str) -> bool:

@@ -78,7 +78,8 @@ def unet_config(arch: str) -> dict:
     if arch == "sd3":
         return {"in_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2, "out_channels": 16,
                 "depth": 2, "input_size": None, "adm_in_channels": POOLED,
-                "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
+                "context_embedder_config": {"target": "torch.nn.Linear",
+                                            "params": {"in_features": 64, "out_features": 128}},
                 "num_patches": 256, "pos_embed_max_size": 16, "x_block_self_attn_layers": []}
     raise ValueError(f"unknown tiny arch '{arch}'; choose one of {', '.join(ARCHS)}")
 
@@ -109,7 +110,7 @@ def init_weights(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-        for name, b in module.named_buffers():  # e.g. MMDiT's pos_embed, left as torch.empty
+        for b in module.buffers():  # e.g. MMDiT's pos_embed, left as torch.empty
             if b.is_floating_point():
                 b.copy_(0.1 * torch.randn(b.shape, generator=gen))
 

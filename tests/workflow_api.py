@@ -10,7 +10,7 @@ from scripts.workflow_schema import FRONTEND_ONLY, links_by_id, nodes_by_id, wid
 def widget_values(node: dict, info: dict) -> dict[str, Any]:
     values = node.get("widgets_values") or []
     out = {}
-    for (slot_kind, spec), value in zip(widget_slots(info), values):
+    for (slot_kind, spec), value in zip(widget_slots(info), values, strict=False):
         if slot_kind == "value":
             out[spec.name] = value
     return out

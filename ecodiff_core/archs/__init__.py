@@ -78,7 +78,7 @@ def validate_layout(model: nn.Module, layout: Layout) -> None:
                     out_kinds.setdefault(s.module, set()).add(role)
     for (module, side), spans in claimed.items():
         spans.sort()
-        for (a0, a1, an), (b0, b1, bn) in itertools.pairwise(spans):
+        for (_a0, a1, an), (b0, b1, bn) in itertools.pairwise(spans):
             if b0 < a1:
                 raise EcoDiffError(f"'{module}' {side} features [{b0}, {min(a1, b1)}) are claimed by "
                                    f"both '{an}' and '{bn}'")

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..replacements import EmptyAttention
 from ..errors import EcoDiffError
+from ..replacements import EmptyAttention
 from ..units import Slice, UnitGroup
 from .shared import has_class, join
 
 ARCH_ID = "comfy_unet"
 DESCRIPTION = "ComfyUI UNetModel (SD1.x, SD2.x, SDXL)"
-# Activation checkpointing inside the recomputed learning step wraps ResNet blocks and the transformer blocks inside each SpatialTransformer
-# (outermost modules of these classes; see ecodiff_core.block_checkpoint).
+# Activation checkpointing inside the recomputed learning step wraps ResNet blocks and the transformer
+# blocks inside each SpatialTransformer (outermost modules of these classes; see ecodiff_core.block_checkpoint).
 CHECKPOINT_BLOCKS: tuple[str, ...] = ("ResBlock", "BasicTransformerBlock")
 
 

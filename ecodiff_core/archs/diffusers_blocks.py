@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..replacements import EmptyAttention
 from ..errors import EcoDiffError
+from ..replacements import EmptyAttention
 from ..units import Slice, UnitGroup
 from .shared import is_linear, join
 

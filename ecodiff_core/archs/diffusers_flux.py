@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..replacements import EmptyFluxJointAttention, EmptyPreOnlyAttention
 from ..errors import EcoDiffError
+from ..replacements import EmptyFluxJointAttention, EmptyPreOnlyAttention
 from ..units import Slice, UnitGroup
 from .diffusers_blocks import feedforward_group, head_dim_of, reject_fused
 from .shared import has_class, join, modulation_group
@@ -29,7 +29,7 @@ def matches(model: nn.Module) -> bool:
 
 def _qkv(path: str, prefix: str = "to_") -> tuple[Slice, ...]:
     names = ("add_q_proj", "add_k_proj", "add_v_proj") if prefix == "add_" else ("to_q", "to_k", "to_v")
-    return tuple(Slice(join(path, n), "out", role=r) for n, r in zip(names, "qkv"))
+    return tuple(Slice(join(path, n), "out", role=r) for n, r in zip(names, "qkv", strict=True))
 
 
 def _require(group: UnitGroup | None, path: str) -> UnitGroup:

@@ -9,8 +9,8 @@ from .shared import block_label, has_class
 
 ARCH_ID = "diffusers_unet"
 DESCRIPTION = "diffusers UNet2DConditionModel (SD1.x, SD2.x, SDXL)"
-# Activation checkpointing inside the recomputed learning step wraps ResNet blocks and the transformer blocks inside each Transformer2DModel
-# (outermost modules of these classes; see ecodiff_core.block_checkpoint).
+# Activation checkpointing inside the recomputed learning step wraps ResNet blocks and the transformer
+# blocks inside each Transformer2DModel (outermost modules of these classes; see ecodiff_core.block_checkpoint).
 CHECKPOINT_BLOCKS: tuple[str, ...] = ("ResnetBlock2D", "BasicTransformerBlock")
 
 

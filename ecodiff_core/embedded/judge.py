@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import SettingsError, WeightsMissingError
+from ..safetensors_file import read, write_atomic
 from .data import NUM_CLASSES, load_digit_split
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -145,9 +144,9 @@ def save_judge(net: JudgeNet, reference: FeatureStats, weights_dir: Path | str =
                metadata: dict[str, str] | None = None) -> None:
     weights_dir = Path(weights_dir)
     tensors = {k: v.detach().cpu().float().contiguous() for k, v in net.state_dict().items()}
-    save_file(tensors, str(weights_dir / JUDGE_FILE), metadata=metadata or {})
+    write_atomic(weights_dir / JUDGE_FILE, tensors, metadata or {})
     stats = {"mean": torch.from_numpy(reference.mean), "cov": torch.from_numpy(reference.cov)}
-    save_file(stats, str(weights_dir / STATS_FILE), metadata={"count": str(reference.count), "split": "test"})
+    write_atomic(weights_dir / STATS_FILE, stats, {"count": str(reference.count), "split": "test"})
 
 
 def load_judge(weights_dir: Path | str | None = None) -> Judge:
@@ -159,9 +158,9 @@ def load_judge(weights_dir: Path | str | None = None) -> Judge:
                 f"judge file {weights_dir / name} not found; regenerate it with `python scripts/train_judge.py`"
             )
     net = JudgeNet()
-    net.load_state_dict({k: v.float() for k, v in load_file(str(weights_dir / JUDGE_FILE)).items()}, strict=True)
-    stats = load_file(str(weights_dir / STATS_FILE))
-    with safe_open(str(weights_dir / STATS_FILE), framework="pt") as f:
-        count = int((f.metadata() or {}).get("count", "0"))
+    weights, _ = read(weights_dir / JUDGE_FILE, what="judge file")
+    net.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
+    stats, meta = read(weights_dir / STATS_FILE, what="judge statistics file")
+    count = int(meta.get("count", "0"))
     reference = FeatureStats(stats["mean"].double().numpy(), stats["cov"].double().numpy(), count)
     return Judge(net, reference)

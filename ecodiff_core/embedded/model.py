@@ -7,19 +7,18 @@ Rectified flow in sigma-space over the packed latent (B, 16, 4):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._compat import ensure_torchvision_importable
 from ..denoisers import flow_denoiser, flow_sigmas
 from ..errors import EcoDiffError, SettingsError, WeightsMissingError
+from ..safetensors_file import read, write_atomic
 from ..trajectory import Denoiser, sample
-
 from .data import LATENT_SHAPE, image_ids, unpack
 from .text import TextEncoderConfig, TinyTextEncoder
 
@@ -183,14 +182,7 @@ def save_default_model(
     """Write transformer + text encoder weights (fp16 by default) to one safetensors file."""
     dtype = torch.float16 if fp16 else torch.float32
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={**_config_metadata(), **(extra_metadata or {})})
-
-
-def read_metadata(path: Path | str) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    write_atomic(path, tensors, {**_config_metadata(), **(extra_metadata or {})})
 
 
 def load_default_model(path: Path | str | None = None, device: str | torch.device = "cpu") -> DefaultModel:
@@ -201,13 +193,12 @@ def load_default_model(path: Path | str | None = None, device: str | torch.devic
             f"default model weights not found at {path}; regenerate them with "
             "`python scripts/train_default_model.py`"
         )
-    meta = read_metadata(path)
+    tensors, meta = read(path, what="default model file")
     expected = _config_metadata()
     for key in ("transformer_config", "text_encoder_config"):
         if json.loads(meta.get(key, "null")) != json.loads(expected[key]):
             raise EcoDiffError(f"{path}: {key} in the file does not match the code; retrain the model "
                                "(`python scripts/train_default_model.py`)")
     model = DefaultModel()
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
     return model.to(device).eval().requires_grad_(False)

@@ -19,8 +19,17 @@ from ..archs import find_layout
 from ..errors import EcoDiffError, SettingsError
 from ..learn import frozen_weights
 from ..plan import PruneTarget, count_parameters
-from ..recover import (DistillProblem, LoraRecoverer, LoraWeights, RecoverSettings, distillation_loss,
-                      lora_target_paths, rollout_states, teacher_targets)
+from ..recover import (
+    DistillProblem,
+    LoraRecoverer,
+    LoraWeights,
+    RecoverSettings,
+    distillation_loss,
+    lora_target_paths,
+    rollout_states,
+    teacher_targets,
+)
+from ..safetensors_file import write_atomic
 from ..seeds import derived_seed
 from .demo import RunSettings, calibration_samples, default_learn_settings, learn_mask, prune_to
 
@@ -73,11 +82,11 @@ def run_recover(settings: RecoverDemoSettings, progress: bool = True) -> dict[st
     """Learn (or load) a mask → prune → evaluate → LoRA Recover → evaluate; report in ``settings.output``."""
     from tqdm.auto import tqdm
 
+    from ..maskfile import load_mask, save_mask
     from .evaluation import EvalSettings, evaluate_model
     from .judge import load_judge
     from .model import load_default_model, sigmas
     from .text import calibration_prompts
-    from ..maskfile import load_mask, save_mask
 
     settings.validate()
     torch.manual_seed(settings.seed)
@@ -125,10 +134,8 @@ def run_recover(settings: RecoverDemoSettings, progress: bool = True) -> dict[st
         raise EcoDiffError(f"recovery stopped early: {state.stop_reason}")
     with lora.installed(pruned), torch.no_grad():
         after = evaluate_model(model, judge, evaluation, transformer=pruned)
-    import safetensors.torch
-
-    safetensors.torch.save_file(lora.tensors(prefix=""), str(out / "recover_lora.safetensors"),
-                                metadata={"rank": str(rs.rank), "alpha": str(rs.alpha), "targets": rs.targets})
+    write_atomic(out / "recover_lora.safetensors", lora.tensors(prefix=""),
+                 {"rank": str(rs.rank), "alpha": str(rs.alpha), "targets": rs.targets})
     keys = ("accuracy", "confidence", "fd_judge")
     result = {
         "model": "embedded default (FluxTransformer2DModel, digits)",

@@ -26,12 +26,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import comfy_server
 import pytest
-from workflow_api import to_api
 
+import comfy_server
 from scripts import workflow_schema as ws
 from scripts.comfy_env import SKIP_REASON, comfy_path
+from workflow_api import to_api
 
 SCRIPT = Path(__file__).resolve().parent / "ui_check.cjs"
 EXTENSION_URL = "/extensions/ComfyUI-EcoDiff/"

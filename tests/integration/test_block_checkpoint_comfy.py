@@ -2,10 +2,10 @@
 T = 3 trajectory (CFG on and off) equals plain autograd, through ComfyUI's guider and in-place adds."""
 from __future__ import annotations
 
-import comfy_tiny as ct
 import pytest
 import torch
 
+import comfy_tiny as ct
 from scripts.comfy_env import sub
 
 BLOCKS = {"sd15": {"ResBlock", "BasicTransformerBlock"}, "sdxl": {"ResBlock", "BasicTransformerBlock"},
@@ -31,7 +31,7 @@ def lambda_gradient(weights, sampling, tiny, cfg: float, blocks: bool):
         def before_step(i):
             u = gates.uniform_noise(sum(sizes), torch.Generator().manual_seed(100 + i))
             controller.set({gr.name: gates.sample_gate(lam, part.to(lam.device), gates.GateSettings())
-                            for gr, lam, part in zip(layout.groups, params, torch.split(u, sizes))})
+                            for gr, lam, part in zip(layout.groups, params, torch.split(u, sizes), strict=True)})
 
         s = session.samples[0]
         target = torch.zeros_like(s.noise)

@@ -3,9 +3,10 @@ Pruning, saving and learning must read exactly the weights of the MODEL they are
 clone of the base sampled, they give on the base what they give on a fresh, never-patched base."""
 from __future__ import annotations
 
-import comfy_tiny as ct
 import pytest
 import torch
+
+import comfy_tiny as ct
 from comfy_checks import random_keep, rel_err, wrap_linears
 
 
@@ -67,7 +68,8 @@ def test_pruning_after_a_lora_clone_sampled_reads_the_base_weights(arch, weights
         base_after = ct.sample(base, tiny.positive, tiny.negative, seed=2)
         lora_after = ct.sample(lora, tiny.positive, tiny.negative, seed=2)
 
-    assert_same_state(state(pruned.model.diffusion_model), fresh_pruned_state(weights, pruned_models, arch, keep, logits))
+    assert_same_state(state(pruned.model.diffusion_model),
+                      fresh_pruned_state(weights, pruned_models, arch, keep, logits))
     assert rel_err(out_pruned, out_soft) <= 1e-5
     assert rel_err(out_pruned_lora, out_soft_lora) <= 1e-5
     assert rel_err(out_pruned, out_pruned_lora) > 1e-3  # the LoRA does matter, and only in its own clone
@@ -105,7 +107,8 @@ def test_saved_pruned_model_holds_its_own_weights(arch, weights, pruned_models, 
 @pytest.mark.parametrize("arch", ["sd15", "flux"])
 def test_learning_after_a_lora_clone_sampled_equals_learning_on_a_fresh_base(arch, sampling, learning, core):
     spec = sampling.SamplingSpec(width=64, height=64, steps=2, cfg=2.0, seed=1)
-    settings = core.learn.LearnSettings(epochs=2, accumulate=1, beta=0.1, lr={"head": 0.5, "neuron": 0.5, "channel": 0.5})
+    settings = core.learn.LearnSettings(epochs=2, accumulate=1, beta=0.1,
+                                        lr={"head": 0.5, "neuron": 0.5, "channel": 0.5})
 
     def learned(sibling_sampled: bool) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
@@ -144,7 +147,8 @@ def wrapped_clone(soft_gates, model, layout, wrapper: str):
 
 @pytest.mark.parametrize("wrapper", ["adapters", "soft gates"])
 @pytest.mark.parametrize("arch", ["sd15", "flux"])
-def test_pruning_and_saving_fold_in_weight_wrappers(arch, wrapper, weights, soft_gates, pruned_models, pruned_files, tmp_path):
+def test_pruning_and_saving_fold_in_weight_wrappers(arch, wrapper, weights, soft_gates, pruned_models, pruned_files,
+                                                    tmp_path):
     """Weight wrappers are the MODEL's own patches: the pruned MODEL computes what the soft-gated
     wrapped MODEL computes, Save Pruned Model writes what the MODEL computes with, and the input
     MODELs are unchanged."""

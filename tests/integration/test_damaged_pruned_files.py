@@ -8,10 +8,11 @@ import json
 import random
 import struct
 
-import comfy_tiny as ct
 import pytest
 import safetensors.torch
 import torch
+
+import comfy_tiny as ct
 from comfy_checks import random_mask
 from file_damage import header_end, truncations_and_bit_flips
 
@@ -86,7 +87,15 @@ def _variants(good: bytes, tmp_path):
     yield "count +1", _with_record(good, tmp_path,
                                    lambda r: {**r, "counts": {**r["counts"], group: r["counts"][group] + 1}})
     yield "extra keys", _with_record(good, tmp_path, lambda r: {**r, "note": [1], "future": {"x": 1}})
+    yield "no align (older file)", _with_record(good, tmp_path,
+                                                lambda r: {k: v for k, v in r.items() if k != "align"})
+    for value in BAD_ALIGNS:
+        yield f"align {value!r}", _with_record(good, tmp_path, lambda r, value=value: {**r, "align": value})
     yield from _dtype_variants(good, tmp_path)
+
+
+#: values of the record's ``align`` (the feature multiple the kept units were planned with) it refuses
+BAD_ALIGNS = (0, -8, 7.5, "8", True, None, 100000)
 
 
 # precision fields and stored dtypes: the file is fp32 computed in fp32 (manual_cast_dtype null)
@@ -147,7 +156,8 @@ def test_damaged_pruned_files_load_or_give_a_clear_error(saved, pruned_files, co
         if not label.startswith("bit flip"):
             loaded.append(label)
     # edits that keep the record valid load (and sample like the saved model); all others are refused
-    assert "extra keys" in loaded and "kept 999" not in loaded and "model_config_class=torch" not in loaded
+    assert "extra keys" in loaded and "no align (older file)" in loaded
+    assert "kept 999" not in loaded and "model_config_class=torch" not in loaded
     # tensors in other dtypes than the record builds, and casts that are no compute dtype, are refused
     dtype_labels = [label for label, _ in _dtype_variants(good, tmp_path)]
     assert [label for label in dtype_labels if outcomes[label] == "ok"] == ["manual_cast_dtype float32"]
@@ -159,5 +169,6 @@ def test_damaged_pruned_files_load_or_give_a_clear_error(saved, pruned_files, co
     refused = [label for label, outcome in outcomes.items() if outcome == "error"]
     assert all(label in refused for label in ("record a list", "record not json", "kept dup", "kept -1",
                                               "kept float", "count +1", "model_config_class=os",
-                                              "model_class=ModelType", "model_type=EPS "))
+                                              "model_class=ModelType", "model_type=EPS ",
+                                              *(f"align {value!r}" for value in BAD_ALIGNS)))
     assert len(refused) > len(outcomes) // 2

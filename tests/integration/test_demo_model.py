@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_checks import random_keep, rel_err
 
+from comfy_checks import random_keep, rel_err
 from scripts.comfy_env import sub
 
 

@@ -26,7 +26,7 @@ def test_tiny_cpu_run_prints_a_complete_table() -> None:
     assert [(r[0], r[1]) for r in body] == [("SDXL", "bf16"), ("SDXL", "fp8"), ("FLUX.1-dev", "bf16"),
                                             ("FLUX.1-dev", "fp8")]
     for r in body:
-        values = dict(zip(header[2:], map(float, r[2:])))
+        values = dict(zip(header[2:], map(float, r[2:]), strict=True))
         assert all(v > 0 for v in values.values()), r
         assert values["learn / infer"] > 1  # a learning trajectory costs more than sampling one
         assert values["learn peak GB, plain"] > values["weights GB"]

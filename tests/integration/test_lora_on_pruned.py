@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 
-import comfy_tiny as ct
 import pytest
 import torch
+
+import comfy_tiny as ct
 from comfy_checks import random_keep, rel_err
 
 torch.set_num_threads(1)  # tiny models: intra-op threads only contend (as tests/unit/tiny_models.py)

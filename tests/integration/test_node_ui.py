@@ -2,9 +2,10 @@
 warnings first, the seed's control mode, on tiny real ComfyUI models."""
 from __future__ import annotations
 
-import comfy_tiny as ct
 import pytest
 import torch
+
+import comfy_tiny as ct
 from comfy_checks import random_mask
 
 

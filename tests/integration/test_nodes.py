@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import comfy_tiny as ct
 import pytest
 import torch
-from comfy_checks import random_mask, rel_err, same_weights, weights_snapshot, wrap_linears
 
+import comfy_tiny as ct
+from comfy_checks import random_mask, rel_err, same_weights, weights_snapshot, wrap_linears
+from pruned_shapes import check_counts_match_shapes
 from scripts.comfy_env import sub
 
 LEARN_ARGS = dict(prompts="a red fox in snow\na lighthouse in a storm\na bowl of ramen", negative_prompt="",
@@ -72,7 +73,7 @@ def test_the_latest_state_is_handed_over_when_a_run_stops(progress, weights, kin
     gets the latest state with its stop reason (its own, else "interrupted after step N")."""
     layout = weights.model_layout(ct.tiny("sd15", seed=1).model)
     state = sub("ecodiff_core.maskfile").MaskState.fresh(layout, 1.0) if kind == "mask" else \
-        sub("ecodiff_core.recover").RecoverState("a", "f", {}, {})
+        sub("ecodiff_core.recover").RecoverState("a", "f", {}, sub("ecodiff_core.recover").RecoverSettings())
     state.progress["step"], state.stop_reason = 3, reason
     saved = []
     with pytest.raises(KeyboardInterrupt):
@@ -134,6 +135,7 @@ CHANGED_INPUTS = {
     "beta": (dict(beta=0.3), "beta 0.1 → 0.3"),
     "sampling steps": (dict(steps=3), "steps 2 → 3"),
     "size": (dict(width=48), "width 64 → 48"),
+    "prompt batch": (dict(prompt_batch=2, accumulate=2), "prompt_batch 1 → 2"),
 }
 
 
@@ -469,7 +471,7 @@ def test_learn_settings_node_defaults_are_the_engines(nodes, core):
                         "lr_channels": engine.lr["channel"], "weight_decay": engine.weight_decay,
                         "gate_temperature": engine.gate.temperature, "init_logit": engine.gate.init_logit,
                         "noise_offset": engine.gate.noise_offset, "checkpointing": engine.checkpointing,
-                        "block_checkpointing": engine.block_checkpointing}
+                        "block_checkpointing": engine.block_checkpointing, "prompt_batch": engine.prompt_batch}
     learn_defaults = {i.id: getattr(i, "default", None) for i in nodes.LearnSparsityMask.define_schema().inputs}
     assert (learn_defaults["epochs"], learn_defaults["beta"]) == (engine.epochs, engine.beta) == (4, 0.5)
     assert not set(defaults) & set(learn_defaults), "an expert setting is on both nodes"
@@ -482,3 +484,84 @@ def test_learn_settings_node_defaults_are_the_engines(nodes, core):
     with pytest.raises(core.errors.SettingsError, match="unknown learn setting.*lr_head"):
         nodes.LearnSparsityMask.execute(model=ct.tiny("sd15").model, clip=None, **dict(LEARN_ARGS, lr_head=0.1),
                                         run_name="typo")
+
+
+@pytest.mark.parametrize("arch", ["sd15", "flux"])
+@pytest.mark.parametrize("align, device_align, expected", [("8", 1, 8), ("16", 1, 16), ("off", 1, 1), ("auto", 1, 1),
+                                                           ("auto", 8, 8), ("off", 8, 1)])
+def test_apply_align_reaches_the_plan_the_shapes_and_the_record(arch, align, device_align, expected, nodes, weights,
+                                                                core, pruned_models, monkeypatch):
+    """Apply Pruned Mask's align widget: the kept units are the engine's plan for that alignment
+    ("auto" = the host's ``device_align``: 8 on CUDA, off elsewhere, stood in for here since a
+    CUDA load device cannot be loaded on CPU; the rule itself is in test_prune_models), the pruned
+    module's widths hold exactly those units (multiples of ``expected`` features, or the whole
+    group), the record and the report say the alignment, and the parameter budget holds."""
+    monkeypatch.setattr(pruned_models, "device_align", lambda model: device_align)
+    tiny = ct.tiny(arch, seed=2)
+    model = tiny.model
+    layout, mask = _random_mask(weights, model)
+    with torch.inference_mode():
+        pruned, data = nodes.ApplyPrunedMask.execute(model, mask, "params", 0.3, "", "prune", align).args
+        plan = core.plan.plan_pruning(model.model.diffusion_model, layout, mask.logits,
+                                      core.plan.PruneTarget(params=0.3, align=expected), settings=mask.settings)
+    kept = {g.name: int(plan.keep[g.name].sum()) for g in layout.groups}
+    assert {g.name: g.units_after for g in data.report.groups} == kept
+    record = weights.pruning_info(pruned)
+    assert record["align"] == expected
+    assert all(record["kept"][k] == torch.nonzero(plan.keep[k]).reshape(-1).tolist() for k in kept)
+    check_counts_match_shapes(model.model.diffusion_model, pruned.model.diffusion_model, layout, kept)
+    for g in layout.groups:
+        assert kept[g.name] == g.count or (kept[g.name] * g.width) % expected == 0, (g.name, kept[g.name], g.width)
+    if expected > 1:
+        assert any(0 < kept[g.name] < g.count for g in layout.groups), "nothing cut inside a group"
+    assert data.report.params_removed == plan.removed_params >= 0.3 * data.report.params_before
+    assert (f"kept widths aligned to {expected} features" in data.target) == (expected > 1), data.target
+
+
+def test_apply_align_changes_the_plan_and_survives_save_load(nodes, weights):
+    """align=8 and align=off on one mask give other kept units (so a changed widget re-plans), and a
+    saved aligned model loads with its record's alignment."""
+    tiny = ct.tiny("sd15", seed=4)
+    _, mask = _random_mask(weights, tiny.model, seed=3)
+    with torch.inference_mode():
+        aligned = nodes.ApplyPrunedMask.execute(tiny.model, mask, "params", 0.25, "", "prune", "8").args[0]
+        exact = nodes.ApplyPrunedMask.execute(tiny.model, mask, "params", 0.25, "", "prune", "off").args[0]
+        nodes.SavePrunedModel.execute(aligned, "sd15_aligned8")
+        loaded = nodes.LoadPrunedModel.execute("sd15_aligned8.safetensors").args[0]
+        a = ct.sample(aligned, tiny.positive, tiny.negative, seed=4, steps=2)
+        b = ct.sample(loaded, tiny.positive, tiny.negative, seed=4, steps=2)
+    assert weights.pruning_info(aligned)["kept"] != weights.pruning_info(exact)["kept"]
+    assert weights.pruning_info(exact)["align"] == 1
+    assert weights.pruning_info(loaded)["align"] == 8 and torch.equal(a, b)
+
+
+def test_apply_refuses_an_unknown_align(flux_run, nodes, core):
+    with pytest.raises(core.errors.EcoDiffError, match="align must be one of auto, off, 8"):
+        nodes.ApplyPrunedMask.execute(flux_run[0].model, flux_run[1].args[0], "params", 0.2, "", "prune", "7")
+
+
+def test_prompt_batch_reaches_the_engine(nodes, sampling, learning, core):
+    """EcoDiff Learn Settings' prompt_batch is in the run state's settings, and Learn's mask is the
+    engine's for those settings; two prompts in one batch share each step's gate sample, so the
+    mask differs from one by one (the widget was not dropped on the way)."""
+    tiny = ct.tiny("sd15", seed=5)
+    args = dict(prompts="a red fox in snow\na lighthouse in a storm", steps=2, epochs=1, accumulate=2,
+                resume=False)
+    spec = sampling.SamplingSpec(width=64, height=64, steps=2, cfg=LEARN_ARGS["cfg"], sampler_name="euler",
+                                 scheduler="normal", seed=LEARN_ARGS["seed"])
+    with torch.inference_mode():
+        conds = sampling.encode_prompts(ct.TinyClip("sd15"), args["prompts"].splitlines(), "")
+    masks = {}
+    for batch in (1, 2):
+        settings = nodes.LearnSettingsNode.execute(prompt_batch=batch, block_checkpointing="off").args[0]
+        mask = learn(nodes, tiny, f"prompt_batch_{batch}", settings=settings, **args).args[0]
+        expected = core.learn.LearnSettings(epochs=1, accumulate=2, beta=LEARN_ARGS["beta"], regularizer="l1",
+                                            lr={"head": 0.5, "neuron": 0.5, "channel": 0.5}, checkpointing=True,
+                                            block_checkpointing="off", seed=LEARN_ARGS["seed"], prompt_batch=batch)
+        assert mask.settings == expected
+        with torch.inference_mode():
+            reference = learning.learn_mask(tiny.model, conds, spec, expected)
+        assert len(mask.history) == 1 and mask.history == reference.history
+        assert all(torch.equal(mask.logits[k], reference.logits[k]) for k in reference.logits)
+        masks[batch] = mask
+    assert any(not torch.equal(masks[1].logits[k], masks[2].logits[k]) for k in masks[1].logits)

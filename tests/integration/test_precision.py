@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
-import comfy_tiny as ct
 import pytest
 import safetensors
 import safetensors.torch
 import torch
+
+import comfy_tiny as ct
 from comfy_checks import random_keep, rel_err
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -49,7 +50,8 @@ def build(arch: str, precision: str):
 def prune(weights, pruned_models, model, seed: int = 4):
     layout = weights.model_layout(model)
     keep = random_keep(layout, seed=seed)
-    pruned, _ = pruned_models.build_pruned_model(model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
+    pruned, _ = pruned_models.build_pruned_model(model, layout, keep,
+                                                 {g.name: torch.zeros(g.count) for g in layout.groups})
     return pruned
 
 
@@ -58,7 +60,8 @@ def dtypes(module: torch.nn.Module) -> dict[str, torch.dtype]:
 
 
 @pytest.mark.parametrize("arch,precision", CASES)
-def test_reloaded_pruned_model_samples_like_the_in_memory_one(arch, precision, weights, pruned_models, pruned_files, tmp_path):
+def test_reloaded_pruned_model_samples_like_the_in_memory_one(arch, precision, weights, pruned_models, pruned_files,
+                                                             tmp_path):
     weight, cast, scaled, _ = PRECISIONS[precision]
     _, ctx, pooled = ct.dims(arch)
     pos, neg = ct.make_conditioning(arch, ctx, pooled, 10), ct.make_conditioning(arch, ctx, pooled, 11)
@@ -78,7 +81,8 @@ def test_reloaded_pruned_model_samples_like_the_in_memory_one(arch, precision, w
     expected = dtypes(pruned.model.diffusion_model)
     assert {k: v.dtype for k, v in safetensors.torch.load_file(str(path)).items()} == expected
     assert dtypes(loaded.model.diffusion_model) == expected
-    matrices = {v for k, v in expected.items() if k.endswith("weight") and pruned.model.diffusion_model.get_parameter(k).ndim == 2}
+    dm = pruned.model.diffusion_model
+    matrices = {v for k, v in expected.items() if k.endswith("weight") and dm.get_parameter(k).ndim == 2}
     assert matrices == {scaled or weight}
     assert loaded.model.manual_cast_dtype == pruned.model.manual_cast_dtype == cast
     assert loaded.model.get_dtype() == pruned.model.get_dtype()
@@ -133,7 +137,8 @@ def test_records_without_precision_keys_still_load(arch, precision, weights, pru
     ("weight_dtype", "float16", "is stored in bfloat16, but the record builds it in float16"),
     ("weight_dtype", "float8_e4m3fn", "is stored in bfloat16, but the record builds it in float8_e4m3fn"),
 ])
-def test_damaged_precision_key_is_a_clear_error(weights, pruned_models, pruned_files, core, tmp_path, key, value, message):
+def test_damaged_precision_key_is_a_clear_error(weights, pruned_models, pruned_files, core, tmp_path, key, value,
+                                                message):
     """A bf16 file whose record names another weight dtype, or a cast that is no compute dtype:
     one PrunedFileError at load (not a raw error from sampling)."""
     with torch.inference_mode():
@@ -151,7 +156,8 @@ def test_damaged_precision_key_is_a_clear_error(weights, pruned_models, pruned_f
 
 @pytest.mark.parametrize("arch,precision,compute", [("flux", "fp32", BF16), ("sd15", "fp32", BF16),
                                                     ("flux", "fp8e4m3-cast-fp32", BF16)])
-def test_model_compute_dtype_carries_to_the_pruned_and_reloaded_model(arch, precision, compute, weights, pruned_models, pruned_files, tmp_path):
+def test_model_compute_dtype_carries_to_the_pruned_and_reloaded_model(arch, precision, compute, weights, pruned_models,
+                                                                      pruned_files, tmp_path):
     """ComfyUI's ModelComputeDtype (``set_model_compute_dtype``: an object patch plus forced weight
     casting) is the pruned MODEL's compute dtype in memory and after reloading."""
     _, ctx, pooled = ct.dims(arch)
@@ -181,7 +187,8 @@ def test_pruned_model_computes_what_hard_masking_computes(arch, precision, weigh
         model = build(arch, precision)
         layout = weights.model_layout(model)
         keep = random_keep(layout, seed=4)
-        pruned, _ = pruned_models.build_pruned_model(model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
+        pruned, _ = pruned_models.build_pruned_model(model, layout, keep,
+                                                     {g.name: torch.zeros(g.count) for g in layout.groups})
         a = ct.sample(pruned, pos, neg, seed=3, steps=2)
         b = ct.sample(soft_gates.soft_gated_model(model, layout, keep), pos, neg, seed=3, steps=2)
     compute = cast or weight

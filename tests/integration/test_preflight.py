@@ -3,12 +3,12 @@ before any compute with the estimate, the free memory and the remedies; "auto" f
 block checkpointing through the node learns the same mask."""
 from __future__ import annotations
 
-import comfy_tiny as ct
 import pytest
 import torch
-from test_nodes import learn
 
+import comfy_tiny as ct
 from scripts.comfy_env import sub
+from test_nodes import learn
 
 
 @pytest.fixture(scope="module")
@@ -114,4 +114,5 @@ def test_preflight_estimates_the_prompt_batch_actually_run(sampling, preflight, 
     with pytest.raises(preflight.InsufficientMemoryError) as info:
         preflight.check(tiny.model, spec, conds, settings)
     message = str(info.value)
-    assert f"{expected} prompt(s) per step (prompt_batch)" in message and f"lower prompt_batch (now {expected})" in message
+    assert f"{expected} prompt(s) per step (prompt_batch)" in message
+    assert f"lower prompt_batch (now {expected})" in message

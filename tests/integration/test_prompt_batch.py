@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 
-import comfy_tiny as ct
 import pytest
 import torch
+
+import comfy_tiny as ct
 from comfy_checks import rel_err
 
 LR = {"head": 0.5, "neuron": 0.5, "channel": 0.5}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 
-import comfy_tiny as ct
 import pytest
 import torch
+
+import comfy_tiny as ct
 from comfy_checks import random_keep, random_mask, rel_err, same_weights, weights_snapshot
 from pruned_shapes import check_counts_match_shapes
-
 from scripts.comfy_env import sub
 
 EXPECTED = {
@@ -78,7 +78,8 @@ def test_flux_single_block_split_sizes_follow_kept_units(weights, pruned_models)
     keep = {g.name: torch.ones(g.count, dtype=torch.bool) for g in layout.groups}
     keep["single_blocks.0:heads"][1:3] = False
     keep["single_blocks.0:neurons"][:100] = False
-    pruned, _ = pruned_models.build_pruned_model(tiny.model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
+    pruned, _ = pruned_models.build_pruned_model(tiny.model, layout, keep,
+                                                 {g.name: torch.zeros(g.count) for g in layout.groups})
     block = weights.diffusion_module(pruned).single_blocks[0]
     assert (block.num_heads, block.hidden_size, block.mlp_hidden_dim) == (2, 32, 156)
     assert block.linear1.out_features == 3 * 32 + 156 and block.linear2.in_features == 32 + 156
@@ -132,7 +133,8 @@ def test_every_size_attribute_is_declared_and_follows_pruning(arch, weights, pru
 
     keep = random_keep(layout, seed=9, empty=_emptied(layout))
     with torch.inference_mode():
-        pruned, report = pruned_models.build_pruned_model(tiny.model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
+        pruned, report = pruned_models.build_pruned_model(tiny.model, layout, keep,
+                                                          {g.name: torch.zeros(g.count) for g in layout.groups})
     kept = {s.name: s.units_after for s in report.groups}
     check_counts_match_shapes(dm, weights.diffusion_module(pruned), layout, kept)
 

@@ -2,11 +2,11 @@
 stock LoraLoaderModelOnly gives the node's output model, interrupt/resume, refused inputs."""
 from __future__ import annotations
 
-import comfy_tiny as ct
 import pytest
 import torch
-from comfy_checks import random_mask, rel_err, same_weights, weights_snapshot
 
+import comfy_tiny as ct
+from comfy_checks import random_mask, rel_err, same_weights, weights_snapshot
 from scripts.comfy_env import comfy_nodes, sub
 
 RECOVER_ARGS = dict(prompts="a red fox in snow\na lighthouse in a storm", negative_prompt="", max_prompts=0,
@@ -220,7 +220,8 @@ def test_recovery_on_low_precision_weights(arch, weight, cast, nodes, weights, s
     for k in keep.values():
         k[0] = True
     with torch.inference_mode():
-        pruned, _ = pruned_models.build_pruned_model(model, layout, keep, {g.name: torch.zeros(g.count) for g in layout.groups})
+        pruned, _ = pruned_models.build_pruned_model(model, layout, keep,
+                                                     {g.name: torch.zeros(g.count) for g in layout.groups})
     snap_o = weights_snapshot(model.model.diffusion_model)
     snap_p = weights_snapshot(pruned.model.diffusion_model)
     settings = sub("ecodiff_core.recover").RecoverSettings(rank=4, alpha=4.0, steps=12, lr=1e-2, batch=2, seed=0)

@@ -5,10 +5,11 @@ ComfyUI's own sampling forward does (none in the weights' own dtype; the manual 
 casts where the weights are stored in low precision)."""
 from __future__ import annotations
 
-import comfy_tiny as ct
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+import comfy_tiny as ct
 
 aten = torch.ops.aten
 COPIES = {aten.clone, aten._to_copy, aten.to, aten.copy_}  # ``to`` reaches modes whole in inference mode
@@ -51,14 +52,16 @@ def copied_per_forward(model, run) -> tuple[float, int]:
                                              ("sd15", torch.float16, torch.float32)])
 def test_a_learning_forward_copies_no_more_weight_bytes_than_sampling(arch, dtype, cast, sampling, learning, core):
     spec = sampling.SamplingSpec(width=64, height=64, steps=2, cfg=2.0, seed=1)
-    settings = core.learn.LearnSettings(epochs=1, accumulate=1, beta=0.1, lr={"head": 0.5, "neuron": 0.5, "channel": 0.5})
+    settings = core.learn.LearnSettings(epochs=1, accumulate=1, beta=0.1,
+                                        lr={"head": 0.5, "neuron": 0.5, "channel": 0.5})
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         model = ct.build_model_precision(arch, 3, dtype, cast)
         _, context_dim, pooled_dim = ct.dims(arch)
         pos, neg = (ct.make_conditioning(arch, context_dim, pooled_dim, seed=s) for s in (1, 2))
         sampled, _ = copied_per_forward(model, lambda: ct.sample(model, pos, neg, seed=2, steps=2))
         state: list = []
-        learned, forwards = copied_per_forward(model, lambda: state.append(learning.learn_mask(model, [(pos, neg)], spec, settings)))
+        learned, forwards = copied_per_forward(
+            model, lambda: state.append(learning.learn_mask(model, [(pos, neg)], spec, settings)))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
     assert forwards >= 2 * spec.steps  # CFG and the recomputed steps did run
     assert learned <= sampled, f"a learning forward copies {learned:.0f} weight bytes, sampling {sampled:.0f}"

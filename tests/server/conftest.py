@@ -2,9 +2,9 @@
 the test-only tiny-models pack; skipped unless COMFYUI_PATH points at a ComfyUI checkout."""
 from __future__ import annotations
 
-import comfy_server
 import pytest
 
+import comfy_server
 from scripts.comfy_env import SKIP_REASON, comfy_path
 
 

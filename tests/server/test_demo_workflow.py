@@ -10,12 +10,12 @@ import os
 import re
 import time
 
-import comfy_server
 import pytest
-from workflow_api import to_api
 
+import comfy_server
 from scripts import workflow_schema as ws
 from scripts.comfy_env import SKIP_REASON, comfy_path
+from workflow_api import to_api
 
 WORKFLOW = ws.EXAMPLES / "demo_digits_learn_prune_compare.json"
 RUN_TIMEOUT = 1800.0  # generous: the suite's machines are shared; a quiet 2-core CPU needs a few minutes

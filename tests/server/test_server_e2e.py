@@ -12,11 +12,11 @@ import math
 from pathlib import Path
 
 import pytest
-from comfy_server import learn_inputs, learn_prune_compare_graph
-from workflow_api import to_api
 
+from comfy_server import learn_inputs, learn_prune_compare_graph
 from scripts import workflow_check as wc
 from scripts import workflow_schema as ws
+from workflow_api import to_api
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ECODIFF_NODES = ("EcoDiffLearnMask", "EcoDiffApplyMask", "EcoDiffSaveMask", "EcoDiffLoadMask",
@@ -43,7 +43,7 @@ LOADER_SWAP = {
 }
 RUN_TIMEOUT = 300.0
 #: every test that learns gets its own freshly built model (no state carried between tests)
-MODEL_SEED = {"ws_progress": 101, "interrupt": 102, "other_model": 103, "alone": 104,
+MODEL_SEED = {"ws_progress": 101, "interrupt": 102, "other_model": 103, "alone": 104, "old_widgets": 105,
               **{name: 200 + i for i, name in enumerate(sorted(EXAMPLE_ARCH))}}
 
 
@@ -237,6 +237,33 @@ def test_example_workflow_runs_on_tiny_models(server, path):
     assert_success(entry)
     compares = [nid for nid, n in prompt.items() if n["class_type"] == "EcoDiffCompare"]
     assert compares and all(entry["outputs"].get(nid, {}).get("a_images") for nid in compares), entry["outputs"]
+
+
+def test_workflow_saved_before_align_and_prompt_batch_runs_with_their_defaults(server):
+    """A workflow saved before Apply Pruned Mask had 'align' and Learn Settings 'prompt_batch' (one
+    widget value fewer, no socket) queues without them and runs with their defaults: one prompt per
+    denoiser call, and no alignment on the CPU ("auto")."""
+    from ecodiff_core.maskfile import load_mask
+
+    added = {"EcoDiffApplyMask": ("align", "auto"), "EcoDiffLearnSettings": ("prompt_batch", 1)}
+    wf = ws.load(ws.EXAMPLES / "sd15_learn_prune_compare.json")
+    for node in wf["nodes"]:
+        if node["type"] in added:
+            name, default = added[node["type"]]
+            assert node["widgets_values"][-1] == default
+            node["widgets_values"] = node["widgets_values"][:-1]
+            node["inputs"] = [i for i in node["inputs"] if i["name"] != name]
+    prompt = tiny_variant(to_api(wf, server.object_info()), "sd15", tag="old_widgets",
+                          model_seed=MODEL_SEED["old_widgets"])
+    kinds = {n["class_type"]: (nid, n["inputs"]) for nid, n in prompt.items()}
+    assert set(added) <= set(kinds) and all(added[k][0] not in kinds[k][1] for k in added)
+    entry = server.run(prompt, timeout=RUN_TIMEOUT)
+    assert_success(entry)
+    applied = entry["outputs"][kinds["EcoDiffApplyMask"][0]]["text"][0]
+    assert "remove 20.0% of parameters" in applied and "aligned" not in applied, applied
+    run_name = kinds["EcoDiffLearnMask"][1]["run_name"]
+    state = load_mask(server.models / "ecodiff_masks" / ".runs" / f"{run_name}.safetensors")
+    assert state.settings.prompt_batch == 1 and state.progress["finished"]
 
 
 def test_loader_and_learn_alone_run_and_keep_only_saved_masks_in_the_list(server):

@@ -7,8 +7,8 @@ message); the module of a custom node pack is its folder's path.  EcoDiff errors
 from __future__ import annotations
 
 import pytest
-from comfy_server import learn_inputs
 
+from comfy_server import learn_inputs
 from ecodiff_core.errors import ERROR_MODULE
 
 

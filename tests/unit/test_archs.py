@@ -5,12 +5,12 @@ import functools
 
 import pytest
 import torch
-from tiny_models import TABLE_MODEL_NAMES, build
 from torch import nn
 
 from ecodiff_core.archs import TABLES, find_layout, supported_architectures, validate_layout
 from ecodiff_core.errors import EcoDiffError, UnsupportedArchitectureError
 from ecodiff_core.units import Layout, Slice, UnitGroup
+from tiny_models import TABLE_MODEL_NAMES, build
 
 
 @functools.cache

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from test_learning import make_problem
 
 from ecodiff_core.baselines import magnitude_scores, random_scores, taylor_scores
 from ecodiff_core.gate_hooks import GateController
 from ecodiff_core.units import get_linear
+from test_learning import make_problem
 
 
 def test_magnitude_of_one_head_by_hand():
@@ -37,5 +37,5 @@ def test_taylor_scores_are_squared_gate_gradients():
         controller.set(gates)
         loss = torch.nn.functional.mse_loss(denoise(noise, sigmas[0]), final)
         grads = torch.autograd.grad(loss, list(gates.values()))
-    for name, grad in zip(gates, grads):
+    for name, grad in zip(gates, grads, strict=True):
         torch.testing.assert_close(scores[name].double(), grad.pow(2), rtol=1e-6, atol=1e-20)

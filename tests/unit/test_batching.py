@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-from tiny_models import MODEL_NAMES, build
 from torch.overrides import TorchFunctionMode
 
 from ecodiff_core.archs import find_layout
@@ -15,6 +14,7 @@ from ecodiff_core.denoisers import EpsSchedule, flux_flow_batch, unet_eps_batch
 from ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner
 from ecodiff_core.maskfile import load_mask, save_mask
 from ecodiff_core.trajectory import per_step_gradient, trajectory_gradient
+from tiny_models import MODEL_NAMES, build
 
 CFG = 2.5
 
@@ -93,7 +93,7 @@ def one_by_one(learner: MaskLearner, samples, sigmas, noise_seed: int, settings:
             else:
                 r = trajectory_gradient(s.denoise, s.noise, sigmas, s.target, params, gates, settings.checkpointing)
             loss += r.loss / len(samples)
-            for acc, g in zip(total, r.grads):
+            for acc, g in zip(total, r.grads, strict=True):
                 acc.add_(g / len(samples))
     return total, loss
 

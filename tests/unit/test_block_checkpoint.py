@@ -1,8 +1,6 @@
 """Activation checkpointing per block inside the recomputed step: same gradient, fewer saved bytes."""
 import pytest
 import torch
-from test_learning import FAST, flat, gate_replayer, make_problem, random_logits, samples_for
-from tiny_models import MODEL_NAMES
 
 from ecodiff_core.archs import checkpoint_block_paths
 from ecodiff_core.block_checkpoint import checkpointed_blocks
@@ -10,6 +8,8 @@ from ecodiff_core.errors import SettingsError
 from ecodiff_core.gate_hooks import GateController
 from ecodiff_core.learn import LearnSettings, MaskLearner, use_block_checkpointing
 from ecodiff_core.trajectory import trajectory_gradient
+from test_learning import FAST, flat, gate_replayer, make_problem, random_logits, samples_for
+from tiny_models import MODEL_NAMES
 
 BLOCK_CLASSES = {"sd15": {"ResnetBlock2D", "BasicTransformerBlock"}, "sdxl": {"ResnetBlock2D", "BasicTransformerBlock"},
                  "flux": {"FluxTransformerBlock", "FluxSingleTransformerBlock"}}
@@ -71,7 +71,7 @@ def test_recomputation_uses_the_gates_of_the_forward():
             return torch.autograd.grad(out.square().sum(), params, allow_unused=True)
 
     reference, disturbed = grads(False), grads(True)
-    for a, b in zip(reference, disturbed):
+    for a, b in zip(reference, disturbed, strict=True):
         if a is not None:
             assert torch.equal(a, b)
 

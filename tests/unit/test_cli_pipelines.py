@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_prune import hard_gate_hooks
-from tiny_pipelines import IMAGE, PIPELINE_KINDS, save
 
 from ecodiff_core.__main__ import main
 from ecodiff_core.archs import find_layout
@@ -19,10 +17,13 @@ from ecodiff_core.cli_diffusers import file_report
 from ecodiff_core.errors import EcoDiffError
 from ecodiff_core.learn import MaskLearner
 from ecodiff_core.maskfile import load_mask
-from ecodiff_core.pipelines import load_pipeline, pipeline_info
+from ecodiff_core.pipelines import load_denoiser, load_pipeline, pipeline_info
+from ecodiff_core.plan import PruneTarget, plan_pruning, resolve_align
 from ecodiff_core.prompts import read_prompts
-from ecodiff_core.pruned_diffusers import load_pruned_denoiser, read_pruned_file
+from ecodiff_core.pruned_diffusers import load_pruned_denoiser, pruning_record, read_pruned_file
 from ecodiff_core.pruned_record import PrunedFileError
+from test_prune import hard_gate_hooks
+from tiny_pipelines import IMAGE, PIPELINE_KINDS, save
 
 PROMPTS = ["a red cat", "a blue dog", "a green tree", "the sun"]
 T5_TOKENS = 8
@@ -79,7 +80,8 @@ def test_learn_prune_load_and_denoise(kind, pipelines, workdir, capsys):
     assert main(learn_args(model, mask, "--lr-head", "0.5", "--lr-neuron", "0.5", "--lr-channel", "0.5")) == 0
     state = load_mask(mask)
     assert state.progress["finished"] and state.progress["step"] == 2
-    assert main(["prune", "--model", str(model), "--mask", str(mask), "--sparsity", "0.2", "--output", str(pruned)]) == 0
+    assert main(["prune", "--model", str(model), "--mask", str(mask), "--sparsity", "0.2",
+                 "--output", str(pruned)]) == 0
     assert "wrote" in capsys.readouterr().out
 
     info = pipeline_info(model)
@@ -106,6 +108,33 @@ def test_learn_prune_load_and_denoise(kind, pipelines, workdir, capsys):
     assert extra["removed_fraction"] >= 0.2
     report = file_report(pruned)
     assert report["units_after"] == sum(len(v) for v in record["kept"].values()) < report["units_before"]
+
+
+@pytest.mark.parametrize("align", ["off", "8"])
+def test_prune_ranks_like_every_host_and_aligns(align, pipelines, workdir):
+    """The command line plans as Apply Pruned Mask does: the mask's own learning rates put the kinds
+    on one scale (``plan.ranking_scores``), and ``--align`` keeps every group's kept features a
+    multiple of it ("auto" is off on a CPU)."""
+    model, mask = pipelines("sd15"), workdir / "ranked_mask.safetensors"
+    if not mask.exists():  # very unequal rates: raw logits would rank the kinds differently
+        assert main(learn_args(model, mask, "--lr-head", "2", "--lr-neuron", "0.02", "--lr-channel", "0.5")) == 0
+    pruned = workdir / f"ranked_{align}.safetensors"
+    assert main(["prune", "--model", str(model), "--mask", str(mask), "--sparsity", "0.3", "--align", align,
+                 "--output", str(pruned), "--overwrite"]) == 0
+    record, extra, _ = read_pruned_file(pruned)
+    state = load_mask(mask)
+    original = load_denoiser(pipeline_info(model), torch.float32)
+    layout = find_layout(original)
+    target = PruneTarget(params=0.3, align=resolve_align(align, "cpu"))
+
+    def kept(settings):
+        plan = plan_pruning(original, layout, state.logits, target, settings=settings)
+        return pruning_record(original, layout, plan.keep, state.logits)["kept"]
+
+    assert record["kept"] == kept(state.settings) != kept(None)
+    assert extra["target"]["align"] == target.align
+    for g in layout.groups:
+        assert len(record["kept"][g.name]) * g.width % target.align == 0 or len(record["kept"][g.name]) == g.count
 
 
 def test_mask_report_counts_the_learned_logits(pipelines, workdir):
@@ -181,6 +210,10 @@ def _bad_cases(root: Path, model: Path, mask: Path) -> dict[str, list[str]]:
                         "--output", str(root / "p.safetensors")],
         "bad keep ratios": ["prune", "--model", str(model), "--mask", str(mask), "--keep-ratios", "head=2",
                             "--output", str(root / "p.safetensors")],
+        "align not a multiple": ["prune", "--model", str(model), "--mask", str(mask), "--align", "fast",
+                                 "--output", str(root / "p.safetensors")],
+        "align too large": ["prune", "--model", str(model), "--mask", str(mask), "--align", "1024",
+                            "--output", str(root / "p.safetensors")],
         "mask of another model": ["prune", "--model", str(model), "--mask", str(root / "other_mask.safetensors"),
                                   "--output", str(root / "p.safetensors")],
         "report of a foreign file": ["report", str(root / "prompts.txt")],
@@ -190,7 +223,7 @@ def _bad_cases(root: Path, model: Path, mask: Path) -> dict[str, list[str]]:
 BAD = ["model folder missing", "not a pipeline", "steps 0", "epochs 0", "odd width", "nan beta",
        "warm start over 1", "target in percent", "output is a folder",
        "output exists", "prompts missing", "sparsity in percent", "two targets", "bad keep ratios",
-       "mask of another model", "report of a foreign file"]
+       "align not a multiple", "align too large", "mask of another model", "report of a foreign file"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -219,6 +252,23 @@ def test_learn_for_a_target_with_a_warm_start(pipelines, workdir):
     assert [h["target"] for h in state.history] and len(state.progress["multipliers"]) == 2
 
 
+@pytest.mark.parametrize("extra, named", [
+    (["--model", "{model}", "--pruned", "{pruned}", "--sparsity", "0.3"], "--sparsity apply to the embedded model"),
+    (["--model", "{model}", "--pruned", "{pruned}", "--mask", "m.safetensors", "--eval-per-class", "5"],
+     "--eval-per-class, --mask apply to the embedded model"),
+    (["--pruned", "{pruned}"], "--pruned need --model DIR"),
+    (["--guidance", "3.5", "--dtype", "float32"], "--dtype, --guidance need --model DIR"),
+])
+def test_recover_refuses_options_of_the_other_mode(extra, named, pipelines, tmp_path, capsys):
+    """Options that one mode of ``recover`` would ignore are an error naming them (even at their default
+    value), before anything is loaded or learned."""
+    argv = ["recover", *(a.format(model=pipelines("sd15"), pruned=tmp_path / "p.safetensors") for a in extra)]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert named in capsys.readouterr().err
+
+
 def test_damaged_pruned_files_are_refused(pipelines, workdir, tmp_path):
     model, mask = pipelines("sd15"), workdir / "damaged_mask.safetensors"
     assert main(learn_args(model, mask)) == 0
@@ -234,7 +284,7 @@ def test_damaged_pruned_files_are_refused(pipelines, workdir, tmp_path):
     name = next(iter(record["kept"]))
     bad = dict(record, kept={**record["kept"], name: [record["counts"][name]]})
     module = torch.nn.Module()
-    for i, (k, v) in enumerate(tensors.items()):
+    for i, v in enumerate(tensors.values()):
         module.register_buffer(f"t{i}", v)
     save_pruned_denoiser(tmp_path / "bad.safetensors", module, bad)
     with pytest.raises(PrunedFileError, match="outside"):
@@ -278,7 +328,8 @@ def test_recover_on_a_pruned_diffusers_denoiser(pipelines, workdir, capsys):
     assert paths and set(lora) == {f"unet.{p}.lora_{x}.weight" for p in paths for x in "AB"}
     for p in paths:
         out_f, in_f = slim.get_submodule(p).weight.shape
-        assert lora[f"unet.{p}.lora_A.weight"].shape == (2, in_f) and lora[f"unet.{p}.lora_B.weight"].shape == (out_f, 2)
+        assert lora[f"unet.{p}.lora_A.weight"].shape == (2, in_f)
+        assert lora[f"unet.{p}.lora_B.weight"].shape == (out_f, 2)
     assert any(float(lora[f"unet.{p}.lora_B.weight"].abs().max()) > 0 for p in paths)
     if not _peft_available():
         return

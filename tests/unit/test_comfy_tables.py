@@ -7,8 +7,8 @@ from torch import nn
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.plan import PruneTarget, plan_pruning
-from ecodiff_core.replacements import EmptyAttention
 from ecodiff_core.prune import prune_model
+from ecodiff_core.replacements import EmptyAttention
 
 H, HD, DIM, MLP = 4, 8, 32, 64
 

@@ -10,16 +10,16 @@ import struct
 
 import pytest
 import torch
-from file_damage import header_end, truncations_and_bit_flips
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_models import build
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.errors import EcoDiffError, MaskFileError
 from ecodiff_core.learn import LearnSettings, MaskLearner
 from ecodiff_core.maskfile import load_mask, save_mask
 from ecodiff_core.pruned_record import PrunedFileError, check_pruned_record, check_record_layout, check_state_dict
+from file_damage import header_end, truncations_and_bit_flips
+from tiny_models import build
 
 SETTINGS = LearnSettings(epochs=1, accumulate=1, lr={"head": 0.5, "neuron": 0.5, "channel": 0.5})
 BAD_JSON = ["", "not json", "null", "1", "-1", "1.5", "true", '"x"', "[]", "{}", "[1, 2]", '{"a": "b"}',
@@ -246,7 +246,7 @@ def _record_mutations(record: dict):
     yield "class dunder", {**record, "model_config_class": "__class__"}
     yield "class dotted", {**record, "model_config_class": "os.system"}
     text = json.dumps(record)
-    for k in range(60):  # random byte edits of the JSON text that still parse
+    for _ in range(60):  # random byte edits of the JSON text that still parse
         pos = rng.randrange(len(text))
         edited = text[:pos] + rng.choice('0123456789-"{}[],:tx ') + text[pos + 1:]
         try:
@@ -298,7 +298,7 @@ def test_state_dict_must_fit_the_rebuilt_module():
         "shape": {**good, "0.weight": torch.zeros(3, 2)},
         "dtype": {**good, "0.bias": torch.zeros(2, dtype=torch.int64)},
     }
-    for label, sd in bad.items():
+    for sd in bad.values():
         with pytest.raises(PrunedFileError, match="^f"):
             check_state_dict(module, sd, "f")
     assert issubclass(PrunedFileError, EcoDiffError)

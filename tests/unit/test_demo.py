@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from ecodiff_core.archs import find_layout
-from ecodiff_core.plan import PruneTarget, count_parameters
 from ecodiff_core.embedded.demo import DemoSettings, default_learn_settings, prune_to, run_demo
 from ecodiff_core.embedded.evaluation import EvalSettings, evaluate_model
 from ecodiff_core.embedded.judge import load_judge
 from ecodiff_core.embedded.model import load_default_model
 from ecodiff_core.errors import SettingsError
 from ecodiff_core.maskfile import load_mask
+from ecodiff_core.plan import PruneTarget, count_parameters
 
 ROOT = Path(__file__).resolve().parents[2]
 

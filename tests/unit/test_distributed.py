@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from tiny_pipelines import IMAGE, save
 
 from ecodiff_core.__main__ import main
 from ecodiff_core.distributed import DataParallel
 from ecodiff_core.maskfile import load_mask
+from tiny_pipelines import IMAGE, save
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red cat", "a blue dog", "a green tree", "the sun", "a big house", "a small boat"]

@@ -8,13 +8,12 @@ choices) are checked against the node classes' own schemas, loaded in-process.
 from __future__ import annotations
 
 import pytest
-from workflow_api import to_api
 
 from scripts import workflow_check as wc
 from scripts import workflow_schema as ws
 from scripts.comfy_env import SKIP_REASON, comfy_path
-
 from scripts.workflow_layout import overlaps
+from workflow_api import to_api
 
 PATHS = ws.example_paths()
 LEARN_FLOWS = [p for p in PATHS if "learn" in p.stem]
@@ -129,7 +128,7 @@ def test_no_two_nodes_overlap(path):
 def model_files(node: dict) -> dict[str, str]:
     """Loader input name -> file name (loaders have no control widgets: values follow widget inputs)."""
     names = [i["name"] for i in node["inputs"] if i.get("widget")]
-    return {n: v for n, v in zip(names, node.get("widgets_values") or []) if n in MODEL_DIRECTORY}
+    return {n: v for n, v in zip(names, node.get("widgets_values") or [], strict=False) if n in MODEL_DIRECTORY}
 
 
 @pytest.mark.parametrize("path", [p for p in PATHS if "demo" not in p.stem], ids=lambda p: p.stem)

@@ -6,11 +6,11 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import MODEL_NAMES, build
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.flops import measure_flops, total_flops
 from ecodiff_core.prune import prune_model
+from tiny_models import MODEL_NAMES, build
 
 
 @functools.cache

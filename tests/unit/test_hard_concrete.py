@@ -19,7 +19,7 @@ def test_sample_gate_matches_formula(offset):
     lam = torch.linspace(-4, 4, 17, dtype=torch.float64)
     u = uniform_noise(17, torch.Generator().manual_seed(0)).double()
     got = sample_gate(lam, u, s)
-    want = [reference_gate(a, b, s) if offset > 0 else None for a, b in zip(lam.tolist(), u.tolist())]
+    want = [reference_gate(a, b, s) if offset > 0 else None for a, b in zip(lam.tolist(), u.tolist(), strict=True)]
     if offset > 0:
         assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), atol=1e-12)
     assert ((got >= 0) & (got <= 1)).all()

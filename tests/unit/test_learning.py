@@ -4,15 +4,14 @@ import math
 
 import pytest
 import torch
-from tiny_models import MODEL_NAMES, build
 from torch import nn
 from torch.utils._pytree import tree_map
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.denoisers import EpsSchedule, flow_denoiser, unet_eps_denoiser
 from ecodiff_core.errors import SettingsError
-from ecodiff_core.hard_concrete import GateSettings, sample_gate, uniform_noise
 from ecodiff_core.gate_hooks import GateController
+from ecodiff_core.hard_concrete import GateSettings, sample_gate, uniform_noise
 from ecodiff_core.learn import (
     CalibrationSample,
     LearnSettings,
@@ -20,14 +19,15 @@ from ecodiff_core.learn import (
     digest,
     frozen_weights,
     model_response,
-    resume_problem,
     responses_match,
+    resume_problem,
     run_inputs,
     weights_digest,
 )
 from ecodiff_core.maskfile import load_mask, save_mask
 from ecodiff_core.memory import meta_copy
 from ecodiff_core.trajectory import trajectory_gradient
+from tiny_models import MODEL_NAMES, build
 
 
 def make_problem(name: str, steps: int, cfg: bool, dtype=torch.float64, seed: int = 0, meta: bool = False):
@@ -69,13 +69,14 @@ def random_logits(layout, dtype, seed=0):
     return {gr.name: nn.Parameter(torch.randn(gr.count, generator=g, dtype=dtype) + 1.0) for gr in layout.groups}
 
 
-def gate_replayer(controller, layout, logits, settings=GateSettings()):
+def gate_replayer(controller, layout, logits, settings=None):
+    settings = settings or GateSettings()
     sizes = [g.count for g in layout.groups]
 
     def before_step(i):
         u = uniform_noise(sum(sizes), torch.Generator().manual_seed(1000 + i)).double()
         controller.set({g.name: sample_gate(logits[g.name], part, settings)
-                        for g, part in zip(layout.groups, torch.split(u, sizes))})
+                        for g, part in zip(layout.groups, torch.split(u, sizes), strict=True)})
     return before_step
 
 
@@ -118,7 +119,7 @@ def test_recomputed_step_equals_rollout_step(name):
     calls = []
     gradients(name, 3, True, checkpointing=True, record=calls)
     rollout, recompute = calls[:3], calls[3:][::-1]
-    for (s1, a), (s2, b) in zip(rollout, recompute):
+    for (s1, a), (s2, b) in zip(rollout, recompute, strict=True):
         assert s1 == s2 and torch.equal(a, b)
 
 
@@ -409,7 +410,8 @@ def test_learning_pruning_and_mask_files_log_one_line_each(tmp_path, caplog):
         prune_model(model, layout, plan.keep)
     lines = [r.getMessage() for r in caplog.records if r.name == "ecodiff" and r.levelno == logging.INFO]
     before, after = (sum(p.numel() for p in m.parameters()) for m in (model, prune_model(model, layout, plan.keep)))
-    for prefix in (f"EcoDiff: mask learning started: diffusers_unet, {len(layout.groups)} unit groups, 2 prompts, 1 steps",
+    for prefix in (f"EcoDiff: mask learning started: diffusers_unet, {len(layout.groups)} unit groups, "
+                   "2 prompts, 1 steps",
                    "EcoDiff: mask learning finished after 1 steps", f"EcoDiff: saved mask for diffusers_unet to {path}",
                    f"EcoDiff: loaded mask for diffusers_unet from {path}",
                    f"EcoDiff: pruned diffusers_unet: {before} -> {after} parameters"):

@@ -8,13 +8,13 @@ import functools
 
 import pytest
 import torch
-from test_prune import gated_output, make_keep, rel_err
-from tiny_models import MODEL_NAMES, build, must_keep_layout, run
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.errors import EcoDiffError, LoraSliceError
 from ecodiff_core.lora_slice import WeightCut, silenced_units, weight_cuts
 from ecodiff_core.prune import physical_keep, prune_model
+from test_prune import gated_output, make_keep, rel_err
+from tiny_models import MODEL_NAMES, build, must_keep_layout, run
 
 
 @functools.cache

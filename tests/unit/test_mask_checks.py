@@ -52,7 +52,7 @@ def test_the_ranking_is_not_dominated_by_the_fastest_kind(lr):
     (the issue's 96 % of one kind); ranked by (λ − λ₀)/lr every kind keeps most of its units."""
     model, layout = digits()
     state = short_run(*lr)
-    fastest = max(zip(lr, ("head", "neuron", "channel")))[1]
+    fastest = max(zip(lr, ("head", "neuron", "channel"), strict=True))[1]
     raw = removed_per_kind(layout, plan_pruning(model.transformer, layout, state.logits,
                                                 PruneTarget(params=0.3)).keep)
     scaled = removed_per_kind(layout, plan_pruning(model.transformer, layout, state.logits,
@@ -121,8 +121,7 @@ def test_plan_warnings_name_almost_emptied_kinds_and_blocks():
     warnings = plan_warnings(layout, keep)
     assert f"pruning removes {1 - 1 / total:.0%} of the heads ({total - 1} of {total})" in warnings[0]
     block = layout.groups[-1].block
-    keep = {g.name: torch.ones(g.count, dtype=torch.bool) if g.block != block else torch.zeros(g.count, dtype=torch.bool)
-            for g in layout.groups}
+    keep = {g.name: torch.full((g.count,), g.block != block, dtype=torch.bool) for g in layout.groups}
     in_block = sum(g.count for g in layout.groups if g.block == block)
     assert plan_warnings(layout, keep) == [f"pruning removes 100% of the units of block {block} ({in_block} of "
                                            f"{in_block}): the model may break; lower the target or use keep_ratios"]

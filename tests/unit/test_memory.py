@@ -1,12 +1,20 @@
 """Memory preflight: the live-bytes counter, meta-trace estimates against CPU runs, the memory CLI."""
 import pytest
 import torch
-from test_learning import make_problem
-from tiny_models import MODEL_NAMES
 
 from ecodiff_core.__main__ import main
 from ecodiff_core.errors import EcoDiffError
-from ecodiff_core.memory import LiveBytes, StepMemory, fit_advice, measure_learning_step, meta_copy, no_cache, weight_bytes
+from ecodiff_core.memory import (
+    LiveBytes,
+    StepMemory,
+    fit_advice,
+    measure_learning_step,
+    meta_copy,
+    no_cache,
+    weight_bytes,
+)
+from test_learning import make_problem
+from tiny_models import MODEL_NAMES
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -31,7 +39,7 @@ def test_meta_copy_keeps_classes_shapes_and_dtypes_without_touching_the_model():
     before = {n: p.clone() for n, p in model.named_parameters()}
     copy = meta_copy(model)
     assert type(copy) is type(model)
-    for (n, p), (m, q) in zip(model.named_parameters(), copy.named_parameters()):
+    for (n, p), (m, q) in zip(model.named_parameters(), copy.named_parameters(), strict=True):
         assert n == m and q.device.type == "meta" and (q.shape, q.dtype) == (p.shape, p.dtype)
     assert weight_bytes(copy) == weight_bytes(model) == sum(p.nbytes for p in model.parameters()) + \
         sum(b.nbytes for b in model.buffers())

@@ -5,15 +5,24 @@ import functools
 
 import pytest
 import torch
-from tiny_models import MODEL_NAMES, build, must_keep_layout
 
 from ecodiff_core.archs import find_layout
-from ecodiff_core.plan import (MAX_FRACTION, MIN_KEEP_RATIO, PruneTarget, max_fraction, min_keep_ratio,
-                                  parse_keep_ratios, plan_pruning, select_by_ratios, select_units)
 from ecodiff_core.errors import EcoDiffError
 from ecodiff_core.flops import measure_flops, total_flops
+from ecodiff_core.plan import (
+    MAX_FRACTION,
+    MIN_KEEP_RATIO,
+    PruneTarget,
+    max_fraction,
+    min_keep_ratio,
+    parse_keep_ratios,
+    plan_pruning,
+    select_by_ratios,
+    select_units,
+)
 from ecodiff_core.prune import prune_model
 from ecodiff_core.units import Layout, parameter_costs
+from tiny_models import MODEL_NAMES, build, must_keep_layout
 
 
 @functools.cache
@@ -156,7 +165,8 @@ def test_advised_maximum_is_accepted_and_delivered_within_one_unit(name: str, mu
         kept = plan.keep[g.name]
         assert int(kept.sum()) >= g.min_keep
         if g.min_keep:
-            assert set(torch.topk(logits[g.name], g.min_keep).indices.tolist()) <= set(kept.nonzero().flatten().tolist())
+            top = torch.topk(logits[g.name], g.min_keep).indices
+            assert set(top.tolist()) <= set(kept.nonzero().flatten().tolist())
     pruned = prune_model(model, layout, plan.keep)
     extra = sum(p.numel() for g in layout.groups if g.empty is not None and not plan.keep[g.name].any()
                 for n, p in model.get_submodule(g.owner).named_parameters() if n.startswith("norm_"))
@@ -178,8 +188,8 @@ def test_advised_flop_maximum_is_accepted_with_must_keep_units() -> None:
     assert fc.total - total_flops(lambda: pruned(**inputs)) == pytest.approx(plan.removed_flops)
 
 
-@pytest.mark.parametrize("prunable,total,expected", [(357.0, 1000.0, 0.357), (356.9, 1000.0, 0.356),
-                                                     (1.0, 3.0, 0.333), (0.0, 10.0, 0.0), (999.0, 1000.0, MAX_FRACTION)])
+@pytest.mark.parametrize("prunable,total,expected", [(357.0, 1000.0, 0.357), (356.9, 1000.0, 0.356), (1.0, 3.0, 0.333),
+                                                     (0.0, 10.0, 0.0), (999.0, 1000.0, MAX_FRACTION)])
 def test_max_fraction_rounds_down_to_an_accepted_value(prunable: float, total: float, expected: float) -> None:
     value = max_fraction(prunable, total)
     assert value == expected and value * total <= prunable
@@ -294,9 +304,8 @@ def test_aligned_budget_lands_within_one_chunk_and_slicing_equals_masking(name: 
     """Every group keeps all its units or an aligned feature width; the budget is met to within one
     aligned chunk; the pruned Linears cut by groups are multiples of ``align`` (tiny models have
     aligned offsets); the pruned model computes what the hard-gated model computes."""
-    from test_prune import gated_output, rel_err
-
     from pruned_shapes import check_counts_match_shapes
+    from test_prune import gated_output, rel_err
 
     model, inputs, layout = case(name)
     logits = random_logits(layout, 3)

@@ -5,16 +5,21 @@ import functools
 
 import pytest
 import torch
-from pruned_shapes import check_counts_match_shapes
-from tiny_models import MODEL_NAMES, TABLE_MODEL_NAMES, build, must_keep_layout, run
 from torch import nn
 
 from ecodiff_core.archs import find_layout
-from ecodiff_core.replacements import EmptyAttention, EmptyFluxJointAttention, EmptyPreOnlyAttention
 from ecodiff_core.errors import EcoDiffError
 from ecodiff_core.prune import physical_keep, prune_model
-from ecodiff_core.replacements import ScatterLinear, scatter_rows
+from ecodiff_core.replacements import (
+    EmptyAttention,
+    EmptyFluxJointAttention,
+    EmptyPreOnlyAttention,
+    ScatterLinear,
+    scatter_rows,
+)
 from ecodiff_core.units import Layout, parameter_costs
+from pruned_shapes import check_counts_match_shapes
+from tiny_models import MODEL_NAMES, TABLE_MODEL_NAMES, build, must_keep_layout, run
 
 
 @functools.cache

@@ -3,20 +3,33 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from ecodiff_core import safetensors_file
 from ecodiff_core.archs import find_layout
-from ecodiff_core.plan import PruneTarget
 from ecodiff_core.embedded.demo import prune_to
 from ecodiff_core.embedded.model import initial_noise, load_default_model, sigmas
 from ecodiff_core.errors import EcoDiffError, SettingsError
 from ecodiff_core.learn import frozen_weights
-from ecodiff_core.recover import (DistillProblem, LoraRecoverer, LoraWeights, RecoverSettings, distillation_loss,
-                                  load_recover_state, lora_target_paths, rollout_states, save_recover_state,
-                                  teacher_targets)
+from ecodiff_core.plan import PruneTarget
+from ecodiff_core.recover import (
+    DistillProblem,
+    LoraRecoverer,
+    LoraWeights,
+    RecoverSettings,
+    RecoverState,
+    distillation_loss,
+    load_recover_state,
+    lora_target_paths,
+    rollout_states,
+    save_recover_state,
+    teacher_targets,
+)
 
 PROMPTS = ["a handwritten three", "the digit seven", "a written zero", "number five"]
 
@@ -160,6 +173,30 @@ def test_resume_continues_the_same_run(model, pruned, tmp_path):
         assert torch.allclose(resumed.lora[k], straight.lora[k], rtol=1e-5, atol=1e-7), k
     with pytest.raises(EcoDiffError, match="rank"):
         run(model, pruned, 6, resume=load_recover_state(path), settings=dataclasses.replace(settings, rank=2))
+
+
+@pytest.mark.parametrize("saved, loads", [
+    ({"rank": 3, "alpha": 1.5, "from_a_newer_version": 1}, {"rank": 3, "alpha": 1.5}),  # unknown keys ignored
+    ({"rank": 3}, {"rank": 3, "alpha": RecoverSettings().alpha}),  # missing keys take the defaults
+    ({"rank": -1}, "damaged metadata.*rank"),
+    ({"targets": "everything"}, "damaged metadata.*targets"),
+    ([1, 2], "damaged metadata"),
+])
+def test_saved_settings_load_typed_and_forward_compatible(tmp_path, saved, loads):
+    """A Recover state keeps typed ``RecoverSettings``: they load like ``MaskState``'s, and bad saved
+    values are a damaged-file error, not a crash later."""
+    state = RecoverState("a", "f", {"x.lora_A.weight": torch.zeros(2, 3)}, RecoverSettings(rank=5))
+    assert load_recover_state(save_recover_state(tmp_path / "ok.safetensors", state)).settings == state.settings
+    path = tmp_path / "state.safetensors"
+    tensors, meta = safetensors_file.read(save_recover_state(path, state), what="test")
+    save_file(tensors, str(path), metadata={**meta, "settings": json.dumps(saved)})
+    if isinstance(loads, str):
+        with pytest.raises(EcoDiffError, match=loads):
+            load_recover_state(path)
+    else:
+        settings = load_recover_state(path).settings
+        assert isinstance(settings, RecoverSettings)
+        assert {k: getattr(settings, k) for k in loads} == loads
 
 
 def test_non_finite_loss_stops_with_the_last_good_lora(model, pruned):

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from pruned_shapes import check_counts_match_shapes
-from tiny_models import MODEL_NAMES, build, must_keep_layout
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.flops import measure_flops, total_flops
 from ecodiff_core.prune import prune_model
 from ecodiff_core.report import PruneReport
+from pruned_shapes import check_counts_match_shapes
+from tiny_models import MODEL_NAMES, build, must_keep_layout
 
 
 @functools.cache

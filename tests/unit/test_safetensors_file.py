@@ -5,7 +5,6 @@ import struct
 
 import pytest
 import torch
-from tiny_models import MODEL_NAMES, build, run
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.errors import EcoDiffError, MaskFileError
@@ -13,6 +12,7 @@ from ecodiff_core.gate_hooks import gate_scales, hard_gates
 from ecodiff_core.pruned_record import PrunedFileError, _is_json_config, config_from_json, config_to_json
 from ecodiff_core.safetensors_file import check_format, read, write_atomic
 from ecodiff_core.units import get_linear
+from tiny_models import MODEL_NAMES, build, run
 
 TENSORS = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b/c": torch.tensor([1, 2], dtype=torch.int64)}
 META = {"format": "ecodiff-test", "format_version": "1", "note": "ü"}
@@ -28,7 +28,8 @@ def test_write_then_read_gives_the_same_tensors_and_metadata(tmp_path):
 
 
 def _damaged(good: bytes) -> dict[str, bytes]:
-    return {"truncated": good[: len(good) // 2], "empty": b"", "header length 2^62": struct.pack("<Q", 1 << 62) + good[8:],
+    return {"truncated": good[: len(good) // 2], "empty": b"",
+            "header length 2^62": struct.pack("<Q", 1 << 62) + good[8:],
             "not safetensors": b"just some text, no header"}
 
 
@@ -46,7 +47,8 @@ def test_a_damaged_file_is_the_callers_error_naming_the_file(tmp_path, error, da
 @pytest.mark.parametrize("meta, message", [
     ({}, "f is not an EcoDiff test file \\(metadata 'format' is None\\); see the docs"),
     ({"format": "other", "format_version": "1"}, "f is not an EcoDiff test file \\(metadata 'format' is 'other'\\)"),
-    ({"format": "ecodiff-test"}, "f is an EcoDiff test file of format version None; this version of EcoDiff reads version 1"),
+    ({"format": "ecodiff-test"},
+     "f is an EcoDiff test file of format version None; this version of EcoDiff reads version 1"),
     ({"format": "ecodiff-test", "format_version": "2"}, "format version '2'; this version of EcoDiff reads version 1"),
 ])
 def test_format_and_version_are_checked(meta, message):

@@ -33,4 +33,5 @@ def test_calibration_noise_of_the_largest_seed_wraps():
             return lambda conditioning: None
 
     samples = calibration_samples(Stub(), ["a", "b", "c"], 1.0, 2, SEED_MAX)
-    assert torch.equal(samples[0].noise, initial_noise(2, 999)) and torch.equal(samples[1].noise, initial_noise(1, 1000))
+    assert torch.equal(samples[0].noise, initial_noise(2, 999))
+    assert torch.equal(samples[1].noise, initial_noise(1, 1000))

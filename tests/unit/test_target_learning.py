@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from tiny_models import build
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.denoisers import flow_denoiser
@@ -16,6 +15,7 @@ from ecodiff_core.maskfile import load_mask, save_mask
 from ecodiff_core.plan import count_parameters
 from ecodiff_core.target_constraint import expected_removed_fraction, ramped_target
 from ecodiff_core.units import parameter_costs
+from tiny_models import build
 
 
 @pytest.fixture(scope="module")

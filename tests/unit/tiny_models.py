@@ -34,7 +34,7 @@ def _randomise(model: nn.Module, seed: int) -> None:
     so that every unit really contributes)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             fan_in = p.shape[-1] if p.ndim > 1 else 1
             scale = 0.1 if p.ndim == 1 else fan_in ** -0.5
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from tiny_models import _randomise, diffusers_module
 
 PIPELINE_KINDS: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux")
