@@ -363,7 +363,7 @@ class MaskLearner:
         with self.controller.installed(), frozen_weights(self.model):
             self.controller.set(None)
             if self.settings.regularizer == TARGET and self.constraint is None:
-                first = samples[0]
+                first = next(s for i, s in enumerate(samples) if self._owns(i))  # this process's own
                 self.constraint = TargetConstraint.for_model(
                     self.model, self.layout, self.settings, self.progress,
                     run=lambda: first.denoise(first.noise, sigmas[0]), flop_costs=self.flop_costs)

@@ -12,6 +12,7 @@ from comfy_api.latest import io
 from ..ecodiff_core.errors import SettingsError
 from ..ecodiff_core.hard_concrete import REGULARIZERS
 from ..ecodiff_core.learn import LearnSettings
+from ..ecodiff_core.learn_settings import OBJECTIVES
 from .common import node_schema
 
 LearnSettingsType = io.Custom("ECODIFF_LEARN_SETTINGS")
@@ -21,7 +22,8 @@ LR_WIDGETS = {"lr_heads": "head", "lr_neurons": "neuron", "lr_channels": "channe
 #: widget name → field of ``GateSettings``
 GATE_WIDGETS = {"gate_temperature": "temperature", "init_logit": "init_logit", "noise_offset": "noise_offset"}
 #: widget names that are ``LearnSettings`` fields as they are
-PLAIN_WIDGETS = ("accumulate", "regularizer", "weight_decay", "checkpointing", "block_checkpointing", "prompt_batch")
+PLAIN_WIDGETS = ("accumulate", "regularizer", "weight_decay", "checkpointing", "block_checkpointing", "prompt_batch",
+                 "objective", "warm_start")
 EXPERT_WIDGETS = (*PLAIN_WIDGETS, *LR_WIDGETS, *GATE_WIDGETS)
 
 
@@ -52,8 +54,10 @@ class LearnSettingsNode(io.ComfyNode):
         return node_schema(
             node_id="EcoDiffLearnSettings", display_name="EcoDiff Learn Settings",
             description="Expert settings of Learn Sparsity Mask (connect to its 'settings' input). Without this "
-                        "node Learn uses the same defaults, those of the official EcoDiff runs; every input is "
-                        "optional (API prompts may give only the ones they change).",
+                        "node Learn uses the same defaults: the recipe measured best (per-step objective, one "
+                        "learning rate for every unit kind); objective end_to_end with learning rates 0.5 / 0.1 / "
+                        "0.5 is the official FLUX run. Every input is optional (API prompts may give only the "
+                        "ones they change).",
             inputs=[
                 io.Int.Input("accumulate", default=d["accumulate"], optional=True, min=1, max=1000,
                              tooltip="Prompts per optimiser step (gradient accumulation)."),
@@ -92,6 +96,14 @@ class LearnSettingsNode(io.ComfyNode):
                                      "mask is not bit-identical to one by one, and changing it means learning again "
                                      "(it is part of the resume key). Prompts whose token counts differ run one by "
                                      "one."),
+                io.Combo.Input("objective", options=list(OBJECTIVES), default=d["objective"], optional=True,
+                               tooltip="What the gated model must reproduce. per_step: the original's x0 at every "
+                                       "step of its own trajectories (the default: measured best, cheaper). "
+                                       "end_to_end: the final latent of the whole gated trajectory, back-propagated "
+                                       "through every step (the paper's objective)."),
+                io.Float.Input("warm_start", default=d["warm_start"], optional=True, min=0.0, max=1.0, step=0.05,
+                               tooltip="Fraction of the epochs learned first with the per-step objective before "
+                                       "the chosen one (0 = none); useful with end_to_end."),
             ],
             outputs=[LearnSettingsType.Output(display_name="settings",
                                               tooltip="Connect to Learn Sparsity Mask's 'settings' input.")],

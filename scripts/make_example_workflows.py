@@ -107,7 +107,7 @@ SIZES = {
     "CheckpointLoaderSimple": (315, 98), "UNETLoader": (315, 82), "DualCLIPLoader": (315, 130),
     "TripleCLIPLoader": (315, 106), "VAELoader": (315, 58), "CLIPTextEncode": (400, 180),
     "EmptyLatentImage": (315, 106), "EmptySD3LatentImage": (315, 106), "FluxGuidance": (315, 58),
-    "KSampler": (315, 262), "VAEDecode": (210, 46), "EcoDiffLearnMask": (440, 800), "EcoDiffLearnSettings": (440, 340),
+    "KSampler": (315, 262), "VAEDecode": (210, 46), "EcoDiffLearnMask": (440, 800), "EcoDiffLearnSettings": (440, 388),
     "EcoDiffApplyMask": (340, 174),
     "EcoDiffSaveMask": (340, 150), "EcoDiffLoadMask": (340, 170), "EcoDiffPruningReport": (600, 640),
     "EcoDiffCompare": (720, 520), "EcoDiffDemoModel": (315, 98), "EcoDiffJudgeDigits": (400, 220),

@@ -471,7 +471,8 @@ def test_learn_settings_node_defaults_are_the_engines(nodes, core):
                         "lr_channels": engine.lr["channel"], "weight_decay": engine.weight_decay,
                         "gate_temperature": engine.gate.temperature, "init_logit": engine.gate.init_logit,
                         "noise_offset": engine.gate.noise_offset, "checkpointing": engine.checkpointing,
-                        "block_checkpointing": engine.block_checkpointing, "prompt_batch": engine.prompt_batch}
+                        "block_checkpointing": engine.block_checkpointing, "prompt_batch": engine.prompt_batch,
+                        "objective": engine.objective, "warm_start": engine.warm_start}
     learn_defaults = {i.id: getattr(i, "default", None) for i in nodes.LearnSparsityMask.define_schema().inputs}
     assert (learn_defaults["epochs"], learn_defaults["beta"]) == (engine.epochs, engine.beta) == (4, 0.5)
     assert not set(defaults) & set(learn_defaults), "an expert setting is on both nodes"
@@ -479,8 +480,15 @@ def test_learn_settings_node_defaults_are_the_engines(nodes, core):
     changed = nodes.LearnSettingsNode.execute(lr_channels=0.2, gate_temperature=0.5, accumulate=2).args[0]
     assert changed.lr == {**engine.lr, "channel": 0.2} and changed.gate.temperature == 0.5
     assert changed.accumulate == 2 and changed.gate.init_logit == engine.gate.init_logit
+    official = nodes.LearnSettingsNode.execute(objective="end_to_end", lr_heads=0.5, lr_channels=0.5,
+                                               regularizer="sigmoid").args[0]  # official FLUX objective, rates
+    assert official == core.learn.LearnSettings(objective="end_to_end", regularizer="sigmoid",
+                                                lr={"head": 0.5, "neuron": 0.1, "channel": 0.5})
+    assert nodes.LearnSettingsNode.execute(warm_start=0.5).args[0].warm_start_epochs == engine.epochs // 2
     with pytest.raises(core.errors.SettingsError, match="accumulate must be >= 1"):
         nodes.LearnSettingsNode.execute(accumulate=0)
+    with pytest.raises(core.errors.SettingsError, match="objective must be one of"):
+        nodes.LearnSettingsNode.execute(objective="final_image")
     with pytest.raises(core.errors.SettingsError, match="unknown learn setting.*lr_head"):
         nodes.LearnSparsityMask.execute(model=ct.tiny("sd15").model, clip=None, **dict(LEARN_ARGS, lr_head=0.1),
                                         run_name="typo")

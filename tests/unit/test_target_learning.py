@@ -7,6 +7,7 @@ import torch
 
 from ecodiff_core.archs import find_layout
 from ecodiff_core.denoisers import flow_denoiser
+from ecodiff_core.distributed import DataParallel
 from ecodiff_core.errors import MaskFileError, SettingsError
 from ecodiff_core.flops import measure_flops
 from ecodiff_core.hard_concrete import GateSettings, open_probability, sample_gate, uniform_noise
@@ -96,6 +97,30 @@ def test_constraint_drives_expected_sparsity_to_the_target(flux, mode, target):
     assert abs(expected - target) < 0.02, expected
     assert state.history[-1]["expected_sparsity"] == pytest.approx(expected, abs=0.01)  # last step's value
     assert state.history[-1]["target"] == target and state.progress["multipliers"][1] > 0
+
+
+class SecondOfTwo(DataParallel):
+    """Process 1 of 2 without a process group: it owns the odd prompts and sums only its own share."""
+
+    def __init__(self):
+        super().__init__(1, 2)
+
+    def all_reduce(self, grads, loss):
+        return loss
+
+    def barrier(self):
+        pass
+
+
+def test_flops_target_is_priced_on_a_prompt_this_process_owns(flux):
+    """Under data-parallel learning a process holds only its share of the samples (the others are
+    None, as the command line passes them): the FLOP prices come from one of its own."""
+    model, layout, samples, sigmas = flux
+    settings = LearnSettings.for_target(0.3, "flops", **{**TARGET_RUN, "epochs": 1})
+    learner = MaskLearner(model, layout, settings, parallel=SecondOfTwo())
+    learner.learn([None, samples[0]], sigmas)
+    costs, total = costs_and_total(model, layout, samples, sigmas, "flops")
+    assert learner.constraint.total == total and learner.constraint.costs == costs
 
 
 def test_resume_gives_the_same_multipliers_and_logits(flux, tmp_path):
