@@ -76,9 +76,10 @@ def _demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     d = field_defaults(DemoSettings)  # the one place for the defaults
     p = sub.add_parser("demo", help="learn a mask on the embedded default model, prune it, measure the cost",
-                       description="Learn an EcoDiff mask end to end on the shipped digits model (FLUX "
-                                   "architecture), prune it physically, and compare original and pruned "
-                                   "with the shipped judge. Writes compare.png, report.txt, report.json and "
+                       description="Learn an EcoDiff mask on the shipped digits model (FLUX architecture; "
+                                   "the default recipe: per-step objective, one learning rate for every unit "
+                                   "kind, see docs/benchmarks.md), prune it physically, and compare original and "
+                                   "pruned with the shipped judge. Writes compare.png, report.txt, report.json and "
                                    "mask.safetensors to the output folder.")
     p.add_argument("--sparsity", type=float, default=d["sparsity"], help="fraction of parameters to remove (0-0.95)")
     p.add_argument("--steps", type=_int_in(None, C_INT_MAX), default=d["steps"],
@@ -141,7 +142,8 @@ def _recover_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description="Learn (or load) an EcoDiff mask on the shipped digits model, prune it, train a "
                                    "LoRA on the pruned model that matches the original's x0 predictions along "
                                    "calibration trajectories (LoRA Recover), and judge original, pruned and "
-                                   "recovered models. Writes recover_report.json and recover_lora.safetensors.")
+                                   "recovered models. Writes recover_report.json and recover_lora.safetensors "
+                                   "(with --model: only recover_lora.safetensors).")
     p.add_argument("--sparsity", type=float, default=run["sparsity"], help="fraction of parameters to remove (0-0.95)")
     p.add_argument("--mask", type=Path, default=run["mask"], help="mask file to prune with (default: learn one)")
     p.add_argument("--state-steps", type=_int_in(None, C_INT_MAX), default=run["steps"],
@@ -172,14 +174,14 @@ def _check_recover_mode(parser: argparse.ArgumentParser, args: argparse.Namespac
     file: an option of the other mode would be ignored, so it is an error that says which mode takes it."""
     given = given_options(parser, argv)
     if args.model is not None:
-        wrong, hint = set(args.embedded_only) & given, ("apply to the embedded model only; with --model, prune "
-                                                        "first (python -m ecodiff_core prune --model DIR --mask "
-                                                        "M --sparsity S) and pass the result as --pruned")
+        wrong, hint = set(args.embedded_only) & given, ("only for the embedded model; with --model, prune first "
+                                                        "(python -m ecodiff_core prune --model DIR --mask M "
+                                                        "--sparsity S) and pass the result as --pruned")
     else:
-        wrong, hint = set(args.diffusers_only) & given, "need --model DIR (a local diffusers pipeline)"
+        wrong, hint = set(args.diffusers_only) & given, "only with --model DIR (a local diffusers pipeline)"
     if wrong:
         names = ", ".join(sorted("--" + d.replace("_", "-") for d in wrong))
-        raise SettingsError(f"recover: {names} {hint}")
+        raise SettingsError(f"recover: {names}: {hint}")
 
 
 def _run_recover(args: argparse.Namespace) -> int:

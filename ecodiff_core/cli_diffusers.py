@@ -46,7 +46,8 @@ def add_learn_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     d = LearnSettings()
     p = sub.add_parser("learn", help="learn an EcoDiff mask on a local diffusers pipeline (SD1.5, SDXL, SD3, FLUX)",
                        description="Learn one logit per attention head, FFN neuron and modulation channel of the "
-                                   "pipeline's denoiser, end to end over the sampling trajectory, and write the mask "
+                                   "pipeline's denoiser along the sampling trajectories (--objective per_step, the "
+                                   "default, or end_to_end, the paper's), and write the mask "
                                    "(a resumable checkpoint after every step). Text encoders run once per prompt and "
                                    "are freed before learning. Data-parallel under torchrun: "
                                    "torchrun --nproc-per-node N -m ecodiff_core learn ...")
@@ -77,7 +78,10 @@ def add_learn_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="with --regularizer target: what --target counts")
     for kind in LR_KINDS:
         p.add_argument(f"--lr-{kind}", type=float, default=d.lr[kind], help=f"learning rate of {kind} logits")
-    p.add_argument("--objective", choices=("end_to_end", "per_step"), default=d.objective, help="loss")
+    p.add_argument("--objective", choices=("end_to_end", "per_step"), default=d.objective,
+                   help=f"what the gated denoiser must reproduce: per_step = the original's x0 at every step of "
+                        f"its own trajectories (measured best); end_to_end = the final latent of the whole gated "
+                        f"trajectory (the paper's) (default: {d.objective})")
     p.add_argument("--warm-start", type=float, default=d.warm_start,
                    help="fraction of the epochs learned first with the per-step loss, then with --objective "
                         "(0 = none)")
@@ -285,6 +289,8 @@ def prune_command(args: argparse.Namespace) -> int:
     from .archs import find_layout
     from .distributed import device_for_rank
     from .flops import measure_flops
+    from .learn import weights_digest
+    from .mask_checks import mask_warnings, plan_warnings
     from .maskfile import load_mask
     from .pipelines import example_inputs, load_denoiser, pipeline_info
     from .plan import plan_pruning
@@ -311,12 +317,15 @@ def prune_command(args: argparse.Namespace) -> int:
     pruned = prune_model(model, layout, plan.keep, scores=state.logits)
     record = pruning_record(model, layout, plan.keep, state.logits)
     report = PruneReport.build(model, pruned, layout, plan.keep)
+    warnings = mask_warnings(state, weights_digest(model)) + plan_warnings(layout, plan.keep)
     extra = {"target": {"mode": target.mode, "params": target.params, "flops": target.flops,
                         "keep_ratios": target.keep_ratios, "align": target.align},
              "removed_fraction": plan.removed_fraction, "params_before": report.params_before,
              "params_after": report.params_after, "mask": args.mask.name, "pipeline": info.class_name,
-             "notes": plan.notes}
+             "notes": plan.notes, "warnings": warnings}
     save_pruned_denoiser(args.output, pruned, record, extra)
+    for warning in warnings:  # the checks Apply Pruned Mask shows, first
+        print(f"WARNING: {warning}")
     print(report.to_text())
     for note in plan.notes:
         print(f"note: {note}")
@@ -345,7 +354,7 @@ def file_report(path: Path) -> dict[str, Any]:
             k["below_zero"] += int((logits < 0).sum())
         return {"type": "mask", "arch": state.arch, "fingerprint": state.fingerprint, "groups": len(state.logits),
                 "kinds": kinds, "progress": state.progress, "loss": state.summary(), "stop_reason": state.stop_reason,
-                "settings": state.settings, "resumable": bool(state.optimizer)}
+                "settings": state.settings.to_dict(), "resumable": bool(state.optimizer)}
     if fmt == PRUNED_FORMAT:
         record, info, tensors = read_pruned_file(path)
         return {"type": "pruned", "arch": record["arch"], "class": record["diffusers_class"],

@@ -37,7 +37,8 @@ def mask_warnings(state: MaskState, weights: str | None = None) -> list[str]:
         done = f"{progress.get('epoch', 0)} of {asked} epochs" if asked else "not all epochs"
         why = f" ({state.stop_reason})" if state.stop_reason else ""
         out.append(f"the mask is unfinished: learning stopped after {progress.get('step', 0)} optimiser steps, "
-                   f"{done}{why}; queue Learn again with the same run_name to finish it")
+                   f"{done}{why}; finish it (ComfyUI: queue Learn again with the same run_name; command line: "
+                   "learn --resume)")
     closed = closed_fraction(state)
     if closed < FEW_CLOSED:
         out.append(f"almost no gate of the mask closed ({closed:.1%} of units have a negative logit): the ranking "

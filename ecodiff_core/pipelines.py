@@ -289,7 +289,12 @@ def sigma_schedule(pipe_or_folder: Any, info: PipelineInfo, settings: SamplingSe
         base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
         lo, hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
         mu = seq * (hi - lo) / (top - base) + lo - (hi - lo) / (top - base) * base
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / settings.steps, settings.steps), mu=mu)
+        try:
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / settings.steps, settings.steps), mu=mu)
+        except OverflowError as exc:  # exp(μ) of the time shift
+            raise SettingsError(f"{seq} image tokens are far outside the range of this pipeline's scheduler "
+                                f"(max_image_seq_len {top}): its flow shift overflows; use a smaller --width/"
+                                "--height") from exc
     else:
         scheduler.set_timesteps(settings.steps)
     return scheduler.sigmas.double(), None

@@ -239,31 +239,35 @@ def test_example_workflow_runs_on_tiny_models(server, path):
     assert compares and all(entry["outputs"].get(nid, {}).get("a_images") for nid in compares), entry["outputs"]
 
 
-def test_workflow_saved_before_align_and_prompt_batch_runs_with_their_defaults(server):
-    """A workflow saved before Apply Pruned Mask had 'align' and Learn Settings 'prompt_batch' (one
-    widget value fewer, no socket) queues without them and runs with their defaults: one prompt per
-    denoiser call, and no alignment on the CPU ("auto")."""
+def test_workflow_saved_before_the_newer_widgets_runs_with_their_defaults(server):
+    """A workflow saved before Apply Pruned Mask had 'align' and Learn Settings 'prompt_batch',
+    'objective' and 'warm_start' (fewer widget values, no sockets) queues without them and runs with
+    their defaults: one prompt per denoiser call, the per-step objective without warm start, and no
+    alignment on the CPU ("auto")."""
     from ecodiff_core.maskfile import load_mask
 
-    added = {"EcoDiffApplyMask": ("align", "auto"), "EcoDiffLearnSettings": ("prompt_batch", 1)}
+    added = {"EcoDiffApplyMask": [("align", "auto")],
+             "EcoDiffLearnSettings": [("prompt_batch", 1), ("objective", "per_step"), ("warm_start", 0.0)]}
     wf = ws.load(ws.EXAMPLES / "sd15_learn_prune_compare.json")
     for node in wf["nodes"]:
         if node["type"] in added:
-            name, default = added[node["type"]]
-            assert node["widgets_values"][-1] == default
-            node["widgets_values"] = node["widgets_values"][:-1]
-            node["inputs"] = [i for i in node["inputs"] if i["name"] != name]
+            names, defaults = zip(*added[node["type"]], strict=True)
+            assert tuple(node["widgets_values"][-len(names):]) == defaults  # the newest widgets come last
+            node["widgets_values"] = node["widgets_values"][:-len(names)]
+            node["inputs"] = [i for i in node["inputs"] if i["name"] not in names]
     prompt = tiny_variant(to_api(wf, server.object_info()), "sd15", tag="old_widgets",
                           model_seed=MODEL_SEED["old_widgets"])
     kinds = {n["class_type"]: (nid, n["inputs"]) for nid, n in prompt.items()}
-    assert set(added) <= set(kinds) and all(added[k][0] not in kinds[k][1] for k in added)
+    assert set(added) <= set(kinds)
+    assert not any(name in kinds[k][1] for k, widgets in added.items() for name, _ in widgets)
     entry = server.run(prompt, timeout=RUN_TIMEOUT)
     assert_success(entry)
     applied = entry["outputs"][kinds["EcoDiffApplyMask"][0]]["text"][0]
     assert "remove 20.0% of parameters" in applied and "aligned" not in applied, applied
     run_name = kinds["EcoDiffLearnMask"][1]["run_name"]
     state = load_mask(server.models / "ecodiff_masks" / ".runs" / f"{run_name}.safetensors")
-    assert state.settings.prompt_batch == 1 and state.progress["finished"]
+    assert (state.settings.prompt_batch, state.settings.objective, state.settings.warm_start) == (1, "per_step", 0.0)
+    assert state.progress["finished"]
 
 
 def test_loader_and_learn_alone_run_and_keep_only_saved_masks_in_the_list(server):

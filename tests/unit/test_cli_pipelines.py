@@ -6,6 +6,7 @@ what the original computes with the removed units hard-gated to zero (the test's
 from __future__ import annotations
 
 import gc
+import json
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,24 @@ def test_prune_ranks_like_every_host_and_aligns(align, pipelines, workdir):
         assert len(record["kept"][g.name]) * g.width % target.align == 0 or len(record["kept"][g.name]) == g.count
 
 
+def test_prune_warns_as_apply_does(pipelines, workdir, capsys):
+    """The mask checks Apply Pruned Mask shows: an unfinished mask, and one learned on other weights
+    (the same pipeline with other random weights), printed and kept in the file's info."""
+    model, mask = pipelines("sd15"), workdir / "unfinished_mask.safetensors"
+    other = workdir / "sd15_other_weights"
+    if not other.exists():
+        save("sd15", other, seed=1)
+    assert main(learn_args(model, mask, "--epochs", "3", "--stop-after", "1", "--overwrite")) == 0
+    for target, expected in ((model, "the mask is unfinished"), (other, "learned on other weights")):
+        pruned = workdir / "warned.safetensors"
+        capsys.readouterr()
+        assert main(["prune", "--model", str(target), "--mask", str(mask), "--output", str(pruned),
+                     "--overwrite"]) == 0
+        printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING: ")]
+        assert any(expected in line for line in printed), printed
+        assert any(expected in w for w in read_pruned_file(pruned)[1]["warnings"])
+
+
 def test_mask_report_counts_the_learned_logits(pipelines, workdir):
     mask = workdir / "report_mask.safetensors"
     assert main(learn_args(pipelines("sd15"), mask, "--beta", "0", "--lr-head", "2", "--lr-neuron", "2")) == 0
@@ -146,6 +165,22 @@ def test_mask_report_counts_the_learned_logits(pipelines, workdir):
         logits = torch.cat([v for n, v in state.logits.items() if state.kinds[n] == kind])
         assert k["units"] == logits.numel() and k["below_zero"] == int((logits < 0).sum())
     assert report["progress"]["step"] == 2 and report["resumable"]
+
+
+def test_report_prints_masks_and_pruned_files_as_text_and_json(pipelines, workdir, capsys):
+    """The report command on both kinds of file, as the README shows it: text and --json."""
+    model, mask, pruned = pipelines("sd15"), workdir / "printed_mask.safetensors", workdir / "printed.safetensors"
+    assert main(learn_args(model, mask, "--overwrite")) == 0
+    assert main(["prune", "--model", str(model), "--mask", str(mask), "--output", str(pruned), "--overwrite"]) == 0
+    state = load_mask(mask)
+    capsys.readouterr()
+    assert main(["report", str(mask)]) == 0
+    assert f"progress: step 2, epoch 1/{state.settings.epochs}, finished" in capsys.readouterr().out
+    assert main(["report", str(mask), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["settings"] == state.settings.to_dict() and printed["type"] == "mask"
+    assert main(["report", str(pruned), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["type"] == "pruned"
 
 
 def test_text_encoders_are_freed_before_learning(pipelines, workdir, monkeypatch):
@@ -253,11 +288,11 @@ def test_learn_for_a_target_with_a_warm_start(pipelines, workdir):
 
 
 @pytest.mark.parametrize("extra, named", [
-    (["--model", "{model}", "--pruned", "{pruned}", "--sparsity", "0.3"], "--sparsity apply to the embedded model"),
+    (["--model", "{model}", "--pruned", "{pruned}", "--sparsity", "0.3"], "--sparsity: only for the embedded model"),
     (["--model", "{model}", "--pruned", "{pruned}", "--mask", "m.safetensors", "--eval-per-class", "5"],
-     "--eval-per-class, --mask apply to the embedded model"),
-    (["--pruned", "{pruned}"], "--pruned need --model DIR"),
-    (["--guidance", "3.5", "--dtype", "float32"], "--dtype, --guidance need --model DIR"),
+     "--eval-per-class, --mask: only for the embedded model"),
+    (["--pruned", "{pruned}"], "--pruned: only with --model DIR"),
+    (["--guidance", "3.5", "--dtype", "float32"], "--dtype, --guidance: only with --model DIR"),
 ])
 def test_recover_refuses_options_of_the_other_mode(extra, named, pipelines, tmp_path, capsys):
     """Options that one mode of ``recover`` would ignore are an error naming them (even at their default
@@ -267,6 +302,17 @@ def test_recover_refuses_options_of_the_other_mode(extra, named, pipelines, tmp_
         main(argv)
     assert exc.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_image_size_beyond_the_flow_scheduler_is_a_clear_error(pipelines, workdir, capsys):
+    """The tiny FLUX scheduler knows up to 64 image tokens; at the model's default 1024 px the flow
+    shift exp(μ) overflows: one error line naming the cause, exit code 2."""
+    argv = ["learn", "--model", str(pipelines("flux")), "--prompts", str(workdir / "prompts.txt"), "--steps", "2",
+            "--max-sequence-length", str(T5_TOKENS), "--no-progress", "--output", str(workdir / "fx.safetensors")]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "error: 65536 image tokens are far outside the range" in capsys.readouterr().err
 
 
 def test_damaged_pruned_files_are_refused(pipelines, workdir, tmp_path):
