@@ -363,10 +363,16 @@ class MaskLearner:
         with self.controller.installed(), frozen_weights(self.model):
             self.controller.set(None)
             if self.settings.regularizer == TARGET and self.constraint is None:
-                first = next(s for i, s in enumerate(samples) if self._owns(i))  # this process's own
-                self.constraint = TargetConstraint.for_model(
-                    self.model, self.layout, self.settings, self.progress,
-                    run=lambda: first.denoise(first.noise, sigmas[0]), flop_costs=self.flop_costs)
+                own = [s for i, s in enumerate(samples) if self._owns(i)]  # data-parallel: this process's
+
+                def run():  # one denoiser call, for pricing the units in FLOPs
+                    if not own:
+                        raise SettingsError("this process holds no calibration prompt to measure FLOPs on: "
+                                            "run fewer processes than prompts, or give flop_costs")
+                    return own[0].denoise(own[0].noise, sigmas[0])
+
+                self.constraint = TargetConstraint.for_model(self.model, self.layout, self.settings, self.progress,
+                                                             run=run, flop_costs=self.flop_costs)
             self.prepare(samples, sigmas)
             while self.progress["epoch"] < self.settings.epochs:
                 epoch = self.progress["epoch"]

@@ -123,6 +123,19 @@ def test_flops_target_is_priced_on_a_prompt_this_process_owns(flux):
     assert learner.constraint.total == total and learner.constraint.costs == costs
 
 
+def test_a_process_without_prompts_cannot_price_flops(flux):
+    """More processes than prompts: the FLOPs target has nothing to measure on (a clear error); the
+    parameter target needs no forward and is built as usual."""
+    model, layout, samples, sigmas = flux
+    settings = LearnSettings.for_target(0.3, "flops", **{**TARGET_RUN, "epochs": 1})
+    with pytest.raises(SettingsError, match="no calibration prompt to measure FLOPs on"):
+        MaskLearner(model, layout, settings, parallel=SecondOfTwo()).learn(samples, sigmas)
+    learner = MaskLearner(model, layout, LearnSettings.for_target(0.3, "params", **{**TARGET_RUN, "epochs": 1}),
+                          parallel=SecondOfTwo())
+    learner.learn(samples, sigmas)
+    assert learner.constraint.total == count_parameters(model)
+
+
 def test_resume_gives_the_same_multipliers_and_logits(flux, tmp_path):
     model, layout, samples, sigmas = flux
     settings = LearnSettings.for_target(0.3, **{**TARGET_RUN, "epochs": 6})
