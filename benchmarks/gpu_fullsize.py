@@ -41,6 +41,7 @@ import torch
 if __package__ in (None, ""):  # run as a file: the repository root is where `scripts` and `ecodiff_core` are
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ecodiff_core import saved_tensors  # noqa: E402
 from ecodiff_core.archs import find_layout  # noqa: E402
 from ecodiff_core.learn import CalibrationSample, LearnSettings, MaskLearner  # noqa: E402
 from ecodiff_core.memory import LiveBytes, weight_bytes  # noqa: E402
@@ -206,7 +207,7 @@ def timed(device: torch.device, run: Callable[[], Any]) -> tuple[float, Any]:
 
 def grad_context():
     """FLUX's in-place residual adds: autograd keeps copies of mutated saved tensors (as the host)."""
-    return torch.autograd.graph.allow_mutation_on_saved_tensors()
+    return saved_tensors.allow_mutation_on_saved_tensors()
 
 
 def learning_trajectory(model: Any, p: Problem, target: torch.Tensor, block_checkpointing: str,

@@ -10,8 +10,8 @@ Facts this relies on (ComfyUI 0.3.64, checked again in ``tests/integration``):
 - the executor runs nodes under ``torch.inference_mode()``: latents and conds are inference
   tensors; bodies run in ``inference_mode(False)`` with copies of the conds and non-inference
   views of the weights (see ``weights.plain_tensors``);
-- FLUX blocks add residuals in place: forward and backward run under
-  ``torch.autograd.graph.allow_mutation_on_saved_tensors`` (``grad_context``).
+- FLUX blocks add residuals in place and FreeU patches activations in place: forward and backward
+  run under ``ecodiff_core.saved_tensors.allow_mutation_on_saved_tensors`` (``grad_context``).
 ComfyUI is imported lazily so the pack imports without it.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..ecodiff_core import saved_tensors
 from ..ecodiff_core.errors import SettingsError
 from ..ecodiff_core.learn import CalibrationSample
 from ..ecodiff_core.seeds import check_seed, derived_seed
@@ -103,8 +104,9 @@ def _clone_tensors(obj: Any) -> Any:
     return obj
 
 def grad_context() -> contextlib.AbstractContextManager:
-    """FLUX's in-place residual adds: let autograd keep copies of mutated saved tensors."""
-    return torch.autograd.graph.allow_mutation_on_saved_tensors()
+    """In-place writes to saved tensors (FLUX's residual adds, FreeU's patches): autograd keeps
+    copies of what is overwritten (``ecodiff_core.saved_tensors``)."""
+    return saved_tensors.allow_mutation_on_saved_tensors()
 
 
 def _host_sampler_class():

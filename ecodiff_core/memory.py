@@ -114,27 +114,6 @@ class MetaKernels(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def meta_safe_saved_tensor_ids() -> Iterator[None]:
-    """``torch.autograd.graph.allow_mutation_on_saved_tensors`` tells storages apart by data pointer,
-    which is 0 for every meta tensor; inside, meta tensors are told apart by their storage object."""
-    from torch.autograd import graph
-
-    get_tid, get_sid = graph._get_tid, graph._get_sid
-
-    def tid(t: torch.Tensor):
-        return (id(t), id(t.untyped_storage()), t._version) if t.device.type == "meta" else get_tid(t)
-
-    def sid(t: torch.Tensor):
-        return (id(t.untyped_storage()), t._version) if t.device.type == "meta" else get_sid(t)
-
-    graph._get_tid, graph._get_sid = tid, sid
-    try:
-        yield
-    finally:
-        graph._get_tid, graph._get_sid = get_tid, get_sid
-
-
 def meta_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose parameters and buffers are meta tensors of the same shapes and
     dtypes: the same classes and forward code, no memory.  The original is not touched."""
@@ -181,7 +160,7 @@ def measure_learning_step(model: nn.Module, layout: Any, denoise: Callable, x: t
         raise EcoDiffError(f"architecture '{layout.arch}' names no blocks to checkpoint")
     params = list(learner.logits.values())
     upstream = torch.ones_like(x)
-    with learner.controller.installed(), frozen_weights(model), meta_safe_saved_tensor_ids(), MetaKernels(), \
+    with learner.controller.installed(), frozen_weights(model), MetaKernels(), \
             LiveBytes() as counter:
         grads = step_vjp(denoise, x, sigmas, 0, upstream, params, learner._gate_setter(0), True,
                          grad_context, learner._step_context)
