@@ -170,8 +170,9 @@ def main() -> None:
     parser.add_argument("--eval-per-class", type=int, default=50)
     parser.add_argument("--learn-steps", type=int, default=LEARN_STEPS,
                         help="Euler steps of the calibration trajectories (other than 10: rows named METHOD@Nsteps)")
-    parser.add_argument("--eval-steps", type=int, default=20,
-                        help="Euler steps of the evaluation (other than 20: rows named METHOD@evalN)")
+    parser.add_argument("--eval-steps", type=int, nargs="+", default=[20],
+                        help="Euler steps of the evaluation, one or more (each mask is learned once and "
+                        "evaluated at each; other than 20: rows named METHOD@evalN)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-original", action="store_true", help="do not evaluate the unpruned model")
     parser.add_argument("--json", type=Path, help="write the fresh measurements here")
@@ -205,11 +206,13 @@ def measure(args) -> list[dict]:
     layout = find_layout(model.transformer)
     rows = []
     for seed in args.seeds:
-        evaluation = EvalSettings(per_class=args.eval_per_class, steps=args.eval_steps, cfg=CFG, seed=seed)
+        evaluations = [EvalSettings(per_class=args.eval_per_class, steps=n, cfg=CFG, seed=seed)
+                       for n in args.eval_steps]
         if not args.skip_original:
-            base = evaluate_model(model, judge, evaluation)
-            name = "original" + (f"@eval{args.eval_steps}" if args.eval_steps != 20 else "")
-            rows.append({"method": name, "seed": seed, "sparsity": 0.0, **_metrics(base)})
+            for evaluation in evaluations:
+                base = evaluate_model(model, judge, evaluation)
+                rows.append({"method": "original" + _eval_suffix(evaluation.steps), "seed": seed, "sparsity": 0.0,
+                             "eval_steps": evaluation.steps, **_metrics(base)})
         for method in args.methods:
             if not learns_per_target(method):
                 scores, settings, cpu_minutes = scores_for(method, model, layout, seed, learn_steps=args.learn_steps)
@@ -217,24 +220,29 @@ def measure(args) -> list[dict]:
                 if learns_per_target(method):
                     scores, settings, cpu_minutes = scores_for(method, model, layout, seed, sparsity, args.learn_steps)
                 pruned, _ = prune_to(model.transformer, layout, scores, PruneTarget(params=sparsity), settings=settings)
-                result = evaluate_model(model, judge, evaluation, transformer=pruned)
-                rows.append(
-                    {
-                        "method": method + (f"@{args.learn_steps}steps" if args.learn_steps != LEARN_STEPS else "")
-                        + (f"@eval{args.eval_steps}" if args.eval_steps != 20 else ""),
-                        "seed": seed,
-                        "sparsity": sparsity,
-                        "cpu_minutes": cpu_minutes,
-                        "learn_steps": args.learn_steps,
-                        "eval_steps": args.eval_steps,
-                        "ranking": "settings" if settings is not None else "scores",
-                        "params_removed": 1 - count_parameters(pruned) / count_parameters(model.transformer),
-                        "flops_removed": 1 - forward_flops(model, pruned) / forward_flops(model, model.transformer),
-                        **_metrics(result),
-                    }
-                )
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                for evaluation in evaluations:
+                    result = evaluate_model(model, judge, evaluation, transformer=pruned)
+                    rows.append(
+                        {
+                            "method": method + (f"@{args.learn_steps}steps" if args.learn_steps != LEARN_STEPS else "")
+                            + _eval_suffix(evaluation.steps),
+                            "seed": seed,
+                            "sparsity": sparsity,
+                            "cpu_minutes": cpu_minutes,
+                            "learn_steps": args.learn_steps,
+                            "eval_steps": evaluation.steps,
+                            "ranking": "settings" if settings is not None else "scores",
+                            "params_removed": 1 - count_parameters(pruned) / count_parameters(model.transformer),
+                            "flops_removed": 1 - forward_flops(model, pruned) / forward_flops(model, model.transformer),
+                            **_metrics(result),
+                        }
+                    )
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+def _eval_suffix(steps: int) -> str:
+    return f"@eval{steps}" if steps != 20 else ""
 
 
 def _metrics(r: dict) -> dict:

@@ -12,7 +12,7 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,6 +69,41 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     finally:
         for action, default in saved:
             action.default = default
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged (a handler bound to the stream of the
+    moment would keep writing to a replaced, maybe closed, one: pytest's capture, a redirect)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _log_to_stderr() -> None:
+    """The ``ecodiff`` logger's INFO lines on stderr, once per process; other libraries' loggers and the
+    root logger are left as the caller configured them."""
+    log = logging.getLogger("ecodiff")
+    log.setLevel(logging.INFO)
+    if not any(isinstance(h, _CurrentStderr) for h in log.handlers):
+        log.addHandler(_CurrentStderr())
+
+
+def refuse_ignored(args: argparse.Namespace, names: Iterable[str], why: str) -> None:
+    """Options among ``names`` that the command line gave (``args.given``, see :func:`given_options`)
+    but this run would ignore: one SettingsError naming them and saying why, even at their default value."""
+    given = sorted(set(names) & set(getattr(args, "given", ())))
+    if given:
+        flags = ", ".join("--" + d.replace("_", "-") for d in given)
+        raise SettingsError(f"{args.command}: {flags}: {why}")
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -169,19 +204,15 @@ def _recover_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _check_recover_mode(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:
+def _check_recover_mode(args: argparse.Namespace) -> None:
     """``recover`` prunes and judges the embedded model, or (``--model DIR``) recovers a pruned diffusers
     file: an option of the other mode would be ignored, so it is an error that says which mode takes it."""
-    given = given_options(parser, argv)
     if args.model is not None:
-        wrong, hint = set(args.embedded_only) & given, ("only for the embedded model; with --model, prune first "
-                                                        "(python -m ecodiff_core prune --model DIR --mask M "
-                                                        "--sparsity S) and pass the result as --pruned")
+        refuse_ignored(args, args.embedded_only, "only for the embedded model; with --model, prune first "
+                       "(python -m ecodiff_core prune --model DIR --mask M --sparsity S) and pass the result as "
+                       "--pruned")
     else:
-        wrong, hint = set(args.diffusers_only) & given, "only with --model DIR (a local diffusers pipeline)"
-    if wrong:
-        names = ", ".join(sorted("--" + d.replace("_", "-") for d in wrong))
-        raise SettingsError(f"recover: {names}: {hint}")
+        refuse_ignored(args, args.diffusers_only, "only with --model DIR (a local diffusers pipeline)")
 
 
 def _run_recover(args: argparse.Namespace) -> int:
@@ -210,9 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     diffusers_commands = {name: (add(sub), run) for name, (add, run) in COMMANDS.items()}
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    parsers = {"demo": demo, "memory": memory, "recover": recover,
+               **{name: p for name, (p, _) in diffusers_commands.items()}}
+    args.given = given_options(parsers[args.command], argv[argv.index(args.command) + 1:])
     if args.command in diffusers_commands:
         command_parser, run = diffusers_commands[args.command]
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        _log_to_stderr()
         with command_errors(command_parser):
             return run(args)
     if args.command == "memory":
@@ -223,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recover":
         torch.set_num_threads(args.threads)
         with command_errors(recover):
-            _check_recover_mode(recover, args, argv[argv.index("recover") + 1:])
+            _check_recover_mode(args)
             if args.model is not None:
                 from .cli_diffusers import recover_command
 

@@ -27,6 +27,12 @@ def _types():
     return _int_in, C_INT_MAX, MAX_RESOLUTION, _at_least_one
 
 
+def _refuse_ignored(args: argparse.Namespace, names: tuple[str, ...], why: str) -> None:
+    from .__main__ import refuse_ignored
+
+    refuse_ignored(args, names, why)
+
+
 def _common(p: argparse.ArgumentParser, threads: bool = True) -> None:
     _, _, _, at_least_one = _types()
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -163,12 +169,31 @@ def _default_size(info) -> int:
     return int(sample) * info.vae_scale_factor if isinstance(sample, int) and sample > 0 else 1024
 
 
+def _image_size(args: argparse.Namespace, info) -> tuple[int, int]:
+    """(width, height) from ``--width``/``--height``, each defaulting to the model's native side."""
+    size = _default_size(info)
+    return (size if args.width is None else args.width), (size if args.height is None else args.height)
+
+
+def _refuse_family_ignored(args: argparse.Namespace, info) -> None:
+    """Conditioning options this pipeline family does not read are an error, not silently dropped."""
+    if info.kind == "flux":
+        _refuse_ignored(args, ("cfg", "negative_prompt"), f"not for a {info.class_name}: FLUX runs without CFG "
+                        "(its distilled guidance is --guidance)")
+    else:
+        _refuse_ignored(args, ("guidance",), f"only for FLUX pipelines; this {info.class_name} takes --cfg")
+    if info.kind not in ("flux", "sd3"):
+        _refuse_ignored(args, ("max_sequence_length",), f"only for pipelines with a T5 text encoder (SD3, FLUX); "
+                        f"a {info.class_name} has none")
+
+
 def sampling_settings(args: argparse.Namespace, info, steps: int):
     """The trajectories' settings from the command line, checked for this pipeline (before any loading)."""
     from .pipelines import SamplingSettings
 
-    size = _default_size(info)
-    sampling = SamplingSettings(width=args.width or size, height=args.height or size, steps=steps,
+    _refuse_family_ignored(args, info)
+    width, height = _image_size(args, info)
+    sampling = SamplingSettings(width=width, height=height, steps=steps,
                                 cfg=args.cfg if args.cfg is not None else 7.0, guidance=args.guidance,
                                 negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length,
                                 seed=args.seed)
@@ -192,8 +217,11 @@ def learn_settings(args: argparse.Namespace):
                   block_checkpointing=args.block_checkpointing, objective=args.objective,
                   warm_start=args.warm_start, seed=args.seed)
     if args.regularizer == TARGET:  # textbook gates (noise offset 0), see LearnSettings.for_target
+        _refuse_ignored(args, ("beta",), "not with --regularizer target: the target replaces the β-weighted "
+                        "regulariser")
         settings = LearnSettings.for_target(args.target, args.target_mode, **fields)
     else:
+        _refuse_ignored(args, ("target", "target_mode"), "only with --regularizer target")
         settings = LearnSettings(regularizer=args.regularizer, **fields)
     settings.validate()
     return settings
@@ -203,7 +231,7 @@ def learn_command(args: argparse.Namespace) -> int:
     """``python -m ecodiff_core learn``; data-parallel under torchrun."""
     from . import distributed
     from .archs import find_layout
-    from .learn import MaskLearner, digest, run_inputs
+    from .learn import MaskLearner, digest, resume_problem, run_inputs
     from .maskfile import load_mask, save_mask
     from .pipelines import calibration_sample, load_and_encode, pipeline_info
     from .prompts import read_prompts
@@ -236,6 +264,11 @@ def learn_command(args: argparse.Namespace) -> int:
             log.warning("EcoDiff: no mask at %s to resume; learning starts fresh", args.output)
         inputs = run_inputs(model, conditioning, settings,
                             {**sampling.to_dict(), "pipeline": info.class_name, "prompts": len(prompts)})
+        problem = resume_problem(resume, inputs) if resume is not None else ""
+        if problem and not args.overwrite:  # starting fresh would replace the saved run
+            raise SettingsError(f"--resume: the run in {args.output} cannot be continued: {problem}; give "
+                                "--overwrite to learn afresh into that file (the saved run is replaced), or "
+                                "another --output")
         learner = MaskLearner(model, layout, settings, resume=resume, inputs=inputs, parallel=parallel)
         if learner.start_note and main:
             print(f"note: {learner.start_note}")
@@ -288,11 +321,11 @@ def prune_command(args: argparse.Namespace) -> int:
     """``python -m ecodiff_core prune``: plan, prune and save the denoiser; print the report."""
     from .archs import find_layout
     from .distributed import device_for_rank
-    from .flops import measure_flops
+    from .flops import measure_flops, total_flops
     from .learn import weights_digest
     from .mask_checks import mask_warnings, plan_warnings
     from .maskfile import load_mask
-    from .pipelines import example_inputs, load_denoiser, pipeline_info
+    from .pipelines import SamplingSettings, example_inputs, load_denoiser, pipeline_info
     from .plan import plan_pruning
     from .prune import prune_model
     from .pruned_diffusers import pruning_record, save_pruned_denoiser
@@ -300,6 +333,8 @@ def prune_command(args: argparse.Namespace) -> int:
 
     device = device_for_rank(args.device)
     target = prune_target(args, device)
+    if target.mode != "flops":
+        _refuse_ignored(args, ("width", "height"), "only with --flops (the image size at which FLOPs are measured)")
     _check_output(args.output, args.overwrite, "pruned.safetensors")
     info = pipeline_info(args.model)
     if args.threads:
@@ -309,14 +344,16 @@ def prune_command(args: argparse.Namespace) -> int:
     state = load_mask(args.mask, layout)
     flop_costs = None
     if target.mode == "flops":
-        size = _default_size(info)
-        inputs = example_inputs(info, model, args.width or size, args.height or size)
+        width, height = _image_size(args, info)
+        SamplingSettings(width=width, height=height, steps=1).validate(info)  # the size rules of learn
+        inputs = example_inputs(info, model, width, height)
         with torch.no_grad():
             flop_costs = measure_flops(model, layout, lambda: model(**inputs, return_dict=False))
     plan = plan_pruning(model, layout, state.logits, target, flop_costs, settings=state.settings)
     pruned = prune_model(model, layout, plan.keep, scores=state.logits)
     record = pruning_record(model, layout, plan.keep, state.logits)
-    report = PruneReport.build(model, pruned, layout, plan.keep)
+    flops = (flop_costs.total, total_flops(lambda: pruned(**inputs, return_dict=False))) if flop_costs else (None, None)
+    report = PruneReport.build(model, pruned, layout, plan.keep, *flops)
     warnings = mask_warnings(state, weights_digest(model)) + plan_warnings(layout, plan.keep)
     extra = {"target": {"mode": target.mode, "params": target.params, "flops": target.flops,
                         "keep_ratios": target.keep_ratios, "align": target.align},
@@ -342,6 +379,9 @@ def file_report(path: Path) -> dict[str, Any]:
     from .pruned_diffusers import FORMAT as PRUNED_FORMAT
     from .pruned_diffusers import read_pruned_file
 
+    if path.is_dir():
+        raise EcoDiffError(f"{path} is a folder; give a mask file (learn --output) or a pruned-denoiser file "
+                           "(prune --output), both .safetensors")
     if not path.is_file():
         raise EcoDiffError(f"file not found: {path}")
     fmt = read_metadata(path).get("format")

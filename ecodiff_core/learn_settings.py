@@ -113,6 +113,10 @@ class LearnSettings:
         if check_number("warm_start (fraction of the epochs)", self.warm_start) > 1:
             raise SettingsError(f"warm_start is the fraction of the epochs learned with the per-step loss first and "
                                 f"must lie in [0, 1], got {self.warm_start!r}")
+        if self.warm_start > 0 and self.objective == "per_step":
+            raise SettingsError(f"warm_start {self.warm_start:g} learns the first epochs per step before the "
+                                "end-to-end objective; with objective 'per_step' every epoch is per step already: "
+                                "set objective 'end_to_end' or warm_start 0")
         self._validate_target()
 
     @property

@@ -103,7 +103,7 @@ class LearnSettingsNode(io.ComfyNode):
                                        "through every step (the paper's objective)."),
                 io.Float.Input("warm_start", default=d["warm_start"], optional=True, min=0.0, max=1.0, step=0.05,
                                tooltip="Fraction of the epochs learned first with the per-step objective before "
-                                       "the chosen one (0 = none); useful with end_to_end."),
+                                       "end_to_end (0 = none; needs objective end_to_end)."),
             ],
             outputs=[LearnSettingsType.Output(display_name="settings",
                                               tooltip="Connect to Learn Sparsity Mask's 'settings' input.")],

@@ -484,7 +484,10 @@ def test_learn_settings_node_defaults_are_the_engines(nodes, core):
                                                regularizer="sigmoid").args[0]  # official FLUX objective, rates
     assert official == core.learn.LearnSettings(objective="end_to_end", regularizer="sigmoid",
                                                 lr={"head": 0.5, "neuron": 0.1, "channel": 0.5})
-    assert nodes.LearnSettingsNode.execute(warm_start=0.5).args[0].warm_start_epochs == engine.epochs // 2
+    warm = nodes.LearnSettingsNode.execute(warm_start=0.5, objective="end_to_end").args[0]
+    assert warm.warm_start_epochs == engine.epochs // 2
+    with pytest.raises(core.errors.SettingsError, match="set objective 'end_to_end' or warm_start 0"):
+        nodes.LearnSettingsNode.execute(warm_start=0.5)  # the per-step default has nothing to warm up
     with pytest.raises(core.errors.SettingsError, match="accumulate must be >= 1"):
         nodes.LearnSettingsNode.execute(accumulate=0)
     with pytest.raises(core.errors.SettingsError, match="objective must be one of"):

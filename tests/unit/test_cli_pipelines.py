@@ -50,10 +50,10 @@ def pipelines(workdir):
 
 
 def learn_args(model: Path, output: Path, *extra: str) -> list[str]:
+    t5 = ["--max-sequence-length", str(T5_TOKENS)] if model.name in ("sd3", "flux") else []  # the kind's folder
     return ["learn", "--model", str(model), "--prompts", str(output.parent / "prompts.txt"), "--steps", "2",
-            "--epochs", "1", "--accumulate", "2", "--width", str(IMAGE), "--height", str(IMAGE),
-            "--max-sequence-length", str(T5_TOKENS), "--output", str(output), "--no-progress", "--threads", "1",
-            *extra]
+            "--epochs", "1", "--accumulate", "2", "--width", str(IMAGE), "--height", str(IMAGE), *t5,
+            "--output", str(output), "--no-progress", "--threads", "1", *extra]
 
 
 def gated_keep(record: dict) -> dict[str, torch.Tensor]:
@@ -207,15 +207,22 @@ def test_text_encoders_are_freed_before_learning(pipelines, workdir, monkeypatch
     (["--keep-ratios", "head=0.5,neuron=0.75"], lambda extra, record: extra["target"]["keep_ratios"] == {
         "head": 0.5, "neuron": 0.75}),
 ])
-def test_prune_targets(target, check, pipelines, workdir):
+def test_prune_targets(target, check, pipelines, workdir, capsys):
     model, mask = pipelines("sd15"), workdir / "targets_mask.safetensors"
     if not mask.exists():
         assert main(learn_args(model, mask)) == 0
     out = workdir / "targets.safetensors"
-    assert main(["prune", "--model", str(model), "--mask", str(mask), *target, "--width", str(IMAGE),
-                 "--height", str(IMAGE), "--output", str(out), "--overwrite"]) == 0
+    size = ["--width", str(IMAGE), "--height", str(IMAGE)] if "--flops" in target else []
+    assert main(["prune", "--model", str(model), "--mask", str(mask), *target, *size, "--output", str(out),
+                 "--overwrite"]) == 0
     record, extra, _ = read_pruned_file(out)
     assert check(extra, record)
+    flops = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FLOPs per forward")]
+    if "--flops" in target:  # measured on both models at the asked size
+        before, after = (float(v.replace(",", "")) for v in flops[0].split(": ")[1].split(" (")[0].split(" -> "))
+        assert after < before * 0.8
+    else:
+        assert not flops
     if "--keep-ratios" in target:
         state = load_mask(mask)
         for kind, ratio in (("head", 0.5), ("neuron", 0.75)):
@@ -279,12 +286,60 @@ def test_bad_arguments_end_in_one_error_line(case, pipelines, workdir, capsys):
 
 def test_learn_for_a_target_with_a_warm_start(pipelines, workdir):
     mask = workdir / "target_mask.safetensors"
-    assert main(learn_args(pipelines("sd15"), mask, "--epochs", "2", "--warm-start", "0.5", "--regularizer",
+    assert main(learn_args(pipelines("sd15"), mask, "--epochs", "2", "--objective", "end_to_end", "--warm-start",
+                           "0.5", "--regularizer",
                            "target", "--target", "0.3", "--target-mode", "flops")) == 0
     state = load_mask(mask)
     assert (state.settings.regularizer, state.settings.target, state.settings.target_mode) == ("target", 0.3, "flops")
     assert state.settings.warm_start == 0.5 and state.settings.gate.noise_offset == 0  # textbook gates
     assert [h["target"] for h in state.history] and len(state.progress["multipliers"]) == 2
+
+
+IGNORED = {  # options this run would not read, or a run that would be lost: (argv, what the one error line says)
+    "target without the target regularizer": (["learn", "{m}", "--target", "0.3"],
+                                              "--target: only with --regularizer target"),
+    "target mode without it": (["learn", "{m}", "--target-mode", "flops"], "--target-mode: only with --regularizer"),
+    "beta with a target": (["learn", "{m}", "--regularizer", "target", "--target", "0.3", "--beta", "0.1"],
+                           "--beta: not with --regularizer target"),
+    "guidance on SD1.5": (["learn", "{m}", "--guidance", "3.5"], "--guidance: only for FLUX pipelines"),
+    "T5 length on SD1.5": (["learn", "{m}", "--max-sequence-length", "8"], "--max-sequence-length: only for"),
+    "CFG on FLUX": (["learn", "{flux}", "--cfg", "4", "--negative-prompt", "x"],
+                    "--cfg, --negative-prompt: not for a FluxPipeline"),
+    "width 0": (["learn", "{m}", "--width", "0"], "width must be a positive multiple of 2 for this "
+                "StableDiffusionPipeline, got 0"),
+    "warm start per step": (["learn", "{m}", "--warm-start", "0.5"], "set objective 'end_to_end' or warm_start 0"),
+    "resume other settings": (["learn", "{m}", "--resume", "--lr-head", "0.3"],
+                              "cannot be continued: learning settings changed: lr"),
+    "size without --flops": (["prune", "{p}", "--sparsity", "0.2", "--width", "32"],
+                             "--width: only with --flops"),
+    "report of a folder": (["report", "{folder}"], "is a folder; give a mask file"),
+}
+
+
+@pytest.mark.parametrize("case", IGNORED)
+def test_options_a_run_would_ignore_are_an_error(case, pipelines, workdir, capsys):
+    """An option this run does not read (even at its default value), or a --resume that would start fresh
+    over the saved run, is one error line naming it, before any learning."""
+    model, mask = pipelines("sd15"), workdir / "ignored_mask.safetensors"
+    if not mask.exists():
+        assert main(learn_args(model, mask)) == 0
+    capsys.readouterr()
+    argv, message = IGNORED[case]
+    command, where, *extra = argv
+    if command == "learn":
+        argv = learn_args(pipelines("flux") if where == "{flux}" else model, mask, *extra)
+        argv = argv if "--resume" in extra else [a if a != str(mask) else str(workdir / "new.safetensors")
+                                                  for a in argv]
+    elif command == "prune":
+        argv = ["prune", "--model", str(model), "--mask", str(mask), "--output", str(workdir / "p.safetensors"),
+                *extra]
+    else:
+        argv = ["report", str(workdir)]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "error:" in err[-1] and message in err[-1], err
 
 
 @pytest.mark.parametrize("extra, named", [
@@ -401,3 +456,23 @@ def test_denoiser_loads_in_the_asked_dtype(kind, pipelines):
     assert {p.dtype for p in load_denoiser(info, torch.bfloat16).parameters()} == {torch.bfloat16}
     assert {p.dtype for p in getattr(load_pipeline(info, torch.bfloat16), info.denoiser).parameters()} == {
         torch.bfloat16}
+
+
+def test_cli_log_lines_go_to_the_stderr_of_the_moment(pipelines, workdir, monkeypatch):
+    """The CLI logs the ``ecodiff`` logger's lines to whatever stderr is current (a handler bound to the
+    stream of the first call wrote to closed streams later: "--- Logging error ---"); the root logger,
+    which other libraries log to, is left alone."""
+    import io
+    import logging
+
+    mask = workdir / "log_mask.safetensors"
+    root_handlers = list(logging.getLogger().handlers)
+    assert main(learn_args(pipelines("sd15"), mask)) == 0
+    assert main(["report", str(mask)]) == 0
+    assert logging.getLogger().handlers == root_handlers
+    ours = [h for h in logging.getLogger("ecodiff").handlers if type(h).__name__ == "_CurrentStderr"]
+    assert len(ours) == 1
+    later = io.StringIO()
+    monkeypatch.setattr("sys.stderr", later)
+    logging.getLogger("ecodiff").info("a later line")
+    assert later.getvalue() == "a later line\n"

@@ -221,10 +221,15 @@ def test_warm_start_resumes_into_the_end_to_end_epochs(flux, tmp_path):
                                             ("half", "warm_start")])
 def test_bad_warm_start_raises_settings_error(value, message):
     with pytest.raises(SettingsError, match=message):
-        LearnSettings(epochs=4, warm_start=value)
+        LearnSettings(epochs=4, warm_start=value, objective="end_to_end")
 
 
 @pytest.mark.parametrize("warm_start, epochs, want", [(0.5, 8, 4), (0.5, 1, 0), (0.5, 3, 1), (1.0, 3, 3), (0.0, 5, 0),
                                                        (0.3, 10, 3)])
 def test_warm_start_epochs_are_the_floor_of_the_fraction(warm_start, epochs, want):
-    assert LearnSettings(epochs=epochs, warm_start=warm_start).warm_start_epochs == want
+    assert LearnSettings(epochs=epochs, warm_start=warm_start, objective="end_to_end").warm_start_epochs == want
+
+
+def test_a_warm_start_needs_the_end_to_end_objective():
+    with pytest.raises(SettingsError, match="set objective 'end_to_end' or warm_start 0"):
+        LearnSettings(warm_start=0.5, objective="per_step")
