@@ -69,7 +69,8 @@ def add_learn_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--steps", type=int_in(None, c_int_max), default=10, help="sampling steps of each trajectory")
     p.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance scale (default 7 for SD1.5/SDXL/SD3; FLUX uses --guidance)")
-    p.add_argument("--guidance", type=float, default=3.5, help="FLUX dev distilled guidance (ignored by schnell)")
+    p.add_argument("--guidance", type=float, default=3.5,
+                   help="FLUX dev distilled guidance (FLUX only; schnell takes none)")
     p.add_argument("--max-sequence-length", type=int_in(None, 4096), default=256,
                    help="T5 prompt tokens (SD3, FLUX)")
     p.add_argument("--epochs", type=int_in(None, c_int_max), default=d.epochs, help="passes over the prompts")
@@ -159,13 +160,21 @@ def _check_output(path: Path, allowed: bool, hint: str) -> None:
                             + (" or --resume to continue it" if hint.startswith("mask") else ""))
 
 
-def _default_size(info) -> int:
-    """The model's native image side in pixels, from the denoiser's config.json (FLUX names none: 1024)."""
+def _denoiser_config(info) -> dict[str, Any]:
+    """The denoiser's config.json."""
     path = info.folder / info.denoiser / "config.json"
     try:
-        sample = json.loads(path.read_text(encoding="utf-8")).get("sample_size")
-    except (OSError, ValueError, AttributeError) as exc:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
         raise EcoDiffError(f"cannot read the denoiser config {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise EcoDiffError(f"the denoiser config {path} is not a JSON object")
+    return config
+
+
+def _default_size(info) -> int:
+    """The model's native image side in pixels, from the denoiser's config.json (FLUX names none: 1024)."""
+    sample = _denoiser_config(info).get("sample_size")
     return int(sample) * info.vae_scale_factor if isinstance(sample, int) and sample > 0 else 1024
 
 
@@ -180,8 +189,13 @@ def _refuse_family_ignored(args: argparse.Namespace, info) -> None:
     if info.kind == "flux":
         _refuse_ignored(args, ("cfg", "negative_prompt"), f"not for a {info.class_name}: FLUX runs without CFG "
                         "(its distilled guidance is --guidance)")
+        if not _denoiser_config(info).get("guidance_embeds", False):
+            _refuse_ignored(args, ("guidance",), "this FLUX transformer has no guidance embedding (schnell-like); "
+                            "it takes no guidance value")
     else:
         _refuse_ignored(args, ("guidance",), f"only for FLUX pipelines; this {info.class_name} takes --cfg")
+        if args.cfg == 1.0:
+            _refuse_ignored(args, ("negative_prompt",), "only with CFG: at --cfg 1 no negative prediction is made")
     if info.kind not in ("flux", "sd3"):
         _refuse_ignored(args, ("max_sequence_length",), f"only for pipelines with a T5 text encoder (SD3, FLUX); "
                         f"a {info.class_name} has none")
@@ -254,6 +268,8 @@ def learn_command(args: argparse.Namespace) -> int:
         conditioning = digest({"prompts": prompts, "text_encoders": loaded.text_encoders,
                                "negative_prompt": args.negative_prompt})
         layout = find_layout(model)
+        _refuse_ignored(args, tuple(f"lr_{k}" for k in LR_KINDS if k not in layout.kinds()),
+                        f"this {info.class_name}'s denoiser has no such units (it has {', '.join(layout.kinds())})")
         samples: list[Any] = [None] * len(prompts)
         for index, encoding in zip(mine, loaded.encodings, strict=True):
             samples[index] = calibration_sample(info, model, encoding, sampling, index, loaded.eps)
@@ -297,6 +313,10 @@ def learn_command(args: argparse.Namespace) -> int:
             print(f"{status}: step {state.progress['step']}, epoch {state.progress['epoch']}/{settings.epochs}; "
                   f"units with λ < 0: {sparsity}")
             print(f"wrote {args.output}")
+        if learner.diverged:  # the file holds the last good mask; the run itself failed
+            cpu_half = " (float16 on a CPU overflows easily: use --dtype float32)" if (
+                dtype == torch.float16 and device.type == "cpu") else ""
+            raise EcoDiffError(f"learning failed: {state.stop_reason}{cpu_half}")
         if parallel is not None:
             parallel.barrier()
         return 0
@@ -358,7 +378,8 @@ def prune_command(args: argparse.Namespace) -> int:
     extra = {"target": {"mode": target.mode, "params": target.params, "flops": target.flops,
                         "keep_ratios": target.keep_ratios, "align": target.align},
              "removed_fraction": plan.removed_fraction, "params_before": report.params_before,
-             "params_after": report.params_after, "mask": args.mask.name, "pipeline": info.class_name,
+             "params_after": report.params_after, "flops_before": report.flops_before,
+             "flops_after": report.flops_after, "mask": args.mask.name, "pipeline": info.class_name,
              "notes": plan.notes, "warnings": warnings}
     save_pruned_denoiser(args.output, pruned, record, extra)
     for warning in warnings:  # the checks Apply Pruned Mask shows, first
@@ -423,9 +444,14 @@ def report_text(data: dict[str, Any]) -> str:
     lines = [f"EcoDiff pruned {data['class']} ({data['arch']}, fingerprint {data['fingerprint']})",
              f"units: {data['units_before']:,} -> {data['units_after']:,} in {data['groups']} groups",
              f"values stored (parameters and buffers): {data['parameters']:,}"]
-    if "params_before" in data:
-        lines.append(f"parameters: {data['params_before']:,} -> {data['params_after']:,} "
-                     f"(removed fraction by the target: {data['removed_fraction']:.1%})")
+    for name, key in (("parameters", "params"), ("FLOPs per forward", "flops")):
+        before, after = data.get(f"{key}_before"), data.get(f"{key}_after")
+        if before and after is not None:
+            lines.append(f"{name}: {before:,.0f} -> {after:,.0f} (-{(before - after) / before:.1%})")
+    if "removed_fraction" in data:
+        mode = (data.get("target") or {}).get("mode", "params")
+        unit = "FLOPs" if mode == "flops" else "parameters"
+        lines.append(f"planned removal: {data['removed_fraction']:.1%} of the {unit} ({mode} target)")
     if "target" in data:
         lines.append("target: " + json.dumps({k: v for k, v in data["target"].items() if v is not None}))
     if data["silenced"]:

@@ -173,6 +173,7 @@ class MaskLearner:
         self.history = list(start.history)
         self.progress = dict(start.progress)
         self.stop_reason = ""
+        self.diverged = False  # stopped by a non-finite loss or gradient (the last good logits are kept)
         device = next(model.parameters()).device
         self.logits = {
             g.name: nn.Parameter(start.logits[g.name].detach().float().to(device).clone()) for g in layout.groups
@@ -422,6 +423,7 @@ class MaskLearner:
         loss = recon + weight * reg_value
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().item() if grads else True
         if not math.isfinite(loss) or not finite:
+            self.diverged = True
             self.stop_reason = (
                 f"non-finite loss ({loss}) at step {self.progress['step'] + 1}; stopped with the last "
                 "good mask kept. Lower the learning rates or check the model's outputs."

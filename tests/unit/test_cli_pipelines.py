@@ -78,7 +78,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("kind", PIPELINE_KINDS)
 def test_learn_prune_load_and_denoise(kind, pipelines, workdir, capsys):
     model, mask, pruned = pipelines(kind), workdir / f"{kind}_mask.safetensors", workdir / f"{kind}.safetensors"
-    assert main(learn_args(model, mask, "--lr-head", "0.5", "--lr-neuron", "0.5", "--lr-channel", "0.5")) == 0
+    channels = ["--lr-channel", "0.5"] if kind == "flux" else []  # the other families have no channel units
+    assert main(learn_args(model, mask, "--lr-head", "0.5", "--lr-neuron", "0.5", *channels)) == 0
     state = load_mask(mask)
     assert state.progress["finished"] and state.progress["step"] == 2
     assert main(["prune", "--model", str(model), "--mask", str(mask), "--sparsity", "0.2",
@@ -118,7 +119,7 @@ def test_prune_ranks_like_every_host_and_aligns(align, pipelines, workdir):
     multiple of it ("auto" is off on a CPU)."""
     model, mask = pipelines("sd15"), workdir / "ranked_mask.safetensors"
     if not mask.exists():  # very unequal rates: raw logits would rank the kinds differently
-        assert main(learn_args(model, mask, "--lr-head", "2", "--lr-neuron", "0.02", "--lr-channel", "0.5")) == 0
+        assert main(learn_args(model, mask, "--lr-head", "2", "--lr-neuron", "0.02")) == 0
     pruned = workdir / f"ranked_{align}.safetensors"
     assert main(["prune", "--model", str(model), "--mask", str(mask), "--sparsity", "0.3", "--align", align,
                  "--output", str(pruned), "--overwrite"]) == 0
@@ -295,6 +296,19 @@ def test_learn_for_a_target_with_a_warm_start(pipelines, workdir):
     assert [h["target"] for h in state.history] and len(state.progress["multipliers"]) == 2
 
 
+def _schnell(flux: Path, workdir: Path) -> Path:
+    """The tiny FLUX pipeline without a guidance embedding (as FLUX.1 schnell), in a folder named flux."""
+    import json
+    import shutil
+
+    folder = workdir / "schnell" / "flux"
+    if not folder.exists():
+        shutil.copytree(flux, folder)
+        config = folder / "transformer" / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "guidance_embeds": False}))
+    return folder
+
+
 IGNORED = {  # options this run would not read, or a run that would be lost: (argv, what the one error line says)
     "target without the target regularizer": (["learn", "{m}", "--target", "0.3"],
                                               "--target: only with --regularizer target"),
@@ -305,6 +319,14 @@ IGNORED = {  # options this run would not read, or a run that would be lost: (ar
     "T5 length on SD1.5": (["learn", "{m}", "--max-sequence-length", "8"], "--max-sequence-length: only for"),
     "CFG on FLUX": (["learn", "{flux}", "--cfg", "4", "--negative-prompt", "x"],
                     "--cfg, --negative-prompt: not for a FluxPipeline"),
+    "negative prompt without CFG": (["learn", "{m}", "--cfg", "1", "--negative-prompt", "x"],
+                                    "--negative-prompt: only with CFG"),
+    "channel rate on SD1.5": (["learn", "{m}", "--lr-channel", "0.5"],
+                              "--lr-channel: this StableDiffusionPipeline's denoiser has no such units"),
+    "guidance without a guidance embedding": (["learn", "{schnell}", "--guidance", "3.5"],
+                                              "--guidance: this FLUX transformer has no guidance embedding"),
+    "float16 on a CPU diverges": (["learn", "{m}", "--dtype", "float16"],
+                                  "learning failed: non-finite loss (nan) at step 1"),
     "width 0": (["learn", "{m}", "--width", "0"], "width must be a positive multiple of 2 for this "
                 "StableDiffusionPipeline, got 0"),
     "warm start per step": (["learn", "{m}", "--warm-start", "0.5"], "set objective 'end_to_end' or warm_start 0"),
@@ -327,9 +349,10 @@ def test_options_a_run_would_ignore_are_an_error(case, pipelines, workdir, capsy
     argv, message = IGNORED[case]
     command, where, *extra = argv
     if command == "learn":
-        argv = learn_args(pipelines("flux") if where == "{flux}" else model, mask, *extra)
-        argv = argv if "--resume" in extra else [a if a != str(mask) else str(workdir / "new.safetensors")
-                                                  for a in argv]
+        argv = learn_args({"{flux}": pipelines("flux"), "{schnell}": _schnell(pipelines("flux"), workdir)}.get(
+            where, model), mask, *extra)
+        fresh = workdir / f"ignored_{case.replace(' ', '_')}.safetensors"  # a refused run must not write one
+        argv = argv if "--resume" in extra else [a if a != str(mask) else str(fresh) for a in argv]
     elif command == "prune":
         argv = ["prune", "--model", str(model), "--mask", str(mask), "--output", str(workdir / "p.safetensors"),
                 *extra]
