@@ -14,7 +14,10 @@ same evaluation seeds.  Each row records the CPU-minutes of its scoring (process
 With ``--from-json`` the stored rows are read first; fresh rows (if any ``--methods`` are run) replace
 stored rows of the same method, seed and sparsity.  ``--summary`` writes
 ``{method: {sparsity: {"accuracy", "fd_judge", "seeds", "cpu_minutes"}}}`` (means over seeds).
-Prints Markdown tables; with --plot, writes a PNG of FD-judge against sparsity.
+Prints Markdown tables; with --plot, writes a PNG of FD-judge against sparsity.  ``--learn-steps N``
+learns on N-step trajectories; ``--eval-steps A B ...`` evaluates each mask at every count given; rows at
+more than one (learning, evaluation) pair also get a learning × evaluation steps table
+(``docs/quality_runs/steps/``: ``--from-json docs/quality_runs/steps/*.json``).
 """
 
 from __future__ import annotations
@@ -194,6 +197,7 @@ def main() -> None:
     args.methods = [m for m in summary(rows) if m != "original"]
     args.sparsities = sorted({r["sparsity"] for r in rows if r["method"] != "original"})
     print_tables(rows, args, floor)
+    print_step_table(rows)
     if args.summary:
         args.summary.write_text(json.dumps(summary([r for r in rows if r["method"] != "original"]), indent=1) + "\n")
     if args.plot:
@@ -295,6 +299,34 @@ def print_tables(rows: list[dict], args, floor: float) -> None:
             f"| {statistics.fmean(_select(rows, method, s, 'flops_removed')):.1%} "
             f"| {statistics.fmean(_select(rows, method, s, 'sample_seconds')) / original_time:.2f}× |"
         )
+
+
+def print_step_table(rows: list[dict]) -> None:
+    """Learning steps × evaluation steps, one column per method (its name before any "@"): accuracy /
+    FD-judge (mean ± sd over seeds) and CPU-minutes of learning, per sparsity.  Printed when the rows
+    hold more than one (learning, evaluation) pair of step counts."""
+    learned = [r for r in rows if r["method"] != "original" and "learn_steps" in r]
+    pairs = sorted({(r["learn_steps"], r.get("eval_steps", 20)) for r in learned})
+    if len(pairs) < 2:
+        return
+    methods = list(dict.fromkeys(r["method"].split("@")[0] for r in learned))
+    for sparsity in sorted({r["sparsity"] for r in learned}):
+        print(f"\nLearning vs evaluation steps at −{sparsity:.0%}: accuracy / FD-judge (CPU-min of learning)\n")
+        print("| learning steps | evaluation steps | " + " | ".join(methods) + " |")
+        print("|---|---|" + "---|" * len(methods))
+        for learn, evaluate in pairs:
+            cells = []
+            for method in methods:
+                chosen = [r for r in learned if r["method"].split("@")[0] == method and r["sparsity"] == sparsity
+                          and (r["learn_steps"], r.get("eval_steps", 20)) == (learn, evaluate)]
+                if not chosen:
+                    cells.append("—")
+                    continue
+                acc = _cell([r["accuracy"] for r in chosen], ".3f")
+                fd = _cell([r["fd_judge"] for r in chosen], ".1f")
+                cpu = statistics.fmean(r["cpu_minutes"] for r in chosen)
+                cells.append(f"{acc} / {fd} ({cpu:.1f})")
+            print(f"| {learn} | {evaluate} | " + " | ".join(cells) + " |")
 
 
 def plot(rows: list[dict], args, floor: float) -> None:

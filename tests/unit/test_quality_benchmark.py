@@ -76,3 +76,18 @@ def test_every_recipe_is_valid_and_target_recipes_learn_per_sparsity(quality):
             assert settings.target == 0.3
     assert quality.RECIPES["ecodiff"](0.5) == quality.default_learn_settings()
     assert quality.RECIPES["ecodiff-official"](0.5) == quality.official_learn_settings()
+
+
+def test_step_table_groups_rows_by_learning_and_evaluation_steps(quality, capsys):
+    steps = dict(ranking="settings", cpu_minutes=1.0)
+    rows = [row("ecodiff@eval50", s, 0.5, 0.99, 20.0 + s, learn_steps=10, eval_steps=50, **steps) for s in range(3)]
+    rows += [row("ecodiff@20steps", 0, 0.5, 0.98, 30.0, learn_steps=20, eval_steps=20, **steps),
+             row("x-equal-lr@20steps", 0, 0.5, 0.90, 60.0, learn_steps=20, eval_steps=20, **steps),
+             row("original@eval50", 0, 0.0, 1.0, 19.0, eval_steps=50)]
+    quality.print_step_table(rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert "| learning steps | evaluation steps | ecodiff | x-equal-lr |" in lines
+    assert "| 10 | 50 | 0.990 ± 0.000 / 21.0 ± 1.0 (1.0) | — |" in lines
+    assert "| 20 | 20 | 0.980 (1 seed) / 30.0 (1 seed) (1.0) | 0.900 (1 seed) / 60.0 (1 seed) (1.0) |" in lines
+    quality.print_step_table(rows[:3])  # one (learning, evaluation) pair: nothing to compare
+    assert capsys.readouterr().out == ""
