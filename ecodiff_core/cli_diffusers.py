@@ -282,9 +282,10 @@ def learn_command(args: argparse.Namespace) -> int:
                             {**sampling.to_dict(), "pipeline": info.class_name, "prompts": len(prompts)})
         problem = resume_problem(resume, inputs) if resume is not None else ""
         if problem and not args.overwrite:  # starting fresh would replace the saved run
-            raise SettingsError(f"--resume: the run in {args.output} cannot be continued: {problem}; give "
-                                "--overwrite to learn afresh into that file (the saved run is replaced), or "
-                                "another --output")
+            raise SettingsError(f"--resume: the run in {args.output} cannot be continued: {problem} (a run "
+                                "continues only with the inputs and settings it started with, epochs included, "
+                                "so that it ends where an uninterrupted run would); give --overwrite to learn "
+                                "afresh into that file (the saved run is replaced), or another --output")
         learner = MaskLearner(model, layout, settings, resume=resume, inputs=inputs, parallel=parallel)
         if learner.start_note and main:
             print(f"note: {learner.start_note}")

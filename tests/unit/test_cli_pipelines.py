@@ -30,6 +30,19 @@ PROMPTS = ["a red cat", "a blue dog", "a green tree", "the sun"]
 T5_TOKENS = 8
 
 
+@pytest.fixture(autouse=True)
+def ecodiff_logger_restored():
+    """``main`` sets the ``ecodiff`` logger up as a process entry point does; other test modules run in
+    the same process and must find it as they left it."""
+    import logging
+
+    log = logging.getLogger("ecodiff")
+    level, handlers = log.level, list(log.handlers)
+    yield
+    log.setLevel(level)
+    log.handlers[:] = handlers
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("cli_pipelines")
