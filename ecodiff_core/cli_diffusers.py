@@ -172,24 +172,20 @@ def _denoiser_config(info) -> dict[str, Any]:
     return config
 
 
-def _default_size(info) -> int:
-    """The model's native image side in pixels, from the denoiser's config.json (FLUX names none: 1024)."""
-    sample = _denoiser_config(info).get("sample_size")
-    return int(sample) * info.vae_scale_factor if isinstance(sample, int) and sample > 0 else 1024
-
-
-def _image_size(args: argparse.Namespace, info) -> tuple[int, int]:
-    """(width, height) from ``--width``/``--height``, each defaulting to the model's native side."""
-    size = _default_size(info)
+def _image_size(args: argparse.Namespace, info, config: dict[str, Any]) -> tuple[int, int]:
+    """(width, height) from ``--width``/``--height``, each defaulting to the model's native side: the
+    denoiser config's ``sample_size`` in pixels (FLUX names none: 1024)."""
+    sample = config.get("sample_size")
+    size = int(sample) * info.vae_scale_factor if isinstance(sample, int) and sample > 0 else 1024
     return (size if args.width is None else args.width), (size if args.height is None else args.height)
 
 
-def _refuse_family_ignored(args: argparse.Namespace, info) -> None:
+def _refuse_family_ignored(args: argparse.Namespace, info, config: dict[str, Any]) -> None:
     """Conditioning options this pipeline family does not read are an error, not silently dropped."""
     if info.kind == "flux":
         _refuse_ignored(args, ("cfg", "negative_prompt"), f"not for a {info.class_name}: FLUX runs without CFG "
                         "(its distilled guidance is --guidance)")
-        if not _denoiser_config(info).get("guidance_embeds", False):
+        if not config.get("guidance_embeds", False):
             _refuse_ignored(args, ("guidance",), "this FLUX transformer has no guidance embedding (schnell-like); "
                             "it takes no guidance value")
     else:
@@ -205,8 +201,9 @@ def sampling_settings(args: argparse.Namespace, info, steps: int):
     """The trajectories' settings from the command line, checked for this pipeline (before any loading)."""
     from .pipelines import SamplingSettings
 
-    _refuse_family_ignored(args, info)
-    width, height = _image_size(args, info)
+    config = _denoiser_config(info)
+    _refuse_family_ignored(args, info, config)
+    width, height = _image_size(args, info, config)
     sampling = SamplingSettings(width=width, height=height, steps=steps,
                                 cfg=args.cfg if args.cfg is not None else 7.0, guidance=args.guidance,
                                 negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length,
@@ -365,7 +362,7 @@ def prune_command(args: argparse.Namespace) -> int:
     state = load_mask(args.mask, layout)
     flop_costs = None
     if target.mode == "flops":
-        width, height = _image_size(args, info)
+        width, height = _image_size(args, info, _denoiser_config(info))
         SamplingSettings(width=width, height=height, steps=1).validate(info)  # the size rules of learn
         inputs = example_inputs(info, model, width, height)
         with torch.no_grad():
